@@ -1,0 +1,212 @@
+"""The one argparse core of every entry point.
+
+Each entry point asks for the groups it needs:
+
+    args = parse_args(argv, groups=("model", "data", "training", "distributed"), description=...)
+
+Flags are validated after parsing; any problem is one line on stderr (`<prog>: error: ...`) and
+exit status 2 -- never a traceback from deep inside.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_t2i.config import MODEL_SIZES
+
+GROUPS = ("model", "data", "tokenizers", "training", "distributed", "generation")
+
+
+class ArgumentError(ValueError):
+    """A flag combination that cannot work; the message names the flag."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("model", "transformer shape; --model-size picks a named size")
+    g.add_argument("--model-size", default="demo", choices=list(MODEL_SIZES), metavar="NAME",
+                   help=f"named size: {', '.join(MODEL_SIZES)} (default: %(default)s)")
+    g.add_argument("--num-layers", type=_positive_int, help="override the size's layer count")
+    g.add_argument("--hidden-size", type=_positive_int, help="override the size's hidden size")
+    g.add_argument("--num-attention-heads", type=_positive_int, help="override the size's heads")
+    g.add_argument("--hidden-dropout", type=_fraction, default=0.1)
+    g.add_argument("--attention-dropout", type=_fraction, default=0.1)
+    g.add_argument("--no-sandwich-ln", dest="sandwich_ln", action="store_false",
+                   help="disable the extra LayerNorms after attention and MLP")
+    g.add_argument("--no-pb-relax", dest="pb_relax", action="store_false",
+                   help="disable precision-bottleneck relaxation of attention and LayerNorm")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute layer activations in the backward pass to save memory")
+
+
+def add_data_args(parser):
+    g = parser.add_argument_group("data", "data sets, the embedded default and preprocessing")
+    g.add_argument("--data-path", nargs="+", metavar="PATH",
+                   help="token data sets (LMDB folders written by preprocess, or CogView .bin)")
+    g.add_argument("--input", metavar="PATH",
+                   help="images with captions: a folder (caption in a .txt beside each image), "
+                        "a TSV (path<TAB>caption) or a JSONL file")
+    g.add_argument("--output", metavar="PATH", help="where to write the result")
+    g.add_argument("--synthetic-dir", default="data/synthetic",
+                   help="folder of the embedded default data set (default: %(default)s)")
+    g.add_argument("--synthetic-count", type=_positive_int, default=2000,
+                   help="images in the embedded default data set (default: %(default)s)")
+    g.add_argument("--chinese-fraction", type=_fraction, default=0.2,
+                   help="share of Chinese captions in the embedded default (default: %(default)s)")
+    g.add_argument("--image-size", type=_positive_int, default=64,
+                   help="image side in pixels after resize and centre crop (default: %(default)s)")
+    g.add_argument("--workers", type=_positive_int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="parallel worker processes (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=1234, help="random seed (default: %(default)s)")
+
+
+def add_tokenizer_args(parser):
+    g = parser.add_argument_group("tokenizers", "text (SentencePiece) and image (VQ-VAE) tokenizers")
+    g.add_argument("--text-tokenizer", metavar="FILE.model", help="SentencePiece model")
+    g.add_argument("--text-vocab-size", type=_positive_int, default=1000,
+                   help="text vocabulary size when training a tokenizer (default: %(default)s)")
+    g.add_argument("--max-text-tokens", type=_positive_int, default=28,
+                   help="text ids kept per caption; longer ones are truncated with a warning "
+                        "(default: %(default)s)")
+    g.add_argument("--image-tokenizer", metavar="FILE.pt", help="VQ-VAE checkpoint")
+    g.add_argument("--tensorboard-dir", metavar="DIR", help="write TensorBoard logs here")
+
+
+def add_training_args(parser):
+    g = parser.add_argument_group("training", "optimisation, schedule and checkpoints")
+    g.add_argument("--train-iters", type=_positive_int, default=1000)
+    g.add_argument("--micro-batch-size", type=_positive_int, default=8)
+    g.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
+    g.add_argument("--lr", type=float, default=4e-4)
+    g.add_argument("--min-lr-ratio", type=_fraction, default=0.1)
+    g.add_argument("--warmup", type=_fraction, default=0.1, help="warm-up share of --train-iters")
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--txt-loss-scale", type=float, default=1.0,
+                   help="weight of the loss at text positions (CogView's tutorial used 5)")
+    g.add_argument("--save", metavar="DIR", help="checkpoint folder")
+    g.add_argument("--load", metavar="DIR", help="checkpoint to resume from")
+    g.add_argument("--save-interval", type=_positive_int, default=500)
+    g.add_argument("--log-interval", type=_positive_int, default=10)
+    g.add_argument("--eval-interval", type=_positive_int, default=200)
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+
+
+def add_distributed_args(parser):
+    g = parser.add_argument_group("distributed", "parallel layout and launcher")
+    g.add_argument("--tensor-model-parallel-size", "--mp-size", type=_positive_int, default=1,
+                   dest="tensor_model_parallel_size")
+    g.add_argument("--pipeline-model-parallel-size", "--pp-size", type=_positive_int, default=1,
+                   dest="pipeline_model_parallel_size")
+    g.add_argument("--distributed-backend", choices=("nccl", "gloo"),
+                   help="default: nccl on GPUs, gloo on CPU")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the launcher")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   metavar="JSON", help="DeepSpeed JSON config")
+
+
+def add_generation_args(parser):
+    g = parser.add_argument_group("generation", "sampling and inputs")
+    g.add_argument("--input-source", default="interactive",
+                   help="'interactive' or a file with one query per line")
+    g.add_argument("--output-path", default="samples")
+    g.add_argument("--batch-size", type=_positive_int, default=4, help="samples per query")
+    g.add_argument("--max-inference-batch-size", type=_positive_int, default=8)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=200)
+    g.add_argument("--top-p", type=float, default=0.0)
+    g.add_argument("--with-id", action="store_true", help="input lines are id<TAB>query")
+    g.add_argument("--debug", action="store_true", help="write one grid per query")
+
+
+ADDERS = {"model": add_model_args, "data": add_data_args, "tokenizers": add_tokenizer_args,
+          "training": add_training_args, "distributed": add_distributed_args,
+          "generation": add_generation_args}
+
+
+def build_parser(groups=GROUPS, description=None, prog=None) -> argparse.ArgumentParser:
+    unknown = set(groups) - set(ADDERS)
+    if unknown:
+        raise ValueError(f"unknown argument groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
+    parser = _Parser(prog=prog, description=description)
+    for name in GROUPS:
+        if name in groups:
+            ADDERS[name](parser)
+    return parser
+
+
+def validate(args, outputs=()) -> None:
+    """Cross-flag checks; raises ArgumentError naming the flag. File flags named in `outputs` are
+    written, not read, so they need not exist."""
+    a = vars(args)
+    if "model_size" in a:
+        layers, hidden, heads, _ = MODEL_SIZES[args.model_size]
+        hidden = args.hidden_size or hidden
+        heads = args.num_attention_heads or heads
+        if hidden % heads:
+            raise ArgumentError(f"--num-attention-heads {heads} does not divide --hidden-size {hidden}")
+        tp = a.get("tensor_model_parallel_size", 1)
+        if heads % tp:
+            raise ArgumentError(f"--tensor-model-parallel-size {tp} does not divide the "
+                                f"{heads} attention heads")
+        pp = a.get("pipeline_model_parallel_size", 1)
+        if pp > (args.num_layers or layers):
+            raise ArgumentError(f"--pipeline-model-parallel-size {pp} exceeds the "
+                                f"{args.num_layers or layers} layers")
+    for path in a.get("data_path") or []:
+        if not os.path.exists(path):
+            raise ArgumentError(f"--data-path {path}: no such file or folder")
+    for flag in ("text_tokenizer", "image_tokenizer", "deepspeed_config"):
+        path = a.get(flag)
+        if path and flag not in outputs and not os.path.isfile(path):
+            raise ArgumentError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if a.get("fp16") and a.get("bf16"):
+        raise ArgumentError("--fp16 and --bf16 exclude each other")
+    if "top_p" in a and not 0.0 <= args.top_p < 1.0:
+        raise ArgumentError(f"--top-p must be in [0, 1), got {args.top_p}")
+    if "temperature" in a and args.temperature <= 0:
+        raise ArgumentError(f"--temperature must be positive, got {args.temperature}")
+
+
+def parse_args(argv=None, groups=GROUPS, description=None, prog=None, outputs=()):
+    """Parse and validate. `outputs` names file flags that are written, not read (no existence
+    check), e.g. outputs=("text_tokenizer",) when training a tokenizer."""
+    parser = build_parser(groups, description, prog)
+    args = parser.parse_args(argv)
+    try:
+        validate(args, outputs)
+    except ArgumentError as e:
+        parser.error(str(e))
+    return args
+
+
+if __name__ == "__main__":
+    build_parser(prog="arguments.py").print_help(sys.stdout)

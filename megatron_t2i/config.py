@@ -1,0 +1,108 @@
+"""Model configuration and the registry of named model sizes.
+
+A size names the transformer's shape only; the vocabulary and the number of positions come from the
+token layout (the data decides them), except for sizes tied to a released model, which pin a
+layout preset. Scripts say `--model-size demo` instead of repeating a dozen flags.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+from megatron_t2i.tokenizers.layout import TokenLayout
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int                      # padded: a multiple of 128 x the largest TP size planned
+    max_position_embeddings: int
+    ffn_hidden_size: int = 0             # 0 means 4 x hidden_size
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    sandwich_ln: bool = True             # LayerNorm after attention and MLP too (CogView)
+    pb_relax: bool = True                # precision-bottleneck relaxation (CogView)
+    pb_relax_alpha: float = 32.0
+    layernorm_epsilon: float = 1e-5
+    init_std: float = 0.02
+    checkpoint_activations: bool = False
+
+    def __post_init__(self):
+        for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                  "max_position_embeddings"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"model config: {f} must be positive, got {getattr(self, f)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"model config: num_attention_heads {self.num_attention_heads} does not "
+                             f"divide hidden_size {self.hidden_size}")
+        if self.ffn_hidden_size == 0:
+            object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def num_parameters(self) -> int:
+        h, f, layers = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + (4 if self.sandwich_ln else 2) * 2 * h
+        return (self.vocab_size + self.max_position_embeddings) * h + layers * per_layer + 2 * h
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        if self.num_attention_heads % tp:
+            raise ValueError(f"tensor-parallel size {tp} does not divide num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.ffn_hidden_size % tp or self.vocab_size % tp:
+            raise ValueError(f"tensor-parallel size {tp} does not divide ffn_hidden_size "
+                             f"{self.ffn_hidden_size} or vocab_size {self.vocab_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "model config") -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{source}: unknown model config fields {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f), source=path)
+
+
+# name -> (layers, hidden, heads, layout preset or None)
+MODEL_SIZES = {
+    "tiny": (2, 64, 4, None),                          # unit tests
+    "demo": (4, 256, 8, None),                         # the embedded default, trains on a CPU
+    "cogview-tutorial": (12, 1024, 16, None),          # the original's tutorial size
+    "cogview-4b": (48, 2560, 40, "cogview"),           # the released CogView models
+}
+LAYOUT_PRESETS = {"cogview": TokenLayout.cogview}
+
+
+def model_config(size: str, layout: TokenLayout | None = None, max_tensor_parallel: int = 1,
+                 task: str = "t2i", **overrides) -> ModelConfig:
+    """The config of a named size for `layout` (vocabulary and positions). Sizes tied to a released
+    model use their own layout preset when none is given."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; known sizes: {', '.join(MODEL_SIZES)}")
+    layers, hidden, heads, preset = MODEL_SIZES[size]
+    if layout is None:
+        layout = LAYOUT_PRESETS[preset]() if preset else TokenLayout()
+    positions = max(layout.max_positions(t) for t in ("t2i", "i2t", "sr")) if task == "all" \
+        else layout.max_positions(task)
+    cfg = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                      vocab_size=layout.padded_vocab_size(max_tensor_parallel),
+                      max_position_embeddings=positions)
+    return replace(cfg, **overrides) if overrides else cfg

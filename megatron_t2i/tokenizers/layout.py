@@ -1,0 +1,286 @@
+"""One vocabulary and the sequence templates of every task.
+
+Token ids, in order (the same order as the original CogView, so its preset is exact):
+
+    [0, C)            image codes of the VQ-VAE codebook (C = num_image_codes)
+    [C, C + T)        text ids: SentencePiece id + C (T = num_text_tokens)
+    [C + T, C + T + 27)  special tokens, in the order of SPECIALS
+    [..., padded)     unused rows so the embedding splits evenly over tensor-parallel ranks
+
+A template turns (text ids, image codes) into a `Sequence`: the token ids, their position ids and a
+loss mask. `loss_mask[i] == 1` means token i is a training target predicted from tokens[:i]; the
+trainer feeds tokens[:-1] and scores tokens[1:] with loss_mask[1:].
+
+The layout is saved as JSON beside every data set and checkpoint; `check_compatible` turns any
+difference into one clear error instead of a model silently reading the wrong ids.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "megatron_t2i.token_layout/1"
+
+SPECIALS = (
+    ["[PAD]", "[BOI1]", "[BOI2]", "[BOI3]", "[EOI1]", "[EOI2]", "[EOI3]", "[ROI1]", "[ROI2]", "[ROI3]",
+     "[SEP]", "[MASK]", "[CLS]", "[ENC]", "[TINY]", "[SMALL]", "[BASE]", "[BIG]"]
+    + [f"[POS{i}]" for i in range(9)]
+)
+# The size token names the side of the code grid being generated.
+SIZE_TOKENS = {8: "[TINY]", 16: "[SMALL]", 32: "[BASE]", 64: "[BIG]"}
+TASKS = ("t2i", "i2t", "sr", "completion")
+
+
+class LayoutMismatchError(ValueError):
+    """Data, tokenizers and checkpoint disagree about token ids."""
+
+
+@dataclass
+class Sequence:
+    tokens: torch.Tensor        # [L] int64
+    position_ids: torch.Tensor  # [L] int64
+    loss_mask: torch.Tensor     # [L] float32, 1 where tokens[i] is a target
+    image_start: int            # index of the first code of the image to generate (-1: none)
+
+
+@dataclass
+class TokenLayout:
+    num_image_codes: int = 1024     # VQ-VAE codebook size (C)
+    num_text_tokens: int = 4000     # SentencePiece vocabulary size (T)
+    image_grid: int = 16            # side of the code grid of one image (grid**2 codes)
+    max_text_tokens: int = 28       # text ids kept in a text->image sequence
+    name: str = "custom"
+    stats: dict = field(default_factory=lambda: {"truncated_text": 0}, compare=False, repr=False)
+
+    def __post_init__(self):
+        for f in ("num_image_codes", "num_text_tokens", "image_grid", "max_text_tokens"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+                raise ValueError(f"token layout: {f} must be a positive integer, got {getattr(self, f)!r}")
+        if self.image_grid not in SIZE_TOKENS:
+            raise ValueError(f"token layout: image_grid must be one of {sorted(SIZE_TOKENS)}, "
+                             f"got {self.image_grid}")
+
+    # ---- presets -------------------------------------------------------------------------------
+    @classmethod
+    def cogview(cls) -> "TokenLayout":
+        """Exactly the ids of the released CogView models (58,219 ids, 58,240 rows at TP=1)."""
+        return cls(num_image_codes=8192, num_text_tokens=50000, image_grid=32, max_text_tokens=61,
+                   name="cogview")
+
+    # ---- vocabulary ----------------------------------------------------------------------------
+    @property
+    def text_offset(self) -> int:
+        return self.num_image_codes
+
+    @property
+    def special_offset(self) -> int:
+        return self.num_image_codes + self.num_text_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids in use, before padding."""
+        return self.special_offset + len(SPECIALS)
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1, multiple: int = 128) -> int:
+        step = multiple * tensor_parallel_size
+        return int(math.ceil(self.vocab_size / step) * step)
+
+    def special(self, name: str) -> int:
+        try:
+            return self.special_offset + SPECIALS.index(name)
+        except ValueError:
+            raise KeyError(f"unknown special token {name!r}; known: {' '.join(SPECIALS)}") from None
+
+    def __getitem__(self, name: str) -> int:
+        return self.special(name)
+
+    @property
+    def size_token(self) -> int:
+        return self.special(SIZE_TOKENS[self.image_grid])
+
+    @property
+    def image_tokens(self) -> int:
+        return self.image_grid ** 2
+
+    def text_tokens(self, text_ids) -> torch.Tensor:
+        ids = torch.as_tensor(text_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_text_tokens):
+            raise ValueError(f"text id out of range [0, {self.num_text_tokens}): "
+                             f"{ids.min().item()}..{ids.max().item()}")
+        return ids + self.text_offset
+
+    def image_codes(self, codes, count: int | None = None) -> torch.Tensor:
+        ids = torch.as_tensor(codes, dtype=torch.long).reshape(-1)
+        if count is not None and ids.numel() != count:
+            raise ValueError(f"expected {count} image codes, got {ids.numel()}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_image_codes):
+            raise ValueError(f"image code out of range [0, {self.num_image_codes}): "
+                             f"{ids.min().item()}..{ids.max().item()}")
+        return ids
+
+    def is_image(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens < self.num_image_codes
+
+    def is_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens >= self.text_offset) & (tokens < self.special_offset)
+
+    def decode_text_ids(self, tokens) -> list[int]:
+        """Text ids (SentencePiece ids) of the text tokens in `tokens`, others dropped."""
+        t = torch.as_tensor(tokens, dtype=torch.long)
+        return (t[self.is_text(t)] - self.text_offset).tolist()
+
+    # ---- sequence lengths ----------------------------------------------------------------------
+    def seq_length(self, task: str) -> int:
+        """Fixed training length of a task's sequence (tokens incl. the last target)."""
+        g2, t = self.image_tokens, self.max_text_tokens
+        if task in ("t2i", "completion", "i2t"):
+            return t + g2 + 4   # [ROI1] text [size] [BOI1] codes [EOI1] | [size] [BOI1] codes [EOI1] [ROI1] text
+        if task == "sr":
+            return t + g2 // 4 + 4 + 4 + g2         # low-res prefix, [ROI2] [POS0] [size] [BOI2] codes
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+    def max_positions(self, task: str) -> int:
+        if task == "sr":  # position ids restart at 0 at [ROI2]
+            return max(self.max_text_tokens + self.image_tokens // 4 + 4, 4 + self.image_tokens)
+        return self.seq_length(task)
+
+    # ---- templates -----------------------------------------------------------------------------
+    def _text(self, text_ids, limit: int) -> torch.Tensor:
+        ids = self.text_tokens(text_ids)
+        if ids.numel() > limit:
+            self.stats["truncated_text"] += 1
+            n = self.stats["truncated_text"]
+            if n & (n - 1) == 0:  # warn on the 1st, 2nd, 4th, 8th... so long runs stay readable
+                logger.warning("text of %d tokens truncated to %d (%d captions truncated so far)",
+                               ids.numel(), limit, n)
+            ids = ids[:limit]
+        return ids
+
+    def _finish(self, parts, pad_to, image_start, positions=None, loss_from=1, eos_target=False):
+        tokens = torch.cat([torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in parts])
+        n = tokens.numel()
+        position_ids = torch.arange(n) if positions is None else positions
+        loss_mask = torch.ones(n)
+        loss_mask[:loss_from] = 0
+        if pad_to is not None:
+            if n > pad_to:
+                raise ValueError(f"sequence of {n} tokens exceeds the padded length {pad_to}")
+            extra = pad_to - n
+            tokens = torch.cat([tokens, torch.full((extra,), self["[PAD]"], dtype=torch.long)])
+            last = position_ids[-1].item() if n else -1
+            position_ids = torch.cat([position_ids, torch.arange(last + 1, last + 1 + extra)])
+            pad_mask = torch.zeros(extra)
+            if eos_target and extra:
+                pad_mask[0] = 1  # the first [PAD] after a caption is its end-of-text target
+            loss_mask = torch.cat([loss_mask, pad_mask])
+        return Sequence(tokens, position_ids, loss_mask, image_start)
+
+    def text_to_image(self, text_ids, image_codes=None, pad: bool = True) -> Sequence:
+        """`[ROI1] text [size] [BOI1] codes [EOI1] [PAD]...`; without codes, the generation prompt
+        `[ROI1] text [size] [BOI1]`."""
+        text = self._text(text_ids, self.max_text_tokens)
+        head = [[self["[ROI1]"]], text, [self.size_token, self["[BOI1]"]]]
+        start = 3 + text.numel()
+        if image_codes is None:
+            return self._finish(head, None, start)
+        codes = self.image_codes(image_codes, self.image_tokens)
+        return self._finish(head + [codes, [self["[EOI1]"]]], self.seq_length("t2i") if pad else None,
+                            start)
+
+    def completion(self, text_ids, prefix_codes) -> Sequence:
+        """Prompt for "text and part of an image": the t2i prompt followed by the first codes."""
+        prompt = self.text_to_image(text_ids)
+        codes = self.image_codes(prefix_codes)
+        if codes.numel() >= self.image_tokens:
+            raise ValueError(f"completion keeps {codes.numel()} codes but the image has only "
+                             f"{self.image_tokens}")
+        return self._finish([prompt.tokens, codes], None, prompt.image_start)
+
+    def image_to_text(self, image_codes, text_ids=None, pad: bool = True) -> Sequence:
+        """`[size] [BOI1] codes [EOI1] [ROI1] text [PAD]...` (the caption direction); without text,
+        the captioning prompt ending in [ROI1]."""
+        codes = self.image_codes(image_codes, self.image_tokens)
+        head = [[self.size_token, self["[BOI1]"]], codes, [self["[EOI1]"], self["[ROI1]"]]]
+        if text_ids is None:
+            return self._finish(head, None, -1)
+        text = self._text(text_ids, self.max_text_tokens)
+        return self._finish(head + [text], self.seq_length("i2t") if pad else None, -1,
+                            eos_target=True)
+
+    def super_resolution(self, text_ids, low_codes, high_codes=None, pad: bool = True) -> Sequence:
+        """`[ROI1] text [size] [BOI1] low [EOI1] [ROI2] [POS0] [size] [BOI2] high`: a (grid/2)^2
+        low-resolution window and the grid^2 high-resolution window over the same area. Position
+        ids restart at 0 at [ROI2]."""
+        text = self._text(text_ids, self.max_text_tokens)
+        low = self.image_codes(low_codes, self.image_tokens // 4)
+        prefix = [[self["[ROI1]"]], text, [self.size_token, self["[BOI1]"]], low, [self["[EOI1]"]]]
+        n_prefix = 4 + text.numel() + low.numel()
+        second = [self["[ROI2]"], self["[POS0]"], self.size_token, self["[BOI2]"]]
+        parts = prefix + [second]
+        if high_codes is not None:
+            parts.append(self.image_codes(high_codes, self.image_tokens))
+        n = n_prefix + 4 + (self.image_tokens if high_codes is not None else 0)
+        positions = torch.cat([torch.arange(n_prefix), torch.arange(n - n_prefix)])
+        pad_to = self.seq_length("sr") if (pad and high_codes is not None) else None
+        return self._finish(parts, pad_to, n_prefix + 4, positions=positions)
+
+    def template(self, task: str, text_ids, image_codes, low_codes=None) -> Sequence:
+        """Training sequence of `task` (padded to `seq_length(task)`)."""
+        if task == "t2i":
+            return self.text_to_image(text_ids, image_codes)
+        if task == "i2t":
+            return self.image_to_text(image_codes, text_ids)
+        if task == "sr":
+            if low_codes is None:
+                raise ValueError("task sr needs low-resolution codes")
+            return self.super_resolution(text_ids, low_codes, image_codes)
+        raise ValueError(f"unknown training task {task!r}; expected t2i, i2t or sr")
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
+        d.update(format=FORMAT, vocab_size=self.vocab_size, specials=list(SPECIALS))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "token layout") -> "TokenLayout":
+        if d.get("format") != FORMAT:
+            raise LayoutMismatchError(f"{source}: not a token layout of format {FORMAT} "
+                                      f"(format field is {d.get('format')!r})")
+        if d.get("specials") != list(SPECIALS):
+            raise LayoutMismatchError(f"{source}: special tokens differ from this version's")
+        known = {f.name for f in fields(cls) if f.compare}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "TokenLayout":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"token layout file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise LayoutMismatchError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=path)
+
+    def check_compatible(self, other: "TokenLayout", what: str) -> None:
+        """Raise one clear error if `other` (read from `what`) assigns different ids."""
+        for f in fields(self):
+            if f.compare and getattr(self, f.name) != getattr(other, f.name) and f.name != "name":
+                raise LayoutMismatchError(
+                    f"{what}: token layout mismatch in {f.name}: expected {getattr(self, f.name)}, "
+                    f"found {getattr(other, f.name)}")
+

@@ -163,7 +163,8 @@ class TokenLayout:
             ids = ids[:limit]
         return ids
 
-    def _finish(self, parts, pad_to, image_start, positions=None, loss_from=1, eos_target=False):
+    def _finish(self, parts, pad_to, image_start, positions=None, loss_from=1, eos_target=False,
+                task="t2i"):
         tokens = torch.cat([torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in parts])
         n = tokens.numel()
         position_ids = torch.arange(n) if positions is None else positions
@@ -175,7 +176,10 @@ class TokenLayout:
             extra = pad_to - n
             tokens = torch.cat([tokens, torch.full((extra,), self["[PAD]"], dtype=torch.long)])
             last = position_ids[-1].item() if n else -1
-            position_ids = torch.cat([position_ids, torch.arange(last + 1, last + 1 + extra)])
+            # pads are never attended to by real tokens (causal, at the end); clamp their
+            # positions so they stay inside the position table
+            pad_pos = torch.arange(last + 1, last + 1 + extra).clamp_(max=self.max_positions(task) - 1)
+            position_ids = torch.cat([position_ids, pad_pos])
             pad_mask = torch.zeros(extra)
             if eos_target and extra:
                 pad_mask[0] = 1  # the first [PAD] after a caption is its end-of-text target
@@ -229,7 +233,7 @@ class TokenLayout:
         n = n_prefix + 4 + (self.image_tokens if high_codes is not None else 0)
         positions = torch.cat([torch.arange(n_prefix), torch.arange(n - n_prefix)])
         pad_to = self.seq_length("sr") if (pad and high_codes is not None) else None
-        return self._finish(parts, pad_to, n_prefix + 4, positions=positions)
+        return self._finish(parts, pad_to, n_prefix + 4, positions=positions, task="sr")
 
     def template(self, task: str, text_ids, image_codes, low_codes=None) -> Sequence:
         """Training sequence of `task` (padded to `seq_length(task)`)."""

@@ -82,6 +82,8 @@ def add_data_args(parser):
                    help="image side in pixels after resize and centre crop (default: %(default)s)")
     g.add_argument("--workers", type=_positive_int, default=max(1, min(8, os.cpu_count() or 1)),
                    help="parallel worker processes (default: %(default)s)")
+    g.add_argument("--encode-batch-size", type=_positive_int, default=32,
+                   help="images per VQ-VAE batch when preprocessing (default: %(default)s)")
     g.add_argument("--seed", type=int, default=1234, help="random seed (default: %(default)s)")
 
 

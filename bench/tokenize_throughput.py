@@ -1,0 +1,109 @@
+"""Throughput of the tokenization path; prints one JSON object.
+
+    python bench/tokenize_throughput.py [--seconds 3] [--device cpu|cuda]
+
+  - vqvae_encode_images_per_s: VQ-VAE encoding (demo config, random weights, 64 px, batch 32);
+  - vqvae_encode_gflops_per_s: the same as achieved FLOP/s (convolutions and the codebook
+    distance matmul, counted by torch's FlopCounterMode, 2 FLOPs per multiply-add);
+  - matmul_gflops_per_s: a square fp32 matmul measured in the same run, the machine's reference;
+  - encode_flops_vs_matmul: the ratio of the two, comparable across machines (1.0 would mean the
+    encoder runs as efficiently as a large matmul);
+  - lmdb_random_read_records_per_s: TokenDataset random access over a data set written to a
+    temporary folder (16x16 codes and 20 text ids per record).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_t2i.data.lmdb_store import TokenDataset, write_token_dataset  # noqa: E402
+from megatron_t2i.tokenizers.layout import TokenLayout  # noqa: E402
+from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer, VQVAEConfig  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, seconds: float, device: torch.device) -> tuple[int, float]:
+    """Call fn repeatedly for about `seconds` after one warm-up call -> (calls, elapsed seconds)."""
+    fn()
+    _sync(device)
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return calls, elapsed
+
+
+def bench_matmul(device: torch.device, seconds: float, n: int = 1024) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    calls, elapsed = timed(lambda: a @ b, seconds, device)
+    return 2 * n ** 3 * calls / elapsed / 1e9
+
+
+@torch.no_grad()
+def bench_encode(device: torch.device, seconds: float, batch: int = 32) -> dict:
+    torch.manual_seed(0)
+    tokenizer = ImageTokenizer(VQVAE(VQVAEConfig())).to(device)
+    s = tokenizer.image_size
+    x = tokenizer.normalize(torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device))
+    with FlopCounterMode(display=False) as counter:
+        tokenizer.encode_images(x, batch_size=batch)
+    flops = counter.get_total_flops()  # per batch
+    calls, elapsed = timed(lambda: tokenizer.encode_images(x, batch_size=batch), seconds, device)
+    return {"vqvae_encode_images_per_s": batch * calls / elapsed,
+            "vqvae_encode_gflops_per_s": flops * calls / elapsed / 1e9,
+            "vqvae_image_size": s, "vqvae_grid": tokenizer.grid, "batch_size": batch}
+
+
+def bench_lmdb(seconds: float, count: int = 2000) -> dict:
+    layout = TokenLayout(num_image_codes=512, num_text_tokens=1000, image_grid=16, max_text_tokens=28)
+    rng = np.random.default_rng(0)
+    records = [(rng.integers(0, 1000, 20), rng.integers(0, 512, 256), f"{i:06d}.png")
+               for i in range(count)]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_token_dataset(os.path.join(tmp, "tokens"), records, layout)
+        dataset = TokenDataset(os.path.join(tmp, "tokens"))
+        order = rng.permutation(count)
+        reads = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for i in order[:200]:
+                dataset[int(i)]
+            reads += 200
+            order = np.roll(order, 200)
+        elapsed = time.perf_counter() - start
+    return {"lmdb_random_read_records_per_s": reads / elapsed, "lmdb_records": count}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    result = {"device": str(device), "torch_threads": torch.get_num_threads()}
+    result["matmul_gflops_per_s"] = bench_matmul(device, args.seconds)
+    result.update(bench_encode(device, args.seconds))
+    result["encode_flops_vs_matmul"] = (result["vqvae_encode_gflops_per_s"]
+                                        / result["matmul_gflops_per_s"])
+    result.update(bench_lmdb(args.seconds))
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()

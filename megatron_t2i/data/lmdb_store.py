@@ -1,0 +1,295 @@
+"""Token data sets on LMDB: one record format, a resumable writer and a fork-safe reader.
+
+A published data set is an LMDB folder (`data.mdb`, `lock.mdb`) plus `layout.json` (the token
+layout, also in the metadata) and, when inputs were skipped, `skipped.tsv` (source key, reason).
+
+Keys and values of a published data set:
+
+    b"__meta__"      JSON: {"format": FORMAT, "layout": TokenLayout.to_dict(),
+                            "text_tokenizer_sha256": str, "image_tokenizer_sha256": str,
+                            "image_size": int, "count": N, "report": {...preprocessing report}}
+    b"%010d" % i     record i, for i in 0..N-1 (fixed width so LMDB's byte order is index order)
+
+A record value, little-endian:
+
+    header  8 bytes  struct "<BBHI": version (1), code item size (2 or 4), n_text, n_codes
+    n_text  x int32  text ids, in SentencePiece space (no layout offset added)
+    n_codes x uint16 (item size 2, codebooks up to 65536) or int32 (item size 4): image codes,
+                     row-major over the code grid
+    rest             the source key, UTF-8 (the input's relative path)
+
+Records are ordered by the UTF-8 bytes of their source keys, so the content of a data set does
+not depend on the order in which workers finished or on interruptions.
+
+Writing is resumable: `LMDBWriter` commits batches to a staging environment `<out>.partial/`
+(named databases `records` and `skipped`, keyed by source key, plus the writer's configuration)
+so a re-run skips what is finished. `publish()` builds the indexed environment in a temporary
+folder beside `<out>` and renames it into place: a reader never sees a half-written data set,
+and a folder without metadata is refused with a clear error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections import Counter
+from typing import NamedTuple
+
+import lmdb
+import numpy as np
+from torch.utils.data import Dataset
+
+from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
+
+FORMAT = "megatron_t2i.lmdb_tokens/1"
+META_KEY = b"__meta__"
+RECORD_VERSION = 1
+_HEADER = struct.Struct("<BBHI")
+_CODE_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<i4")}
+_INITIAL_MAP_SIZE = 1 << 28   # 256 MiB; doubled whenever a transaction does not fit
+_PUBLISH_TXN_RECORDS = 10_000  # records per transaction while building the published index
+
+
+class Record(NamedTuple):
+    text_ids: np.ndarray     # [n_text] int64, SentencePiece ids
+    image_codes: np.ndarray  # [grid*grid] int64
+    key: str                 # source key (relative path of the input image)
+
+
+def index_key(i: int) -> bytes:
+    return b"%010d" % i
+
+
+def encode_record(text_ids, image_codes, key: str, num_image_codes: int) -> bytes:
+    text = np.asarray(text_ids, dtype=np.int64).reshape(-1)
+    codes = np.asarray(image_codes, dtype=np.int64).reshape(-1)
+    if text.size > 0xFFFF:
+        raise ValueError(f"record {key}: {text.size} text ids exceed the format's limit of 65535")
+    if codes.size and (codes.min() < 0 or codes.max() >= num_image_codes):
+        raise ValueError(f"record {key}: image code out of range [0, {num_image_codes})")
+    itemsize = 2 if num_image_codes <= 1 << 16 else 4
+    return b"".join([_HEADER.pack(RECORD_VERSION, itemsize, text.size, codes.size),
+                     text.astype("<i4").tobytes(), codes.astype(_CODE_DTYPES[itemsize]).tobytes(),
+                     key.encode("utf-8")])
+
+
+def decode_record(buf) -> Record:
+    version, itemsize, n_text, n_codes = _HEADER.unpack_from(buf, 0)
+    if version != RECORD_VERSION or itemsize not in _CODE_DTYPES:
+        raise ValueError(f"unknown record version {version} / code item size {itemsize}")
+    start = _HEADER.size
+    text = np.frombuffer(buf, dtype="<i4", count=n_text, offset=start)
+    start += 4 * n_text
+    codes = np.frombuffer(buf, dtype=_CODE_DTYPES[itemsize], count=n_codes, offset=start)
+    key = bytes(buf[start + itemsize * n_codes:]).decode("utf-8")
+    return Record(text.astype(np.int64), codes.astype(np.int64), key)
+
+
+def _transact(env: lmdb.Environment, work) -> None:
+    """Run `work(txn)` in one write transaction, growing the map until it fits."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                work(txn)
+            return
+        except lmdb.MapFullError:  # the aborted transaction left nothing behind; retry larger
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def _put_all(env: lmdb.Environment, puts) -> None:
+    """Commit [(key, value)] in one transaction."""
+    _transact(env, lambda txn: [txn.put(k, v) for k, v in puts])
+
+
+class LMDBWriter:
+    """Resumable writer of one data set at `out`.
+
+    `config` (JSON-serialisable; typically layout, tokenizer hashes, image size) is stored in the
+    staging environment: resuming with a different config is refused, so a data set never mixes
+    records of two tokenizers. Each `add()` is one committed transaction.
+    """
+
+    def __init__(self, out: str, config: dict):
+        self.out = os.path.abspath(out)
+        self.staging = self.out + ".partial"
+        if os.path.exists(self.out):
+            raise FileExistsError(f"{out} already exists; remove it or choose another --output")
+        os.makedirs(os.path.dirname(self.out), exist_ok=True)
+        self.config = json.loads(json.dumps(config))  # normalise (tuples -> lists) for comparison
+        self.env = lmdb.open(self.staging, map_size=_INITIAL_MAP_SIZE, max_dbs=2)
+        self.records = self.env.open_db(b"records")
+        self.skipped = self.env.open_db(b"skipped")
+        with self.env.begin() as txn:
+            stored = txn.get(b"config")
+        if stored is None:
+            _put_all(self.env, [(b"config", json.dumps(self.config).encode())])
+        elif json.loads(stored) != self.config:
+            old = json.loads(stored)
+            diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+            self.env.close()
+            raise LayoutMismatchError(
+                f"{self.staging}: unfinished run with a different {', '.join(diff)}; "
+                f"delete {self.staging} to start over")
+
+    def done_keys(self) -> set[str]:
+        """Source keys already written or skipped (a re-run must not redo them)."""
+        keys = set()
+        with self.env.begin() as txn:
+            for db in (self.records, self.skipped):
+                keys.update(k.decode("utf-8") for k in txn.cursor(db=db).iternext(values=False))
+        return keys
+
+    def add(self, records=(), skipped=(), counts: dict | None = None) -> None:
+        """Commit, in one transaction, encoded records [(key, value bytes)], skipped inputs
+        [(key, reason)] and increments of named counters (e.g. truncated captions)."""
+        def work(txn):
+            for k, v in records:
+                txn.put(k.encode("utf-8"), v, db=self.records)
+            for k, reason in skipped:
+                txn.put(k.encode("utf-8"), reason.encode("utf-8"), db=self.skipped)
+            if counts:
+                total = Counter(json.loads(txn.get(b"counts") or b"{}"))
+                total.update(counts)
+                txn.put(b"counts", json.dumps(dict(total)).encode())
+        _transact(self.env, work)
+
+    def record_count(self) -> int:
+        with self.env.begin() as txn:
+            return txn.stat(self.records)["entries"]
+
+    def counts(self) -> dict:
+        with self.env.begin() as txn:
+            return json.loads(txn.get(b"counts") or b"{}")
+
+    def skipped_items(self) -> list[tuple[str, str]]:
+        with self.env.begin() as txn:
+            return [(k.decode("utf-8"), v.decode("utf-8"))
+                    for k, v in txn.cursor(db=self.skipped).iternext()]
+
+    def publish(self, report: dict | None = None, files: dict | None = None) -> dict:
+        """Build the indexed data set, rename it to `out` and delete the staging environment.
+
+        `files` {name: text} are written inside the published folder. Returns the metadata."""
+        skipped = self.skipped_items()
+        reasons = Counter(reason for _, reason in skipped)
+        tmp = self.out + ".publishing"  # left over only if a previous publish was killed
+        shutil.rmtree(tmp, ignore_errors=True)
+        final = lmdb.open(tmp, map_size=max(_INITIAL_MAP_SIZE, 2 * os.path.getsize(
+            os.path.join(self.staging, "data.mdb"))))
+        count, batch = 0, []
+        with self.env.begin() as txn:
+            for _, value in txn.cursor(db=self.records):  # LMDB order: sorted source keys
+                batch.append((index_key(count), value))
+                count += 1
+                if len(batch) == _PUBLISH_TXN_RECORDS:
+                    _put_all(final, batch)
+                    batch = []
+        meta = dict(self.config, format=FORMAT, count=count,
+                    report=dict(report or {}, **self.counts(), written=count,
+                                skipped=dict(sorted(reasons.items())), skipped_total=len(skipped)))
+        _put_all(final, batch + [(META_KEY, json.dumps(meta).encode())])  # metadata last
+        final.sync(True)
+        final.close()
+        extra = dict(files or {})
+        if skipped:
+            extra["skipped.tsv"] = "".join(f"{k}\t{r}\n" for k, r in skipped)
+        for name, text in extra.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        os.rename(tmp, self.out)  # atomic: readers see all of it or nothing
+        self.env.close()
+        shutil.rmtree(self.staging)
+        return meta
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def write_token_dataset(out: str, records, layout: TokenLayout, text_tokenizer_sha256: str = "",
+                        image_tokenizer_sha256: str = "", image_size: int = 0,
+                        report: dict | None = None) -> dict:
+    """Write [(text_ids, image_codes, key)] as a published data set at once (tests, benchmarks,
+    conversions). Returns the metadata."""
+    writer = LMDBWriter(out, dataset_config(layout, text_tokenizer_sha256, image_tokenizer_sha256,
+                                            image_size))
+    writer.add([(key, encode_record(t, c, key, layout.num_image_codes)) for t, c, key in records])
+    return writer.publish(report, files={"layout.json": json.dumps(layout.to_dict(), indent=2)})
+
+
+def dataset_config(layout: TokenLayout, text_tokenizer_sha256: str, image_tokenizer_sha256: str,
+                   image_size: int) -> dict:
+    """What a data set's records depend on; stored in its metadata and checked on resume."""
+    return {"layout": layout.to_dict(), "text_tokenizer_sha256": text_tokenizer_sha256,
+            "image_tokenizer_sha256": image_tokenizer_sha256, "image_size": image_size}
+
+
+_READ_ENVS: dict[str, lmdb.Environment] = {}  # this process's read-only environments by path
+_READ_ENVS_PID = os.getpid()
+
+
+def open_readonly(path: str) -> lmdb.Environment:
+    """The process's one read-only environment of `path` (LMDB allows one per process), reopened
+    after a fork: a child must not use its parent's handle."""
+    global _READ_ENVS_PID
+    if _READ_ENVS_PID != os.getpid():
+        _READ_ENVS.clear()
+        _READ_ENVS_PID = os.getpid()
+    key = os.path.realpath(path)
+    if key not in _READ_ENVS:
+        try:
+            _READ_ENVS[key] = lmdb.open(path, readonly=True, lock=False, readahead=False,
+                                        meminit=False)
+        except lmdb.Error as e:
+            raise ValueError(f"{path}: cannot open as LMDB ({e})") from None
+    return _READ_ENVS[key]
+
+
+class TokenDataset(Dataset):
+    """Random access to a published data set: `ds[i] -> Record(text_ids, image_codes, key)`.
+
+    The LMDB environment is opened read-only, without locks or readahead, lazily in each process
+    (`open_readonly` keeps one per path and pid), so one instance can be pickled to many
+    DataLoader workers and used by many ranks.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isdir(path):
+            if os.path.isdir(path + ".partial"):
+                raise FileNotFoundError(f"{path}: not published yet (only {path}.partial exists; "
+                                        f"re-run preprocess to finish it)")
+            raise FileNotFoundError(f"{path}: no such data set folder")
+        with open_readonly(path).begin() as txn:
+            raw = txn.get(META_KEY)
+        if raw is None:
+            raise ValueError(f"{path}: no metadata key {META_KEY.decode()}; not a complete "
+                             f"megatron_t2i token data set")
+        self.meta = json.loads(raw)
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: data set format {self.meta.get('format')!r}, expected {FORMAT}")
+        self.layout = TokenLayout.from_dict(self.meta["layout"], source=f"data set {path}")
+        self._len = int(self.meta["count"])
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> Record:
+        if not 0 <= i < self._len:
+            raise IndexError(f"record {i} out of range for {self.path} of {self._len} records")
+        with open_readonly(self.path).begin(buffers=True) as txn:
+            buf = txn.get(index_key(i))
+            if buf is None:
+                raise ValueError(f"{self.path}: record {i} missing (data set damaged)")
+            return decode_record(buf)
+
+    def check(self, layout: TokenLayout, text_sha: str | None = None,
+              image_sha: str | None = None) -> None:
+        """Raise LayoutMismatchError naming the data set and field if it does not fit `layout` or
+        was made with other tokenizers (hashes are compared only when given)."""
+        layout.check_compatible(self.layout, f"data set {self.path}")
+        for name, want in (("text_tokenizer_sha256", text_sha), ("image_tokenizer_sha256", image_sha)):
+            have = self.meta.get(name)
+            if want is not None and have != want:
+                raise LayoutMismatchError(f"data set {self.path}: {name} mismatch: expected {want}, "
+                                          f"found {have}")

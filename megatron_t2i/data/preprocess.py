@@ -1,0 +1,334 @@
+"""Images with captions -> token data set (LMDB), in parallel, resumable, robust to bad input.
+
+    python -m megatron_t2i.data.preprocess --input data/synthetic --output data/tokens \
+        --text-tokenizer text.model --image-tokenizer vqvae.pt --image-size 64 --workers 8
+
+Inputs (the source key of an example is its image path relative to the input's folder):
+  - a folder: every image (png, jpg, jpeg, webp, bmp, gif, tif, tiff) with a caption in a `.txt`
+    of the same stem beside it, searched recursively;
+  - a TSV file: `path<TAB>caption` per line, paths relative to the TSV's folder (an optional
+    first line `path<TAB>caption` is a header);
+  - a JSONL file: `{"path": ..., "caption": ...}` per line ("image" and "text" also accepted).
+The same image listed again (e.g. several captions) gets the key `path#1`, `path#2`...
+
+Worker processes read, convert (see images.py) and resize/crop the images and tokenize the
+captions; the main process encodes batches with the VQ-VAE and commits them (see lmdb_store.py).
+Killed at any point, a re-run of the same command continues where it stopped, and the result is
+identical to an uninterrupted run's. An input that cannot be used is skipped with a one-line
+warning naming it and the reason; the counts per reason are printed at the end and stored in the
+data set's metadata (`report`), the list in `skipped.tsv` inside the data set.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from megatron_t2i.data.images import BadInput, load_rgb
+from megatron_t2i.data.lmdb_store import LMDBWriter, dataset_config, encode_record
+from megatron_t2i.tokenizers.layout import TokenLayout
+from megatron_t2i.tokenizers.text import TextTokenizer
+from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# skip reasons (besides images.UNREADABLE and images.UNSUPPORTED)
+MISSING_IMAGE = "missing image"
+MISSING_CAPTION = "missing caption"
+EMPTY_CAPTION = "empty caption"
+NOT_UTF8 = "caption not UTF-8"
+MALFORMED = "malformed line"
+
+
+@dataclass(frozen=True)
+class Source:
+    key: str                          # image path relative to the input's folder
+    image: str                        # path of the image file
+    caption: str | None = None        # the caption (TSV, JSONL) ...
+    caption_file: str | None = None   # ... or the file holding it (folder input)
+
+
+# ---- listing the inputs -------------------------------------------------------------------------
+def list_sources(input_path: str) -> tuple[list[Source], list[tuple[str, str, str]]]:
+    """-> (usable-looking sources, skipped [(key, reason, detail)]) of a folder, TSV or JSONL."""
+    if os.path.isdir(input_path):
+        return _list_folder(input_path)
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"--input {input_path}: no such folder or file")
+    ext = os.path.splitext(input_path)[1].lower()
+    if ext not in (".tsv", ".jsonl"):
+        raise ValueError(f"--input {input_path}: expected a folder, a .tsv or a .jsonl file")
+    sources, skipped = [], []
+    root, name = os.path.dirname(os.path.abspath(input_path)), os.path.basename(input_path)
+    parse = _parse_tsv_line if ext == ".tsv" else _parse_jsonl_line
+    with open(input_path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            try:
+                path, caption = parse(raw, lineno)
+            except ValueError as e:
+                skipped.append((f"{name}:{lineno}", MALFORMED, str(e)))
+                continue
+            if path is None:  # header
+                continue
+            key = os.path.normpath(path)
+            if caption is None:
+                skipped.append((key, NOT_UTF8, f"{name} line {lineno}"))
+                continue
+            sources.append(Source(key, os.path.join(root, path), caption=caption))
+    return _unique_keys(sources), skipped
+
+
+def _parse_tsv_line(raw: bytes, lineno: int):
+    """-> (path, caption or None if not UTF-8); (None, None) for a header."""
+    if b"\t" not in raw:
+        raise ValueError("expected path<TAB>caption")
+    path, caption = raw.split(b"\t", 1)
+    try:
+        path = path.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("path is not UTF-8") from None
+    if lineno == 1 and (path.lower(), caption.strip().lower()) in (("path", b"caption"),
+                                                                   ("image", b"text")):
+        return None, None
+    if not path:
+        raise ValueError("empty path")
+    try:
+        return path, caption.decode("utf-8")
+    except UnicodeDecodeError:
+        return path, None
+
+
+def _parse_jsonl_line(raw: bytes, lineno: int):
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not JSON ({e})") from None
+    path = obj.get("path", obj.get("image")) if isinstance(obj, dict) else None
+    caption = obj.get("caption", obj.get("text")) if isinstance(obj, dict) else None
+    if not isinstance(path, str) or not path or not isinstance(caption, str):
+        raise ValueError('expected {"path": str, "caption": str} (or "image"/"text")')
+    return path, caption
+
+
+def _unique_keys(sources: list[Source]) -> list[Source]:
+    seen = Counter()
+    out = []
+    for s in sources:
+        n = seen[s.key]
+        seen[s.key] += 1
+        out.append(replace(s, key=f"{s.key}#{n}") if n else s)
+    return out
+
+
+def _list_folder(root: str):
+    images, captions = {}, set()  # stem (relative, without extension) -> [relative image paths]
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            rel = os.path.relpath(os.path.join(folder, name), root)
+            stem, ext = os.path.splitext(rel)
+            if ext.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+                images.setdefault(stem, []).append(rel)
+            elif ext.lower() == ".txt":
+                captions.add(stem)
+    sources, skipped = [], []
+    for stem in sorted(images):
+        for rel in sorted(images[stem]):
+            if stem in captions:
+                sources.append(Source(rel, os.path.join(root, rel),
+                                      caption_file=os.path.join(root, stem + ".txt")))
+            else:
+                skipped.append((rel, MISSING_CAPTION, f"no {stem}.txt beside it"))
+    for stem in sorted(captions - set(images)):
+        skipped.append((stem + ".txt", MISSING_IMAGE, "caption without an image"))
+    return sources, skipped
+
+
+# ---- worker processes: read, convert, crop, tokenize --------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(text_tokenizer, image_config, image_size: int, max_text_tokens: int) -> None:
+    torch.set_num_threads(1)
+    # Only the cropping of ImageTokenizer is used here; a model on the meta device has the config
+    # but no weights, so workers neither copy the VQ-VAE nor touch the accelerator.
+    with torch.device("meta"):
+        model = VQVAE(replace(image_config, image_size=image_size))
+    _WORKER.update(text=text_tokenizer, pixels=ImageTokenizer(model), max_text=max_text_tokens)
+
+
+def _read_caption(source: Source) -> str:
+    text = source.caption
+    if source.caption_file is not None:
+        try:
+            with open(source.caption_file, "rb") as f:
+                text = f.read().decode("utf-8-sig")
+        except FileNotFoundError:
+            raise BadInput(MISSING_CAPTION, f"{source.caption_file} disappeared") from None
+        except UnicodeDecodeError as e:
+            raise BadInput(NOT_UTF8, f"{source.caption_file}: {e}") from None
+    text = " ".join(text.split())  # one line, single spaces
+    if not text:
+        raise BadInput(EMPTY_CAPTION, "no text")
+    return text
+
+
+def _load_example(source: Source):
+    """-> ("ok", key, text_ids, truncated, pixels uint8 [3,S,S]) or ("skip", key, reason, detail)."""
+    try:
+        if not os.path.isfile(source.image):
+            raise BadInput(MISSING_IMAGE, f"{source.image} not found")
+        ids = _WORKER["text"].encode(_read_caption(source))
+        if not ids:
+            raise BadInput(EMPTY_CAPTION, "caption has no tokens")
+        pixels = _WORKER["pixels"].crop_uint8(load_rgb(source.image))
+    except BadInput as e:
+        return "skip", source.key, e.reason, e.detail
+    limit = _WORKER["max_text"]
+    return "ok", source.key, ids[:limit], len(ids) > limit, pixels.numpy()
+
+
+# ---- the main process ---------------------------------------------------------------------------
+@torch.no_grad()
+def _encode(image_tokenizer: ImageTokenizer, pixels: list[np.ndarray]) -> np.ndarray:
+    """uint8 [B,3,S,S] -> codes [B, grid*grid]; the VQ-VAE is convolutional, so S need not be the
+    tokenizer's training size."""
+    x = torch.from_numpy(np.stack(pixels)).to(image_tokenizer.device)
+    return image_tokenizer.model.encode(image_tokenizer.normalize(x)).flatten(1).cpu().numpy()
+
+
+def load_image_tokenizer(path: str, device="cpu") -> ImageTokenizer:
+    """Our checkpoint, else CogView's released file; the error of the first if neither."""
+    try:
+        return ImageTokenizer.load(path, device=device)
+    except ValueError as ours:
+        try:
+            return ImageTokenizer.from_cogview(path, device=device)
+        except ValueError:
+            raise ours from None
+
+
+def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_text_tokens: int = 28,
+               image_size: int | None = None, workers: int = 0, batch_size: int = 32,
+               progress: bool = True) -> dict:
+    """Tokenize `input` into the data set `output`; returns the report (also in the metadata).
+
+    text_tokenizer / image_tokenizer: objects or paths. image_size: pixels per side after
+    resize and centre crop (default: the image tokenizer's). workers: processes reading images
+    (0: in this process). batch_size: images per VQ-VAE batch and per committed transaction."""
+    text_tok = TextTokenizer(text_tokenizer) if isinstance(text_tokenizer, str) else text_tokenizer
+    image_tok = (load_image_tokenizer(image_tokenizer) if isinstance(image_tokenizer, str)
+                 else image_tokenizer)
+    image_size = image_size or image_tok.image_size
+    layout = TokenLayout(num_image_codes=image_tok.codebook_size, num_text_tokens=text_tok.vocab_size,
+                         image_grid=image_tok.model.grid_size(image_size),
+                         max_text_tokens=max_text_tokens)
+    sources, listed_skips = list_sources(input)
+    writer = LMDBWriter(output, dataset_config(layout, text_tok.sha256, image_tok.sha256, image_size))
+    try:
+        done = writer.done_keys()
+        todo = [s for s in sources if s.key not in done]
+        pending_skips = [(k, r) for k, r, _ in listed_skips if k not in done]
+        for key, reason, detail in listed_skips:
+            if key not in done:
+                logger.warning("skipped %s: %s (%s)", key, reason, detail)
+        if done:
+            logger.info("resuming %s: %d of %d inputs already done", writer.staging, len(done),
+                        len(sources) + len(listed_skips))
+        _run(writer, todo, pending_skips, text_tok, image_tok, layout, image_size, workers,
+             batch_size, progress)
+        if not writer.record_count():
+            raise ValueError(f"--input {input}: no usable example (skipped: "
+                             f"{dict(Counter(r for _, r in writer.skipped_items()))})")
+        meta = writer.publish({"input": os.path.abspath(input),
+                               "sources": len(sources) + len(listed_skips)},
+                              files={"layout.json": json.dumps(layout.to_dict(), indent=2)})
+    finally:
+        writer.close()
+    report = meta["report"]
+    logger.info("wrote %d records to %s (layout.json inside); skipped %d: %s", report["written"],
+                os.path.abspath(output), report["skipped_total"], report["skipped"] or "none")
+    if report["skipped_total"]:
+        logger.info("skipped inputs listed in %s", os.path.join(os.path.abspath(output), "skipped.tsv"))
+    return report
+
+
+def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers, batch_size,
+         progress) -> None:
+    batch, truncated, n_skipped = [], 0, len(skipped)
+
+    def flush():
+        nonlocal batch, skipped, truncated
+        records = []
+        if batch:
+            codes = _encode(image_tok, [pixels for _, _, pixels in batch])
+            records = [(key, encode_record(ids, c, key, layout.num_image_codes))
+                       for (key, ids, _), c in zip(batch, codes)]
+        writer.add(records, skipped, counts={"truncated_captions": truncated})
+        batch, skipped, truncated = [], [], 0
+
+    init = (text_tok, image_tok.config, image_size, layout.max_text_tokens)
+    pool = multiprocessing.Pool(workers, _init_worker, init) if workers > 0 else None
+    if pool is None:
+        _init_worker(*init)
+    try:
+        results = (pool.imap_unordered(_load_example, todo, chunksize=max(1, min(16, len(todo) // (4 * workers))))
+                   if pool else map(_load_example, todo))
+        bar = tqdm(results, total=len(todo), unit="img", desc="preprocess", disable=not progress,
+                   dynamic_ncols=True)
+        with logging_redirect_tqdm():
+            for result in bar:
+                if result[0] == "skip":
+                    _, key, reason, detail = result
+                    n_skipped += 1
+                    logger.warning("skipped %s: %s (%s) [%d skipped so far]", key, reason, detail,
+                                   n_skipped)
+                    skipped.append((key, reason))
+                    continue
+                _, key, ids, was_truncated, pixels = result
+                batch.append((key, ids, pixels))
+                truncated += was_truncated
+                if len(batch) == batch_size:
+                    flush()
+            flush()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def main(argv=None) -> None:
+    from megatron_t2i.arguments import parse_args  # the CLI core is only needed here
+
+    args = parse_args(argv, groups=("data", "tokenizers"), prog="python -m megatron_t2i.data.preprocess",
+                      description="Tokenize images with captions into an LMDB token data set.")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for flag in ("input", "output", "text_tokenizer", "image_tokenizer"):
+        if not getattr(args, flag):
+            sys.exit(f"preprocess: error: --{flag.replace('_', '-')} is required")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        preprocess(args.input, args.output, args.text_tokenizer,
+                   load_image_tokenizer(args.image_tokenizer, device), args.max_text_tokens,
+                   args.image_size, args.workers, args.encode_batch_size)
+    except (ValueError, OSError) as e:
+        sys.exit(f"preprocess: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"preprocess: interrupted; run the same command again to resume ({args.output}.partial)")
+
+
+if __name__ == "__main__":
+    main()

@@ -202,7 +202,7 @@ def write_dataset(out_dir: str, count: int, seed: int = 0, image_size: int = 64,
         found = _read_meta(out_dir)
         if found != meta:
             raise ValueError(f"synthetic: {out_dir} already holds other data "
-                             f"({'dataset.json ' + json.dumps(found) if found else 'no dataset.json'}); "
+                             f"({'dataset.json ' + json.dumps(found) if found else 'no readable dataset.json'}); "
                              f"wanted {json.dumps(meta)}: choose another --synthetic-dir or remove it")
         return out_dir
 
@@ -238,13 +238,14 @@ def write_dataset(out_dir: str, count: int, seed: int = 0, image_size: int = 64,
 
 def main(argv=None) -> None:
     from megatron_t2i.arguments import parse_args
-    args = parse_args(argv, groups=("data",), prog="python -m megatron_t2i.data.synthetic",
+    prog = "python -m megatron_t2i.data.synthetic"
+    args = parse_args(argv, groups=("data",), prog=prog,
                       description="Write the embedded default data set (captioned shapes).")
     try:
         path = write_dataset(args.synthetic_dir, args.synthetic_count, args.seed, args.image_size,
                              args.chinese_fraction)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"{prog}: error: {e}")
     print(f"synthetic data set: {args.synthetic_count} images of {args.image_size}px in {path}")
 
 

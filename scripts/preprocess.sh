@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Tokenize captioned images into an LMDB token data set.
+#
+# With no arguments: make the embedded default data set (procedural captioned images), train the
+# text tokenizer (SentencePiece) and the image tokenizer (VQ-VAE) at demo size, and write the LMDB.
+# Each stage is skipped when its output already exists, so a re-run resumes where it stopped.
+#
+# Your own images: INPUT=/path/to/folder_or.tsv_or.jsonl ./scripts/preprocess.sh
+# Every setting below can be overridden from the environment; extra flags go to the LMDB writer.
+set -euo pipefail
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<'EOF'
+
+Environment variables (defaults in brackets):
+  DATA_DIR          where everything is written [./data]
+  INPUT             images with captions: folder (.txt beside each image), TSV or JSONL
+                    [empty: the embedded default, written to $DATA_DIR/synthetic]
+  SYNTHETIC_COUNT   images in the embedded default [2000]
+  IMAGE_SIZE        image side in pixels [64]
+  TEXT_TOKENIZER    SentencePiece model; trained from the captions if missing [$DATA_DIR/text.model]
+  TEXT_VOCAB_SIZE   text vocabulary when training it [1000]
+  IMAGE_TOKENIZER   VQ-VAE checkpoint; trained on the images if missing [$DATA_DIR/vqvae.pt]
+  VQVAE_STEPS       VQ-VAE training steps [tokenizer default]
+  OUTPUT            the LMDB data set [$DATA_DIR/tokens.lmdb]
+  WORKERS           parallel preprocessing workers [number of cores]
+  SEED              random seed [1234]
+EOF
+  exit 0
+fi
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DATA_DIR=${DATA_DIR:-$ROOT/data}
+INPUT=${INPUT:-}
+SYNTHETIC_COUNT=${SYNTHETIC_COUNT:-2000}
+IMAGE_SIZE=${IMAGE_SIZE:-64}
+TEXT_TOKENIZER=${TEXT_TOKENIZER:-$DATA_DIR/text.model}
+TEXT_VOCAB_SIZE=${TEXT_VOCAB_SIZE:-1000}
+IMAGE_TOKENIZER=${IMAGE_TOKENIZER:-$DATA_DIR/vqvae.pt}
+VQVAE_STEPS=${VQVAE_STEPS:-}
+OUTPUT=${OUTPUT:-$DATA_DIR/tokens.lmdb}
+WORKERS=${WORKERS:-$(nproc)}
+SEED=${SEED:-1234}
+PY=${PYTHON:-python3}
+
+mkdir -p "$DATA_DIR"
+cd "$ROOT"
+start=$(date +%s)
+stage() { printf '\n== %s (%ds)\n' "$1" $(( $(date +%s) - start )); }
+
+if [[ -z "$INPUT" ]]; then
+  INPUT=$DATA_DIR/synthetic
+  stage "embedded default data set: $SYNTHETIC_COUNT images -> $INPUT"
+  "$PY" -m megatron_t2i.data.synthetic --synthetic-dir "$INPUT" --synthetic-count "$SYNTHETIC_COUNT" \
+    --image-size "$IMAGE_SIZE" --seed "$SEED"
+fi
+[[ -e "$INPUT" ]] || { echo "preprocess.sh: INPUT $INPUT does not exist" >&2; exit 2; }
+
+if [[ -f "$TEXT_TOKENIZER" ]]; then
+  stage "text tokenizer: using $TEXT_TOKENIZER"
+else
+  stage "text tokenizer: training SentencePiece ($TEXT_VOCAB_SIZE ids) -> $TEXT_TOKENIZER"
+  "$PY" -m megatron_t2i.tokenizers.text --input "$INPUT" --text-tokenizer "$TEXT_TOKENIZER" \
+    --text-vocab-size "$TEXT_VOCAB_SIZE"
+fi
+
+if [[ -f "$IMAGE_TOKENIZER" ]]; then
+  stage "image tokenizer: using $IMAGE_TOKENIZER"
+else
+  stage "image tokenizer: training the VQ-VAE -> $IMAGE_TOKENIZER"
+  "$PY" -m megatron_t2i.tokenizers.train_vqvae --input "$INPUT" --image-tokenizer "$IMAGE_TOKENIZER" \
+    --image-size "$IMAGE_SIZE" --seed "$SEED" --tensorboard-dir "$DATA_DIR/runs/vqvae" \
+    ${VQVAE_STEPS:+--vqvae-steps "$VQVAE_STEPS"}
+fi
+
+stage "tokenizing into LMDB -> $OUTPUT"
+"$PY" -m megatron_t2i.data.preprocess --input "$INPUT" --output "$OUTPUT" \
+  --text-tokenizer "$TEXT_TOKENIZER" --image-tokenizer "$IMAGE_TOKENIZER" \
+  --image-size "$IMAGE_SIZE" --workers "$WORKERS" "$@"
+
+stage "done"
+cat <<EOF
+  images and captions : $INPUT
+  text tokenizer      : $TEXT_TOKENIZER
+  image tokenizer     : $IMAGE_TOKENIZER   (TensorBoard: $DATA_DIR/runs/vqvae)
+  token data set      : $OUTPUT   (layout: $OUTPUT/layout.json)
+EOF

@@ -1,0 +1,108 @@
+"""Distributed, resumable sampling of training sequences.
+
+The global order is a seeded permutation of the training indices per epoch. Each optimiser step
+consumes `global_batch = micro_batch * data_parallel_size * accumulation` samples; inside each
+slice of `micro_batch * dp` samples, data-parallel rank r takes [r*micro, (r+1)*micro). Hence
+  * the state is one number, the samples consumed so far: a resumed run continues exactly, also
+    on another data-parallel size with the same global batch;
+  * DP=2 with micro-batch b sees exactly the samples DP=1 sees with micro-batch 2b.
+
+Every sample also gets its own seed from (seed, global position), which decides its task and
+whether its text is dropped (classifier-free guidance), so these choices too survive a resume.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_t2i.tokenizers.layout import TokenLayout
+
+
+def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint (train, held-out) indices of a data set of n records, the same for every run."""
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {holdout_fraction}")
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(n)
+    n_eval = int(round(n * holdout_fraction))
+    if holdout_fraction > 0 and n_eval == 0 and n > 1:
+        n_eval = 1
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
+class ResumableSampler:
+    """Yields (record index, sample seed) for one data-parallel rank, forever, from `consumed`."""
+
+    def __init__(self, indices, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 0, consumed: int = 0):
+        if len(indices) == 0:
+            raise ValueError("no training records to sample from (empty data set or split)")
+        self.indices = np.asarray(indices)
+        self.micro, self.rank, self.size, self.seed = micro_batch_size, dp_rank, dp_size, seed
+        self.consumed = consumed  # global samples consumed; what a checkpoint stores
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
+
+    def position(self, global_position: int) -> tuple[int, int]:
+        n = len(self.indices)
+        epoch, offset = divmod(global_position, n)
+        index = int(self.indices[self._permutation(epoch)[offset]])
+        sample_seed = int(np.random.default_rng([self.seed, 1, global_position]).integers(2**31))
+        return index, sample_seed
+
+    def next_micro_batch(self) -> list[tuple[int, int]]:
+        start = self.consumed + self.rank * self.micro
+        batch = [self.position(start + i) for i in range(self.micro)]
+        self.consumed += self.micro * self.size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed") != self.seed:
+            raise ValueError(f"data position was saved with seed {state.get('seed')}, "
+                             f"this run uses --seed {self.seed}")
+        self.consumed = int(state["consumed"])
+
+
+class SequenceBuilder:
+    """Turns records into fixed-length training sequences of one or several tasks."""
+
+    def __init__(self, layout: TokenLayout, tasks: dict[str, float] | None = None,
+                 text_dropout: float = 0.0):
+        self.layout = layout
+        self.tasks = tasks or {"t2i": 1.0}
+        unknown = set(self.tasks) - {"t2i", "i2t"}
+        if unknown:
+            raise ValueError(f"unknown training tasks {sorted(unknown)}; expected t2i and/or i2t")
+        total = sum(self.tasks.values())
+        if total <= 0 or min(self.tasks.values()) < 0:
+            raise ValueError(f"task weights must be non-negative and not all zero: {self.tasks}")
+        self.names = list(self.tasks)
+        self.cumulative = np.cumsum([self.tasks[t] / total for t in self.names])
+        self.text_dropout = text_dropout
+        self.length = max(layout.seq_length(t) for t in self.names)
+
+    def __call__(self, text_ids, image_codes, sample_seed: int):
+        rng = np.random.default_rng(sample_seed)
+        task = self.names[int(np.searchsorted(self.cumulative, rng.random(), side="right").clip(
+            max=len(self.names) - 1))]
+        if task == "t2i" and rng.random() < self.text_dropout:
+            text_ids = []  # unconditional sample, for classifier-free guidance
+        seq = self.layout.template(task, text_ids, image_codes)
+        pad = self.length - seq.tokens.numel()
+        if pad:  # tasks of a mixture share one length
+            seq.tokens = torch.cat([seq.tokens, seq.tokens.new_full((pad,), self.layout["[PAD]"])])
+            seq.position_ids = torch.cat([seq.position_ids, seq.position_ids[-1:].expand(pad)])
+            seq.loss_mask = torch.cat([seq.loss_mask, seq.loss_mask.new_zeros(pad)])
+        return seq
+
+
+def collate(sequences) -> dict[str, torch.Tensor]:
+    """Stack sequences into model inputs: tokens/positions [B, L-1], labels/loss_mask [B, L-1]."""
+    tokens = torch.stack([s.tokens for s in sequences])
+    positions = torch.stack([s.position_ids for s in sequences])
+    loss_mask = torch.stack([s.loss_mask for s in sequences])
+    return {"tokens": tokens[:, :-1], "position_ids": positions[:, :-1], "labels": tokens[:, 1:],
+            "loss_mask": loss_mask[:, 1:]}

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+
+from megatron_t2i.data.loader import ResumableSampler, SequenceBuilder, collate, split_indices
+from megatron_t2i.tokenizers.layout import TokenLayout
+
+
+def test_split_is_disjoint_complete_and_stable():
+    train, held = split_indices(1000, 0.05, seed=3)
+    assert len(held) == 50 and len(train) == 950
+    assert not set(train) & set(held) and set(train) | set(held) == set(range(1000))
+    again, held2 = split_indices(1000, 0.05, seed=3)
+    assert np.array_equal(train, again) and np.array_equal(held, held2)
+    assert split_indices(10, 0.01, seed=0)[1].size == 1  # a held-out split is never empty
+
+
+def test_data_parallel_ranks_see_the_single_rank_stream():
+    idx = np.arange(37)
+    one = ResumableSampler(idx, micro_batch_size=4, seed=1)
+    two = [ResumableSampler(idx, 2, dp_rank=r, dp_size=2, seed=1) for r in range(2)]
+    for _ in range(25):  # crosses several epochs
+        assert one.next_micro_batch() == two[0].next_micro_batch() + two[1].next_micro_batch()
+
+
+def test_resume_continues_exactly_and_epochs_cover_everything():
+    idx = np.arange(10, 30)
+    ref = ResumableSampler(idx, 3, seed=7)
+    full = [ref.next_micro_batch() for _ in range(20)]
+    first = ResumableSampler(idx, 3, seed=7)
+    part = [first.next_micro_batch() for _ in range(8)]
+    resumed = ResumableSampler(idx, 3, seed=7)
+    resumed.load_state_dict(first.state_dict())
+    part += [resumed.next_micro_batch() for _ in range(12)]
+    assert part == full
+    flat = [i for b in full for i, _ in b]
+    assert sorted(flat[:20]) == list(range(10, 30))  # the first epoch is a permutation
+    with pytest.raises(ValueError, match="--seed 8"):
+        ResumableSampler(idx, 3, seed=8).load_state_dict(first.state_dict())
+
+
+def test_sequence_builder_mixes_tasks_and_drops_text():
+    lay = TokenLayout(num_image_codes=64, num_text_tokens=50, max_text_tokens=8)
+    codes = torch.randint(0, 64, (lay.image_tokens,))
+    build = SequenceBuilder(lay, {"t2i": 1.0, "i2t": 1.0}, text_dropout=0.5)
+    seqs = [build([1, 2, 3], codes, seed) for seed in range(400)]
+    first = [s.tokens[0].item() for s in seqs]
+    share_i2t = np.mean([f == lay.size_token for f in first])
+    assert 0.4 < share_i2t < 0.6
+    t2i = [s for s, f in zip(seqs, first) if f == lay["[ROI1]"]]
+    dropped = np.mean([lay.decode_text_ids(s.tokens) == [] for s in t2i])
+    assert 0.4 < dropped < 0.6
+    assert {s.tokens.numel() for s in seqs} == {build.length}
+    assert [build([1, 2, 3], codes, 5).tokens.tolist()] == [seqs[5].tokens.tolist()]  # seeded
+    batch = collate(seqs[:3])
+    assert batch["tokens"].shape == (3, build.length - 1)
+    assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
+
+
+def test_bad_task_weights():
+    with pytest.raises(ValueError, match="unknown training tasks"):
+        SequenceBuilder(TokenLayout(), {"x2y": 1.0})
+    with pytest.raises(ValueError, match="not all zero"):
+        SequenceBuilder(TokenLayout(), {"t2i": 0.0})

@@ -293,9 +293,15 @@ def test_cli(tmp_path, tokenizers, capsys):
     ds = TokenDataset(out)
     assert len(ds) == 1 and ds.layout.image_grid == 16 and ds.layout.max_text_tokens == 5
     assert ds.meta["image_size"] == 64 and ds[0].text_ids.tolist() == text_tok.encode(CAPTIONS[0])[:5]
-    with pytest.raises(SystemExit, match="already exists"):  # one line, no traceback
-        main(["--input", str(tmp_path / "in"), "--output", out, "--text-tokenizer",
-              text_tok.model_path, "--image-tokenizer", image_tok.path])
+    args = ["--input", str(tmp_path / "in"), "--output", out, "--text-tokenizer",
+            text_tok.model_path, "--image-tokenizer", image_tok.path, "--image-size", "64"]
+    main(args + ["--max-text-tokens", "5"])  # same settings again: the finished data set is kept
+    with pytest.raises(SystemExit, match="already exists with a different layout"):  # one line
+        main(args + ["--max-text-tokens", "6"])
+    with pytest.raises(SystemExit, match="--image-size 34: image size 34 is not a multiple"):
+        main(args[:-1] + ["34", "--output", str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match="--image-size 36: .*image_grid must be one of"):
+        main(args[:-1] + ["36", "--output", str(tmp_path / "other")])
     with pytest.raises(SystemExit, match="--input is required"):
         main(["--output", out, "--text-tokenizer", text_tok.model_path,
               "--image-tokenizer", image_tok.path])

@@ -14,9 +14,13 @@ The same image listed again (e.g. several captions) gets the key `path#1`, `path
 Worker processes read, convert (see images.py) and resize/crop the images and tokenize the
 captions; the main process encodes batches with the VQ-VAE and commits them (see lmdb_store.py).
 Killed at any point, a re-run of the same command continues where it stopped, and the result is
-identical to an uninterrupted run's. An input that cannot be used is skipped with a one-line
-warning naming it and the reason; the counts per reason are printed at the end and stored in the
-data set's metadata (`report`), the list in `skipped.tsv` inside the data set.
+identical to an uninterrupted run's; once finished, a re-run with the same settings keeps the
+data set (anything else already at --output is an error, never overwritten).
+
+An input that cannot be used is skipped with a one-line warning naming it and the reason; the
+counts per reason are printed at the end and stored in the data set's metadata (`report`), the
+list in `skipped.tsv` inside the data set. Valid images in odd modes (RGBA, CMYK, grey, palette,
+16-bit) are converted, not skipped.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from megatron_t2i.data.images import BadInput, load_rgb
-from megatron_t2i.data.lmdb_store import LMDBWriter, dataset_config, encode_record
+from megatron_t2i.data.lmdb_store import LMDBWriter, TokenDataset, dataset_config, encode_record
 from megatron_t2i.tokenizers.layout import TokenLayout
 from megatron_t2i.tokenizers.text import TextTokenizer
 from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer
@@ -138,9 +142,11 @@ def _list_folder(root: str):
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
+            if name.startswith("."):  # hidden files (.DS_Store, editor swap files) are not inputs
+                continue
             rel = os.path.relpath(os.path.join(folder, name), root)
             stem, ext = os.path.splitext(rel)
-            if ext.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+            if ext.lower() in IMAGE_EXTENSIONS:
                 images.setdefault(stem, []).append(rel)
             elif ext.lower() == ".txt":
                 captions.add(stem)
@@ -233,11 +239,18 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
     image_tok = (load_image_tokenizer(image_tokenizer) if isinstance(image_tokenizer, str)
                  else image_tokenizer)
     image_size = image_size or image_tok.image_size
-    layout = TokenLayout(num_image_codes=image_tok.codebook_size, num_text_tokens=text_tok.vocab_size,
-                         image_grid=image_tok.model.grid_size(image_size),
-                         max_text_tokens=max_text_tokens)
+    try:
+        layout = TokenLayout(num_image_codes=image_tok.codebook_size,
+                             num_text_tokens=text_tok.vocab_size,
+                             image_grid=image_tok.model.grid_size(image_size),
+                             max_text_tokens=max_text_tokens)
+    except ValueError as e:
+        raise ValueError(f"--image-size {image_size}: {e}") from None
+    config = dataset_config(layout, text_tok.sha256, image_tok.sha256, image_size)
+    if os.path.isdir(output):
+        return _existing_report(output, config, input)
     sources, listed_skips = list_sources(input)
-    writer = LMDBWriter(output, dataset_config(layout, text_tok.sha256, image_tok.sha256, image_size))
+    writer = LMDBWriter(output, config)
     try:
         done = writer.done_keys()
         todo = [s for s in sources if s.key not in done]
@@ -266,6 +279,26 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
     return report
 
 
+def _existing_report(output: str, config: dict, input: str) -> dict:
+    """A finished data set of the same input and settings is kept (re-running a pipeline is
+    cheap); anything else at `output` is an error, never overwritten."""
+    try:
+        meta = TokenDataset(output).meta
+    except (ValueError, OSError):
+        raise FileExistsError(f"{output} already exists and is not a token data set; "
+                              f"choose another --output") from None
+    config = json.loads(json.dumps(config))
+    meta_input = meta.get("report", {}).get("input")
+    differ = [k for k in config if meta.get(k) != config[k]]
+    differ += ["input"] if meta_input != os.path.abspath(input) else []
+    if differ:
+        raise FileExistsError(f"{output} already exists with a different {', '.join(differ)}; "
+                              f"remove it or choose another --output")
+    logger.info("%s is already complete (%d records); remove it to tokenize again", output,
+                meta["count"])
+    return meta["report"]
+
+
 def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers, batch_size,
          progress) -> None:
     batch, truncated, n_skipped = [], 0, len(skipped)
@@ -285,8 +318,11 @@ def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers
     if pool is None:
         _init_worker(*init)
     try:
-        results = (pool.imap_unordered(_load_example, todo, chunksize=max(1, min(16, len(todo) // (4 * workers))))
-                   if pool else map(_load_example, todo))
+        if pool is None:
+            results = map(_load_example, todo)
+        else:  # chunks amortise the IPC; small enough that every worker gets some
+            chunk = max(1, min(16, len(todo) // (4 * workers)))
+            results = pool.imap_unordered(_load_example, todo, chunksize=chunk)
         bar = tqdm(results, total=len(todo), unit="img", desc="preprocess", disable=not progress,
                    dynamic_ncols=True)
         with logging_redirect_tqdm():

@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import shutil
 import struct
 
 import lmdb
@@ -170,4 +171,14 @@ def test_dataloader_workers_return_exactly_the_records(tmp_path):
            for batch in loader for r in batch]
     assert len(got) == 40 and sorted(got) == as_tuples(records)
     # a second instance of the same path in one process shares the environment
-    assert read_all(TokenDataset(path)) == read_all(ds)
+    assert read_all(TokenDataset(path + "/")) == read_all(ds)
+
+
+def test_replaced_data_set_is_reopened(tmp_path):
+    path = str(tmp_path / "ds")
+    write_token_dataset(path, make_records(5, seed=1), LAYOUT)
+    assert len(TokenDataset(path)) == 5
+    shutil.rmtree(path)
+    records = make_records(8, seed=2)
+    write_token_dataset(path, records, LAYOUT)
+    assert read_all(TokenDataset(path)) == as_tuples(records)  # not the first set's cached handle

@@ -224,25 +224,32 @@ def dataset_config(layout: TokenLayout, text_tokenizer_sha256: str, image_tokeni
             "image_tokenizer_sha256": image_tokenizer_sha256, "image_size": image_size}
 
 
-_READ_ENVS: dict[str, lmdb.Environment] = {}  # this process's read-only environments by path
+_READ_ENVS: dict = {}  # realpath -> (read-only environment, (st_dev, st_ino) of its data.mdb)
 _READ_ENVS_PID = os.getpid()
 
 
-def open_readonly(path: str) -> lmdb.Environment:
+def open_readonly(path: str, revalidate: bool = False) -> lmdb.Environment:
     """The process's one read-only environment of `path` (LMDB allows one per process), reopened
-    after a fork: a child must not use its parent's handle."""
+    after a fork (a child must not use its parent's handle) and, with `revalidate`, when the
+    data set at `path` was replaced since it was opened."""
     global _READ_ENVS_PID
     if _READ_ENVS_PID != os.getpid():
         _READ_ENVS.clear()
         _READ_ENVS_PID = os.getpid()
     key = os.path.realpath(path)
+    try:
+        st = os.stat(os.path.join(path, "data.mdb")) if revalidate or key not in _READ_ENVS else None
+    except OSError:
+        raise ValueError(f"{path}: no data.mdb; not an LMDB data set") from None
+    if key in _READ_ENVS and st is not None and _READ_ENVS[key][1] != (st.st_dev, st.st_ino):
+        _READ_ENVS.pop(key)[0].close()
     if key not in _READ_ENVS:
         try:
-            _READ_ENVS[key] = lmdb.open(path, readonly=True, lock=False, readahead=False,
-                                        meminit=False)
+            env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
         except lmdb.Error as e:
             raise ValueError(f"{path}: cannot open as LMDB ({e})") from None
-    return _READ_ENVS[key]
+        _READ_ENVS[key] = (env, (st.st_dev, st.st_ino))
+    return _READ_ENVS[key][0]
 
 
 class TokenDataset(Dataset):
@@ -254,13 +261,13 @@ class TokenDataset(Dataset):
     """
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = path = os.path.normpath(path)
         if not os.path.isdir(path):
             if os.path.isdir(path + ".partial"):
                 raise FileNotFoundError(f"{path}: not published yet (only {path}.partial exists; "
                                         f"re-run preprocess to finish it)")
             raise FileNotFoundError(f"{path}: no such data set folder")
-        with open_readonly(path).begin() as txn:
+        with open_readonly(path, revalidate=True).begin() as txn:
             raw = txn.get(META_KEY)
         if raw is None:
             raise ValueError(f"{path}: no metadata key {META_KEY.decode()}; not a complete "

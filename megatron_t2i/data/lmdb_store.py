@@ -99,13 +99,16 @@ def _transact(env: lmdb.Environment, work) -> None:
 
 def _put_all(env: lmdb.Environment, puts) -> None:
     """Commit [(key, value)] in one transaction."""
-    _transact(env, lambda txn: [txn.put(k, v) for k, v in puts])
+    def work(txn):
+        for k, v in puts:
+            txn.put(k, v)
+    _transact(env, work)
 
 
 class LMDBWriter:
     """Resumable writer of one data set at `out`.
 
-    `config` (JSON-serialisable; typically layout, tokenizer hashes, image size) is stored in the
+    `config` (see `dataset_config`: layout, tokenizer hashes, image size) is stored in the
     staging environment: resuming with a different config is refused, so a data set never mixes
     records of two tokenizers. Each `add()` is one committed transaction.
     """
@@ -116,6 +119,8 @@ class LMDBWriter:
         if os.path.exists(self.out):
             raise FileExistsError(f"{out} already exists; remove it or choose another --output")
         os.makedirs(os.path.dirname(self.out), exist_ok=True)
+        if "layout" not in config:
+            raise ValueError("LMDBWriter: config needs the token layout (use dataset_config)")
         self.config = json.loads(json.dumps(config))  # normalise (tuples -> lists) for comparison
         self.env = lmdb.open(self.staging, map_size=_INITIAL_MAP_SIZE, max_dbs=2)
         self.records = self.env.open_db(b"records")
@@ -167,10 +172,9 @@ class LMDBWriter:
             return [(k.decode("utf-8"), v.decode("utf-8"))
                     for k, v in txn.cursor(db=self.skipped).iternext()]
 
-    def publish(self, report: dict | None = None, files: dict | None = None) -> dict:
+    def publish(self, report: dict | None = None) -> dict:
         """Build the indexed data set, rename it to `out` and delete the staging environment.
-
-        `files` {name: text} are written inside the published folder. Returns the metadata."""
+        `report` is stored in the metadata with the counts. Returns the metadata."""
         skipped = self.skipped_items()
         reasons = Counter(reason for _, reason in skipped)
         tmp = self.out + ".publishing"  # left over only if a previous publish was killed
@@ -191,7 +195,7 @@ class LMDBWriter:
         _put_all(final, batch + [(META_KEY, json.dumps(meta).encode())])  # metadata last
         final.sync(True)
         final.close()
-        extra = dict(files or {})
+        extra = {"layout.json": json.dumps(self.config["layout"], indent=2)}
         if skipped:
             extra["skipped.tsv"] = "".join(f"{k}\t{r}\n" for k, r in skipped)
         for name, text in extra.items():
@@ -214,7 +218,7 @@ def write_token_dataset(out: str, records, layout: TokenLayout, text_tokenizer_s
     writer = LMDBWriter(out, dataset_config(layout, text_tokenizer_sha256, image_tokenizer_sha256,
                                             image_size))
     writer.add([(key, encode_record(t, c, key, layout.num_image_codes)) for t, c, key in records])
-    return writer.publish(report, files={"layout.json": json.dumps(layout.to_dict(), indent=2)})
+    return writer.publish(report)
 
 
 def dataset_config(layout: TokenLayout, text_tokenizer_sha256: str, image_tokenizer_sha256: str,

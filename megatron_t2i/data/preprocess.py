@@ -267,8 +267,7 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
             raise ValueError(f"--input {input}: no usable example (skipped: "
                              f"{dict(Counter(r for _, r in writer.skipped_items()))})")
         meta = writer.publish({"input": os.path.abspath(input),
-                               "sources": len(sources) + len(listed_skips)},
-                              files={"layout.json": json.dumps(layout.to_dict(), indent=2)})
+                               "sources": len(sources) + len(listed_skips)})
     finally:
         writer.close()
     report = meta["report"]

@@ -62,17 +62,15 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                            "initialize_model_parallel (e.g. torch.distributed.init_process_group)")
     world, me = dist.get_world_size(), dist.get_rank()
     layout = parallel_group_ranks(world, tensor_model_parallel_size, pipeline_model_parallel_size)
-    groups = {}
+    groups, ranks_in, sizes = {"embedding": None}, {}, {}  # middle pipeline stages: no embedding
     for kind, all_ranks in layout.items():
         for ranks in all_ranks:
             group = dist.new_group(ranks)  # every rank must create every group, in the same order
             if me in ranks:
-                groups[kind] = group
-                if kind in _RANKS:
-                    _RANKS[kind] = ranks.index(me)
-                    _SIZES[kind] = len(ranks)
-    groups.setdefault("embedding", None)  # middle pipeline stages hold no embedding
+                groups[kind], ranks_in[kind], sizes[kind] = group, ranks.index(me), len(ranks)
     _GROUPS = groups
+    _RANKS.update({kind: ranks_in[kind] for kind in _RANKS})
+    _SIZES.update({kind: sizes[kind] for kind in _SIZES})
 
 
 def model_parallel_is_initialized() -> bool:

@@ -53,7 +53,6 @@ def broadcast_data(keys: list[str], data: dict[str, torch.Tensor] | None, dtype:
     device = _communication_device(device)
     is_src = get_tensor_model_parallel_rank() == 0
 
-    # shapes: row i = ndim of keys[i], then its sizes, zero-padded
     # shapes: row i = ndim of keys[i], then its sizes, zero-padded; ndim -1 = the source rejected it
     shapes = torch.zeros(len(keys) + 1, _MAX_DIMS + 1, dtype=torch.int64, device=device)
     error = None

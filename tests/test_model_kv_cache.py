@@ -13,6 +13,7 @@ torch.set_num_threads(2)
 CFG = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256,
                   max_position_embeddings=64, hidden_dropout=0.1, attention_dropout=0.1)
 B, S, FIRST = 3, 20, 6  # batch, tokens in all, tokens of the first (prompt) chunk
+CHUNKS = [FIRST, FIRST + 3, *range(FIRST + 4, S + 1)]  # boundaries of the later steps
 
 
 def sequence(seed=0):
@@ -21,11 +22,12 @@ def sequence(seed=0):
 
 
 def decode_in_steps(model, tokens, pos, first_mask=None):
-    """The prompt chunk in one call, then one token per call; -> logits [B, S, V] and the cache."""
+    """The prompt chunk in one call, a chunk of 3 (a block of parallel decoding), then one token
+    per call; -> logits [B, S, V] and the cache."""
     cache = model.allocate_kv_cache(B, S)
     steps = [model(tokens[:, :FIRST], pos[:, :FIRST], first_mask, kv_cache=cache, gather_logits=True)]
-    for i in range(FIRST, S):
-        steps.append(model(tokens[:, i:i + 1], pos[:, i:i + 1], kv_cache=cache, gather_logits=True))
+    for i, j in zip(CHUNKS[:-1], CHUNKS[1:]):
+        steps.append(model(tokens[:, i:j], pos[:, i:j], kv_cache=cache, gather_logits=True))
     return torch.cat(steps, 1), cache
 
 
@@ -45,7 +47,7 @@ def test_cached_decoding_equals_full_forward(pb_relax):
     full = model(tokens, pos)
     seen.clear()
     stepped, cache = decode_in_steps(model, tokens, pos)
-    assert seen == [FIRST] + [1] * (S - FIRST)
+    assert seen == [FIRST, 3] + [1] * (S - FIRST - 3)
     assert cache.length == S
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
 

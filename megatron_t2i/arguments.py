@@ -47,6 +47,22 @@ def _fraction(text):
     return value
 
 
+def _task_weights(text):
+    weights = {}
+    for item in text.split(","):
+        name, _, weight = item.partition(":")
+        try:
+            weights[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad weight in {item!r}; expected TASK:WEIGHT") from None
+    unknown = set(weights) - {"t2i", "i2t"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task {sorted(unknown)[0]!r}; expected t2i, i2t")
+    if sum(weights.values()) <= 0 or min(weights.values()) < 0:
+        raise argparse.ArgumentTypeError(f"task weights must be >= 0 and not all 0: {text!r}")
+    return weights
+
+
 def add_model_args(parser):
     g = parser.add_argument_group("model", "transformer shape; --model-size picks a named size")
     g.add_argument("--model-size", default="demo", choices=list(MODEL_SIZES), metavar="NAME",
@@ -127,8 +143,19 @@ def add_training_args(parser):
     g.add_argument("--save-interval", type=_positive_int, default=500)
     g.add_argument("--log-interval", type=_positive_int, default=10)
     g.add_argument("--eval-interval", type=_positive_int, default=200)
-    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling")
     g.add_argument("--bf16", action="store_true")
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2),
+                   help="ZeRO stage (default: the DeepSpeed JSON's, else 0; at most 1 with PP)")
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load: take the weights only (fresh optimiser, schedule, data)")
+    g.add_argument("--tasks", type=_task_weights, default={"t2i": 1.0}, metavar="TASK:W,...",
+                   help="training tasks and their weights, e.g. t2i:1,i2t:0.5 (default: t2i)")
+    g.add_argument("--text-dropout", type=_fraction, default=0.0,
+                   help="probability of dropping a t2i caption, for classifier-free guidance")
+    g.add_argument("--holdout-fraction", type=_fraction, default=0.02,
+                   help="records held out for evaluation, never trained on (default: %(default)s)")
+    g.add_argument("--eval-iters", type=int, default=10, help="micro-batches per evaluation")
 
 
 def add_distributed_args(parser):

@@ -106,3 +106,18 @@ def collate(sequences) -> dict[str, torch.Tensor]:
     loss_mask = torch.stack([s.loss_mask for s in sequences])
     return {"tokens": tokens[:, :-1], "position_ids": positions[:, :-1], "labels": tokens[:, 1:],
             "loss_mask": loss_mask[:, 1:]}
+
+
+def open_dataset(paths: list[str]):
+    """One data set over --data-path: LMDB folders written by preprocess, or CogView .bin files.
+    All must share a token layout; returns (dataset, layout)."""
+    from torch.utils.data import ConcatDataset
+
+    from megatron_t2i.data.cogview_bin import CogViewBinaryDataset
+    from megatron_t2i.data.lmdb_store import TokenDataset
+
+    parts = [CogViewBinaryDataset(p) if p.endswith(".bin") else TokenDataset(p) for p in paths]
+    layout = parts[0].layout
+    for part, path in zip(parts[1:], paths[1:]):
+        layout.check_compatible(part.layout, f"--data-path {path}")
+    return (parts[0] if len(parts) == 1 else ConcatDataset(parts)), layout

@@ -1,0 +1,188 @@
+"""Checkpoints that never lose work: DeepSpeed's layout, published atomically.
+
+    {save}/
+      latest                     the tag of the newest complete checkpoint (written last, atomically)
+      iter_0000100/              DeepSpeed's files: mp_rank_XX_model_states.pt (weights under
+                                 'module' + our client state), ZeRO optimiser shards, or per-layer
+                                 files with pipeline parallelism
+        model_config.json        ModelConfig
+        token_layout.json        TokenLayout
+        meta.json                iteration and the parallel layout it was saved with
+
+A save writes into `iter_XXXXXXX.partial/`, renames it to `iter_XXXXXXX/` once every rank has
+finished, and only then replaces `latest`. A crash at any point leaves `latest` naming a complete
+checkpoint. Resume restores weights, optimiser, LR schedule, loss scaler, RNG states (default and
+tensor-parallel tracker) and the data position, so the loss trajectory continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from megatron_t2i import mpu
+from megatron_t2i.config import ModelConfig
+from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
+
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message names the path and the field."""
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_latest(load_dir: str) -> str:
+    path = os.path.join(load_dir, LATEST)
+    try:
+        with open(path) as f:
+            tag = f.read().strip()
+    except FileNotFoundError:
+        raise CheckpointError(f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint "
+                              f"is there") from None
+    if not tag or not os.path.isdir(os.path.join(load_dir, tag)):
+        raise CheckpointError(f"{path}: names {tag!r}, which is not a checkpoint folder")
+    return tag
+
+
+def rng_state() -> dict:
+    # tensors only, so the weights file stays loadable with torch.load(weights_only=True); numpy
+    # and python RNGs are not used in training (the sampler seeds its own generators)
+    state = {"torch": torch.get_rng_state(), "tracker": mpu.get_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    mpu.get_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, save_dir: str, iteration: int, model_config: ModelConfig,
+                    layout: TokenLayout, client_state: dict) -> str:
+    """Save on every rank (collective); returns the published folder."""
+    tag = tag_for(iteration)
+    final = os.path.join(save_dir, tag)
+    partial_tag = f"{tag}.partial"
+    if _rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(os.path.join(save_dir, partial_tag), ignore_errors=True)  # an earlier crash
+    _barrier()
+    state = {**client_state, "iteration": iteration, "rng": rng_state()}
+    engine.save_checkpoint(save_dir, tag=partial_tag, client_state=state, save_latest=False)
+    _barrier()
+    if _rank() == 0:
+        partial = os.path.join(save_dir, partial_tag)
+        model_config.save(os.path.join(partial, "model_config.json"))
+        layout.save(os.path.join(partial, "token_layout.json"))
+        write_json_atomic(os.path.join(partial, "meta.json"), {
+            "iteration": iteration,
+            "tensor_model_parallel_size": mpu.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
+            "data_parallel_size": mpu.get_data_parallel_world_size(),
+            "zero_stage": engine.zero_optimization_stage(),
+        })
+        if os.path.isdir(final):  # saving the same iteration again: the old copy goes first,
+            old = f"{final}.old"   # but `latest` keeps naming a complete folder until the swap
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(partial, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(partial, final)
+        for name in ("model_config.json", "token_layout.json"):  # beside, for tools and humans
+            shutil.copyfile(os.path.join(final, name), os.path.join(save_dir, f".{name}.tmp"))
+            os.replace(os.path.join(save_dir, f".{name}.tmp"), os.path.join(save_dir, name))
+        tmp = os.path.join(save_dir, f".{LATEST}.tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(save_dir, LATEST))
+    _barrier()
+    return final
+
+
+def read_checkpoint_info(load_dir: str, tag: str | None = None):
+    """(tag, ModelConfig, TokenLayout, meta) of a checkpoint, without loading weights."""
+    tag = tag or read_latest(load_dir)
+    folder = os.path.join(load_dir, tag)
+    try:
+        config = ModelConfig.load(os.path.join(folder, "model_config.json"))
+        layout = TokenLayout.load(os.path.join(folder, "token_layout.json"))
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder}: missing {os.path.basename(e.filename)}; not a "
+                              f"megatron_t2i checkpoint (CogView releases need importing first)") \
+            from None
+    return tag, config, layout, meta
+
+
+def check_compatible(load_dir: str, config: ModelConfig, layout: TokenLayout, tag=None) -> str:
+    """Refuse a checkpoint of another vocabulary, layout or model shape with one clear line."""
+    tag, saved_config, saved_layout, _ = read_checkpoint_info(load_dir, tag)
+    where = os.path.join(load_dir, tag)
+    try:
+        layout.check_compatible(saved_layout, where)
+    except LayoutMismatchError as e:
+        raise CheckpointError(str(e)) from None
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                  "vocab_size", "max_position_embeddings", "sandwich_ln"):
+        ours, theirs = getattr(config, field), getattr(saved_config, field)
+        if ours != theirs:
+            raise CheckpointError(f"{where}: model {field} is {theirs}, this run's is {ours}")
+    return tag
+
+
+def load_checkpoint(engine, load_dir: str, config: ModelConfig, layout: TokenLayout,
+                    finetune: bool = False) -> dict:
+    """Resume (everything) or, with finetune, take the weights only. Returns the client state
+    ({} for finetune). On every rank (collective)."""
+    tag = check_compatible(load_dir, config, layout)
+    path, client_state = engine.load_checkpoint(
+        load_dir, tag=tag, load_module_only=finetune, load_optimizer_states=not finetune,
+        load_lr_scheduler_states=not finetune)
+    if path is None:
+        raise CheckpointError(f"{os.path.join(load_dir, tag)}: DeepSpeed found no checkpoint "
+                              f"files for this parallel layout")
+    if finetune:
+        refresh_master_weights(engine)
+        return {}
+    set_rng_state(client_state["rng"])
+    return client_state
+
+
+def refresh_master_weights(engine) -> None:
+    """After loading weights only, the fp32 master copy of a mixed-precision optimiser still holds
+    the initial weights (the original CogView's fine-tuning bug). Copy the loaded weights in."""
+    opt = engine.optimizer
+    if hasattr(opt, "refresh_fp32_params"):
+        opt.refresh_fp32_params()

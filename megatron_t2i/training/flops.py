@@ -1,0 +1,47 @@
+"""Model FLOPs and a reference matmul rate, so speed is reported as a ratio (MFU), not a bare number.
+
+MFU = achieved model FLOP/s / matmul FLOP/s measured on the same device, dtype and run. Against a
+rate measured in the same run, a figure means the same on a laptop CPU and on an H200.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+FORMULA = "6*N_params_nonembedding + 6*V*h (head) + 12*layers*hidden*seq (attention), per token"
+
+
+def model_flops_per_token(config, seq_length: int, training: bool = True) -> float:
+    """Forward+backward FLOPs per token (x3 of forward) of the transformer, head included,
+    embeddings (lookups) excluded. Forward only when `training` is False."""
+    h, layers = config.hidden_size, config.num_layers
+    dense = layers * (4 * h * h + 2 * h * config.ffn_hidden_size)   # matmul weights per layer
+    head = config.vocab_size * h
+    attention = layers * h * seq_length                            # QK^T and AV, per token
+    forward = 2 * (dense + head) + 4 * attention
+    return 3 * forward if training else forward
+
+
+def matmul_flops(dtype=torch.float32, device="cpu", size: int = 1024, seconds: float = 0.5) -> float:
+    """Sustained FLOP/s of a square matmul on `device` in `dtype` (the reference for MFU)."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):  # warm-up: kernels, clocks, allocator
+        a @ b
+    sync()
+    n, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        n += 1
+        if n % 4 == 0:
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return 2 * size ** 3 * n / elapsed

@@ -1,0 +1,227 @@
+"""The train / evaluate loop: batches, steps, logging, checkpoints, clean stops.
+
+One iteration = one optimiser step = `gradient_accumulation_steps` micro-batches per data-parallel
+rank. The loop owns no parallel logic: DeepSpeed averages gradients over data-parallel ranks, clips
+and skips fp16 overflow steps; this file feeds batches, weighs the loss and reports.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_t2i import mpu
+from megatron_t2i.data.loader import ResumableSampler, SequenceBuilder, collate
+from megatron_t2i.model.gpt import language_model_loss
+from megatron_t2i.training.checkpoint import save_checkpoint
+from megatron_t2i.training.engine import loss_scale
+from megatron_t2i.training.flops import model_flops_per_token
+
+logger = logging.getLogger("megatron_t2i.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the end of the iteration."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        logger.warning("received %s: saving a checkpoint after this iteration",
+                       signal.Signals(signum).name)
+
+    def any_rank(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _all_reduce_dp(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and mpu.get_data_parallel_world_size() > 1:
+        dist.all_reduce(t, group=mpu.get_data_parallel_group())
+    return t
+
+
+class Batches:
+    """Micro-batches of one data-parallel rank, on the model's device."""
+
+    def __init__(self, dataset, indices, builder: SequenceBuilder, micro_batch: int, seed: int,
+                 device, consumed: int = 0):
+        self.dataset, self.builder, self.device = dataset, builder, device
+        self.sampler = ResumableSampler(indices, micro_batch, mpu.get_data_parallel_rank(),
+                                        mpu.get_data_parallel_world_size(), seed, consumed)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        seqs = []
+        for index, sample_seed in self.sampler.next_micro_batch():
+            record = self.dataset[index]
+            seqs.append(self.builder(record.text_ids, record.image_codes, sample_seed))
+        return {k: v.to(self.device, non_blocking=True) for k, v in collate(seqs).items()}
+
+
+def loss_weights(batch, num_image_codes: int, txt_loss_scale: float) -> torch.Tensor:
+    """Loss mask with text (non-image) targets weighted by --txt-loss-scale."""
+    is_image = batch["labels"] < num_image_codes
+    scale = torch.where(is_image, 1.0, txt_loss_scale)
+    return batch["loss_mask"] * scale
+
+
+def forward_loss(engine, batch, layout, txt_loss_scale: float):
+    """-> (weighted mean loss, [image loss sum, image count, text loss sum, text count])."""
+    logits = engine(batch["tokens"], batch["position_ids"])
+    weights = loss_weights(batch, layout.num_image_codes, txt_loss_scale)
+    loss, per_token = language_model_loss(logits, batch["labels"], weights)
+    with torch.no_grad():
+        mask = batch["loss_mask"] > 0
+        image = mask & (batch["labels"] < layout.num_image_codes)
+        text = mask & ~image
+        parts = torch.stack([(per_token * image).sum(), image.sum(), (per_token * text).sum(),
+                             text.sum()]).double()
+    return loss, parts
+
+
+class Trainer:
+    def __init__(self, args, engine, model_config, layout, dataset, train_idx, eval_idx, writer,
+                 matmul_rate: float, start_iteration: int = 0, consumed: int = 0):
+        self.args, self.engine, self.config, self.layout = args, engine, model_config, layout
+        self.writer, self.matmul_rate = writer, matmul_rate
+        self.iteration = start_iteration
+        self.device = engine.device
+        builder = SequenceBuilder(layout, args.tasks, args.text_dropout)
+        self.seq_length = builder.length - 1
+        self.train = Batches(dataset, train_idx, builder, args.micro_batch_size, args.seed,
+                             self.device, consumed)
+        self.eval_idx, self.dataset = eval_idx, dataset
+        self.eval_builder = SequenceBuilder(layout, args.tasks, 0.0)
+        self.stop = StopSignal()
+        self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
+        self.global_batch = (args.micro_batch_size * args.gradient_accumulation_steps
+                             * mpu.get_data_parallel_world_size())
+
+    # ---- one optimiser step ------------------------------------------------------------------
+    def train_step(self):
+        parts = torch.zeros(4, dtype=torch.float64, device=self.device)
+        losses = []
+        for _ in range(self.args.gradient_accumulation_steps):
+            batch = self.train.next()
+            loss, p = forward_loss(self.engine, batch, self.layout, self.args.txt_loss_scale)
+            finite = torch.tensor([float(torch.isfinite(loss))], device=self.device)
+            if dist.is_initialized():
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item() and not self.engine.fp16_enabled():
+                # no loss scaler to skip the step: stop before a NaN reaches the weights
+                raise NonFiniteLoss(f"non-finite loss at iteration {self.iteration + 1}; weights "
+                                    f"are untouched. Resume from the last checkpoint with a lower "
+                                    f"--lr or --clip-grad, or use --fp16 dynamic loss scaling")
+            self.engine.backward(loss)
+            self.engine.step()
+            parts += p
+            losses.append(loss.detach().float())
+        self.iteration += 1
+        return torch.stack(losses).mean(), parts
+
+    # ---- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        batches = Batches(self.dataset, self.eval_idx, self.eval_builder, self.args.micro_batch_size,
+                          self.args.seed, self.device)
+        parts = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for _ in range(self.args.eval_iters):
+            _, p = forward_loss(self.engine, batches.next(), self.layout, 1.0)
+            parts += p
+        self.engine.train()
+        parts = _all_reduce_dp(parts)
+        return {"eval/image_loss": (parts[0] / parts[1].clamp_min(1)).item(),
+                "eval/text_loss": (parts[2] / parts[3].clamp_min(1)).item(),
+                "eval/loss": ((parts[0] + parts[2]) / (parts[1] + parts[3]).clamp_min(1)).item()}
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def log(self, values: dict) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, self.iteration)
+
+    def save(self) -> None:
+        save_checkpoint(self.engine, self.args.save, self.iteration, self.config, self.layout,
+                        {"data": self.train.sampler.state_dict()})
+        if self.is_logger:
+            logger.info("saved checkpoint iteration %d to %s", self.iteration, self.args.save)
+
+    def run(self) -> str:
+        """Train to --train-iters; returns 'done' or 'stopped' (signal)."""
+        args = self.args
+        flops_per_iter = model_flops_per_token(self.config, self.seq_length) \
+            * self.seq_length * self.global_batch
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        window = {"loss": 0.0, "parts": torch.zeros(4, dtype=torch.float64), "n": 0}
+        start_iter, t_start, t_window = self.iteration, time.time(), time.time()
+        while self.iteration < args.train_iters:
+            loss, parts = self.train_step()
+            window["loss"] += loss.item()
+            window["parts"] += _all_reduce_dp(parts).cpu()
+            window["n"] += 1
+            if self.iteration % args.log_interval == 0 or self.iteration == args.train_iters:
+                now = time.time()
+                per_iter = (now - t_window) / window["n"]
+                p = window["parts"]
+                flops = flops_per_iter / per_iter / world
+                values = {
+                    "train/loss": window["loss"] / window["n"],
+                    "train/image_loss": (p[0] / p[1].clamp_min(1)).item(),
+                    "train/text_loss": (p[2] / p[3].clamp_min(1)).item(),
+                    "train/lr": self.engine.get_lr()[0],
+                    "train/loss_scale": loss_scale(self.engine),
+                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                    "train/skipped_steps": float(self.engine.skipped_steps),
+                    "speed/tokens_per_s": self.global_batch * self.seq_length / per_iter,
+                    "speed/mfu": flops / self.matmul_rate,
+                }
+                self.log(values)
+                if self.is_logger:
+                    done = self.iteration - start_iter
+                    eta = (now - t_start) / done * (args.train_iters - self.iteration)
+                    logger.info(
+                        "iteration %d/%d | loss %.6f | image %.4f | text %.4f | lr %.3e | "
+                        "scale %g | grad-norm %.3f | skipped %d | %.0f tokens/s | MFU %.3f | "
+                        "%.2f s/it | ETA %s", self.iteration, args.train_iters,
+                        values["train/loss"], values["train/image_loss"], values["train/text_loss"],
+                        values["train/lr"], values["train/loss_scale"], values["train/grad_norm"],
+                        self.engine.skipped_steps, values["speed/tokens_per_s"],
+                        values["speed/mfu"], per_iter, _hms(eta))
+                window = {"loss": 0.0, "parts": torch.zeros(4, dtype=torch.float64), "n": 0}
+                t_window = time.time()
+            if self.eval_idx.size and args.eval_iters and (
+                    self.iteration % args.eval_interval == 0 or self.iteration == args.train_iters):
+                values = self.evaluate()
+                self.log(values)
+                if self.is_logger:
+                    logger.info("evaluation at iteration %d | loss %.6f | image %.4f | text %.4f",
+                                self.iteration, values["eval/loss"], values["eval/image_loss"],
+                                values["eval/text_loss"])
+            stopping = self.stop.any_rank(self.device)
+            if args.save and (stopping or self.iteration % args.save_interval == 0
+                              or self.iteration == args.train_iters):
+                self.save()
+            if stopping:
+                return "stopped"
+        return "done"
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,23 @@
+"""A tiny learnable token data set for training tests: each image's codes are a function of its
+caption, so the loss can fall and a model must read the text."""
+from __future__ import annotations
+
+import numpy as np
+
+from megatron_t2i.data.lmdb_store import write_token_dataset
+from megatron_t2i.tokenizers.layout import TokenLayout
+
+TOY_LAYOUT = TokenLayout(num_image_codes=32, num_text_tokens=40, image_grid=8, max_text_tokens=6,
+                         name="toy")
+
+
+def write_toy_dataset(path: str, count: int = 64, seed: int = 0,
+                      layout: TokenLayout = TOY_LAYOUT) -> str:
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(count):
+        text = rng.integers(0, layout.num_text_tokens, size=rng.integers(2, layout.max_text_tokens + 1))
+        base = (text[0] * 7 + np.arange(layout.image_tokens) * text[1]) % layout.num_image_codes
+        records.append((text, base, f"toy/{i:05d}"))
+    write_token_dataset(path, records, layout)
+    return path

@@ -66,15 +66,12 @@ def attention(q, k, v, mask=None, dropout_p: float = 0.0, pb_relax_alpha: float 
                              or tuple(mask.shape[-2:]) != (s, t)):
         raise ValueError(f"attention_mask: expected a bool tensor [B or 1, 1, {s}, {t}] "
                          f"(queries x keys), got {mask.dtype} {list(mask.shape)}")
-    is_causal = mask is None and s == t
-    if mask is None and 1 < s < t:
-        mask = causal_mask(s, t, q.device)
+    if mask is None and s > 1 and (s < t or pb_relax_alpha is not None):
+        mask = causal_mask(s, t, q.device)  # (a single new token sees every key: no mask)
     with mpu.get_rng_tracker().fork() if dropout_p > 0 else nullcontext():
-        if pb_relax_alpha is None:
+        if pb_relax_alpha is None:  # SDPA's own causal mask (s == t) allows its fused kernels
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                  is_causal=is_causal)
-        if is_causal:
-            mask = causal_mask(s, t, q.device)
+                                                  is_causal=mask is None and s == t)
         scores = torch.matmul(q / (pb_relax_alpha * math.sqrt(q.shape[-1])), k.transpose(-1, -2))
         if mask is not None:  # [B, n, S, T]
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)

@@ -3,6 +3,9 @@
     def body(rank, world_size, tmp_path): ...      # module-level, so it pickles
     results = run_distributed(body, 2, tmp_path)   # list of each rank's return value
 
+Return plain Python values or numpy arrays (torch tensors travel through shared memory that dies
+with the child process); assert inside the ranks where you can.
+
 A failure in any rank fails the calling test with that rank's traceback.
 """
 from __future__ import annotations

@@ -1,0 +1,280 @@
+"""Multi-node launching (scripts/pretrain_multiple_nodes.sh) for real, on one machine.
+
+Two "nodes" are network namespaces joined by a veth pair (10.77.0.1 and 10.77.0.2), each with its
+own sshd on port 2222 that accepts only the cluster key made by env/setup_ssh.sh. The launcher runs
+in the first namespace with an ip list of both addresses, exactly as on a cluster: hostfile and ssh
+config generated, preflight over ssh, pdsh + DeepSpeed's runner, gloo over the veth interface.
+
+What must hold: the losses of 2 nodes x 1 process equal those of 1 node x 2 processes on the same
+global batches (torchrun, no launcher: an independent reference); killing a rank on the second node
+makes the whole launch fail within a bound; bad input gets one-line errors.
+Runs as root (CI); skipped without root or `ip netns`.
+"""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "scripts" / "pretrain_multiple_nodes.sh"
+NODES = ROOT / "tests" / "netns" / "two_nodes.sh"
+IPS = ("10.77.0.1", "10.77.0.2")
+IFACE = "mt2i0"  # the veth end's name in both namespaces (tests/netns/two_nodes.sh)
+
+# The training program and its own flags. It is the stand-in until pretrain.py exists; to test the
+# real entry point, make this ["pretrain.py", "--model-size", "tiny", "--data-path", DATA, ...].
+TRAIN = ["tests/netns/toy_pretrain.py", "--lr", "0.05"]
+GLOBAL_BATCH = ["--micro-batch-size", "2", "--seed", "7", "--log-interval", "1",
+                "--distributed-backend", "gloo"]  # x 2 processes on both sides of the comparison
+LOSS_LINE = re.compile(r"iteration (\d+)/(\d+)\b.*?\bloss (\d+\.\d+)")
+
+needs_namespaces = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None
+    or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0,
+    reason="needs root and `ip netns` to build two nodes out of network namespaces")
+
+
+def losses(output: str) -> list[float]:
+    return [float(m.group(3)) for m in LOSS_LINE.finditer(output)]
+
+
+def run_launcher(args, env, timeout=60, netns=None):
+    cmd = [str(LAUNCH), *args]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    return subprocess.run(cmd, env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# --- without a cluster: static checks, dry runs and input errors ----------------------------------
+
+def test_scripts_are_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (env/install.sh installs it as root)")
+    scripts = sorted(str(p) for d in ("scripts", "scripts/lib", "env", "tests/netns")
+                     for p in (ROOT / d).glob("*.sh"))
+    r = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_help_explains_every_variable():
+    """Every environment variable the script reads (${NAME:-...}) is in --help."""
+    source = LAUNCH.read_text()
+    read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):[-=?]", source))
+    assert {"HOSTFILE", "IP_LIST", "LAUNCHER", "OPTIONS_NCCL", "MASTER_PORT"} <= read
+    r = run_launcher(["--help"], {})
+    assert r.returncode == 0
+    missing = sorted(v for v in read if not re.search(rf"\b{v}\b", r.stdout))
+    assert not missing, f"--help does not explain {missing}"
+
+
+@pytest.fixture
+def ip_list(tmp_path):
+    path = tmp_path / "ip_list.txt"
+    path.write_text("# two nodes\n192.0.2.10 192.0.2.11\n")
+    return path
+
+
+def test_dry_run_deepspeed_with_ib_preset(ip_list, tmp_path):
+    env = {"IP_LIST": str(ip_list), "NUM_GPUS_PER_WORKER": "8", "OPTIONS_NCCL": "ib",
+           "NCCL_DEBUG": "INFO", "SSH_DIR": str(tmp_path / "nossh"), "RUN_DIR": str(tmp_path / "run"),
+           "PROGRAM": TRAIN[0]}
+    r = run_launcher(["--dry-run", "--train-iters", "3", "--note", "two words"], env)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "# node 0: node0 slots=8" in out and "# node 1: node1 slots=8" in out
+    for pair in ("NCCL_IB_DISABLE=0", "NCCL_SOCKET_IFNAME=ib0", "NCCL_NET_GDR_LEVEL=2",
+                 "GLOO_SOCKET_IFNAME=ib0", "NCCL_DEBUG=INFO", "MASTER_ADDR=192.0.2.10",
+                 "MASTER_PORT=29500", "MEGATRON_T2I_DIST_TIMEOUT_MINUTES=10"):
+        assert pair in out, pair
+    assert "deepspeed.launcher.runner" in out and "--launcher pdsh" in out
+    assert "--master_addr 192.0.2.10" in out
+    assert f"{TRAIN[0]} --train-iters 3 --note 'two words'" in out  # arguments passed unchanged
+    # The generated files, kept because RUN_DIR was given.
+    assert (tmp_path / "run" / "hostfile").read_text() == "node0 slots=8\nnode1 slots=8\n"
+    config = (tmp_path / "run" / "config").read_text()
+    assert re.search(r"Host node1\n\s+HostName 192\.0\.2\.11\n", config)
+    assert re.search(r"\n\s+User root\n\s+Port 2222\n", config)
+
+
+def test_dry_run_torchrun_and_openmpi(ip_list):
+    env = {"IP_LIST": str(ip_list), "NUM_GPUS_PER_WORKER": "2", "OPTIONS_NCCL": "ethernet",
+           "SOCKET_IFNAME": "enp5s0", "PROGRAM": TRAIN[0]}
+    r = run_launcher(["--dry-run", "--train-iters", "3"], {**env, "LAUNCHER": "torchrun"})
+    assert r.returncode == 0, r.stderr
+    assert "pdsh -S" in r.stdout and "node0,node1" in r.stdout
+    assert "torch.distributed.run --nnodes=2 --nproc-per-node=2 --node-rank=%n" in r.stdout
+    assert "NCCL_IB_DISABLE=1" in r.stdout and "GLOO_SOCKET_IFNAME=enp5s0" in r.stdout
+    r = run_launcher(["--dry-run"], {**env, "LAUNCHER": "openmpi"})
+    assert r.returncode == 0, r.stderr
+    assert "--launcher openmpi" in r.stdout and "btl_tcp_if_include enp5s0" in r.stdout
+
+
+@pytest.mark.parametrize("content, where, what", [
+    ("node0 slots=2\nnode1 slot=2\n", ":2:", "expected 'HOST slots=N'"),
+    ("node0 slots=2\nnode0 slots=2\n", ":2:", "listed twice"),
+    ("# nothing\n", "", "lists no hosts"),
+])
+def test_bad_hostfile_is_one_line_naming_the_line(tmp_path, content, where, what):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(content)
+    r = run_launcher(["--dry-run"], {"HOSTFILE": str(hostfile), "PROGRAM": TRAIN[0]})
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and f"{hostfile}{where}" in r.stderr and what in r.stderr
+
+
+def test_bad_settings_are_one_line(tmp_path, ip_list):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# add your node IPs here\n")
+    for env, what in (({"IP_LIST": str(empty)}, "lists no node addresses"),
+                      ({"IP_LIST": str(ip_list), "LAUNCHER": "slurm"}, "LAUNCHER=slurm"),
+                      ({"IP_LIST": str(ip_list), "OPTIONS_NCCL": "NCCL_X"}, "OPTIONS_NCCL"),
+                      ({"IP_LIST": str(ip_list), "PROGRAM": "nowhere.py"}, "nowhere.py")):
+        r = run_launcher(["--dry-run"], {"PROGRAM": TRAIN[0], **env})
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and what in r.stderr, r.stderr
+
+
+def test_missing_pdsh_is_one_line(tmp_path, ip_list):
+    """A PATH with every tool the script needs except pdsh."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "env", "dirname", "basename", "cat", "mktemp", "rm", "sed", "grep", "awk",
+                 "sort", "uniq", "head", "tail", "tr", "date", "cksum", "ssh", "mkdir"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"IP_LIST": str(ip_list), "PROGRAM": TRAIN[0], "PATH": str(bin_dir),
+           "PYTHON": sys.executable}
+    r = run_launcher([], env)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "pdsh not found" in r.stderr, r.stderr
+
+
+# --- on two namespaced nodes -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, request):
+    """Two nodes with sshd each; yields the launcher's environment and the namespace names."""
+    missing = [t for t in ("pdsh", "ssh", "ssh-keygen") if shutil.which(t) is None]
+    missing += [] if os.path.exists("/usr/sbin/sshd") else ["sshd"]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not found: run env/install.sh as root (CI does)")
+    tmp = tmp_path_factory.mktemp("cluster")
+    ip_list = tmp / "ip_list.txt"
+    ip_list.write_text(" ".join(IPS) + "\n")
+    env = {"IP_LIST": str(ip_list), "SSH_DIR": str(tmp / "ssh"), "NUM_GPUS_PER_WORKER": "1"}
+    subprocess.run([str(ROOT / "env" / "setup_ssh.sh")], env={**os.environ, **env}, check=True,
+                   capture_output=True)
+    state = tmp / "nodes"
+    request.addfinalizer(lambda: subprocess.run([str(NODES), "down", str(state)], check=False))
+    up = subprocess.run([str(NODES), "up", str(state), env["SSH_DIR"]], capture_output=True,
+                        text=True)
+    assert up.returncode == 0, up.stderr
+    namespaces = up.stdout.split()
+    env.update(SOCKET_IFNAME=IFACE, PROGRAM=TRAIN[0], SSH_TIMEOUT="3", DIST_TIMEOUT_MIN="0.75")
+    return {"env": env, "ns": namespaces, "tmp": tmp}
+
+
+@needs_namespaces
+def test_unreachable_node_is_named(cluster, tmp_path):
+    ip_list = tmp_path / "ip_list.txt"
+    ip_list.write_text(f"{IPS[0]} 10.77.0.9\n")  # nobody there
+    start = time.monotonic()
+    r = run_launcher(["--train-iters", "1"], {**cluster["env"], "IP_LIST": str(ip_list)},
+                     netns=cluster["ns"][0])
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "node1 is not reachable over ssh" in r.stderr, r.stderr
+    assert time.monotonic() - start < 30
+
+
+@needs_namespaces
+def test_busy_master_port_is_reported(cluster):
+    ns0 = cluster["ns"][0]
+    holder = subprocess.Popen(["ip", "netns", "exec", ns0, sys.executable, "-c",
+                               "import socket, time; s = socket.create_server(('', 29511)); "
+                               "print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        r = run_launcher(["--train-iters", "1"], {**cluster["env"], "MASTER_PORT": "29511"},
+                         netns=ns0)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 1 and "node0: MASTER_PORT 29511 is in use" in r.stderr, r.stderr
+
+
+@needs_namespaces
+def test_two_nodes_train_like_one_node(cluster):
+    iters = ["--train-iters", "4"]
+    # The reference: one node, two processes, plain torchrun in this namespace.
+    reference = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         *TRAIN, *GLOBAL_BATCH, *iters],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = run_launcher([*TRAIN[1:], *GLOBAL_BATCH, *iters], cluster["env"], netns=cluster["ns"][0],
+                     timeout=120)
+    ref_out = reference.communicate(timeout=120)[0]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert reference.returncode == 0, ref_out[-3000:]
+    both = losses(r.stdout)
+    assert len(both) == 4 and both == pytest.approx(losses(ref_out), abs=1e-6), (both, ref_out)
+    # pdsh prefixes what each node prints: both nodes ran a launcher.
+    assert re.search(r"^node0: ", r.stdout, re.M) and re.search(r"^node1: ", r.stdout, re.M)
+
+
+def _pids_of_rank(marker: str, rank: int) -> list[int]:
+    """Processes started with `marker` on their command line and RANK=rank in their environment:
+    training ranks, not the launchers around them (which have no RANK)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmdline and f"RANK={rank}".encode() in environ:
+            found.append(int(pid))
+    return found
+
+
+@needs_namespaces
+def test_killed_rank_fails_the_whole_launch_quickly(cluster, tmp_path):
+    marker = str(tmp_path / "killed-run")  # unique, so only this launch's ranks match
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", cluster["ns"][0], str(LAUNCH), *TRAIN[1:], *GLOBAL_BATCH,
+         "--train-iters", "1000000", "--log-interval", "200", "--save", marker],
+        env={**os.environ, **cluster["env"]}, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, training = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if LOSS_LINE.search(line):
+                training.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert training.wait(90), "no training output:\n" + "".join(lines[-40:])
+        (victim,) = _pids_of_rank(marker, rank=1)
+        where = subprocess.run(["ip", "netns", "identify", str(victim)], capture_output=True,
+                               text=True).stdout.strip()
+        assert where == cluster["ns"][1], "rank 1 should run on the second node"
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        status = proc.wait(timeout=60)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(5)
+    assert status != 0, "".join(lines[-40:])
+    assert elapsed < 60
+    assert not _pids_of_rank(marker, rank=0), "rank 0 outlived the launch"

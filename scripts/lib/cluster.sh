@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# Cluster description shared by env/setup_ssh.sh and scripts/pretrain_multiple_nodes.sh: the node
-# list (an ip_list.txt or a DeepSpeed hostfile), the hostfile and ssh config made from an ip list.
+# Cluster description shared by env/setup_ssh.sh, env/start_docker.sh and
+# scripts/pretrain_multiple_nodes.sh: the node list (an ip_list.txt or a DeepSpeed hostfile), the
+# hostfile and ssh config made from an ip list, and printing commands for --dry-run.
 # Sourced, not run. Every function reports bad input as one line "file:line: ..." and returns 1;
 # the caller decides to exit.
 
@@ -91,4 +92,13 @@ write_cluster_files() {
     printf 'Host node%d\n  HostName %s\n' "$i" "$ip" >> "$out/config"
     i=$((i + 1))
   done
+}
+
+# shell_words WORD... -> one line that a shell reads back as these words, quoted only where needed.
+shell_words() {
+  local word line=""
+  for word in "$@"; do
+    if [[ "$word" =~ ^[A-Za-z0-9_./,:=%@+-]+$ ]]; then line+=" $word"; else line+=" ${word@Q}"; fi
+  done
+  echo "${line# }"
 }

@@ -70,6 +70,12 @@ def _check_divisible(layer: str, field: str, size: int, world: int, stride: int 
 
 def _partitioned_weight(shape: tuple[int, int], partition_dim: int, stride: int,
                         init_method: InitMethod | None, dtype: torch.dtype, device) -> nn.Parameter:
+    if _device(device).type == "meta":  # shapes only (parameter counts): no full weight, no init
+        shard_shape = list(shape)
+        shard_shape[partition_dim] //= get_tensor_model_parallel_world_size()
+        weight = nn.Parameter(torch.empty(shard_shape, dtype=dtype, device="meta"))
+        set_tensor_model_parallel_attributes(weight, True, partition_dim, stride)
+        return weight
     # full weight on the CPU in (at least) fp32: same values whatever the TP size, dtype or device
     full = torch.empty(shape, dtype=torch.promote_types(dtype, torch.float32), device="cpu")
     (init_method or normal_init_method())(full)

@@ -164,8 +164,8 @@ def _record_fp32_grad_norm(engine) -> None:
 
 def loss_scale(engine) -> float:
     """Current dynamic loss scale (1.0 when not training in fp16)."""
-    opt = engine.optimizer
-    for holder in (opt, getattr(opt, "loss_scaler", None)):
+    opt = engine.optimizer  # where the scale lives differs between DeepSpeed's fp16 optimisers
+    for holder in (opt, getattr(opt, "loss_scale_config", None), getattr(opt, "loss_scaler", None)):
         scale = getattr(holder, "cur_scale", None)
         if scale is not None:
             return float(scale)

@@ -26,8 +26,9 @@ def model_flops_per_token(config, seq_length: int, training: bool = True) -> flo
 def matmul_flops(dtype=torch.float32, device="cpu", size: int = 1024, seconds: float = 0.5) -> float:
     """Sustained FLOP/s of a square matmul on `device` in `dtype` (the reference for MFU)."""
     device = torch.device(device)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    g = torch.Generator().manual_seed(0)  # private: leaves the training RNG streams untouched
+    a = torch.randn(size, size, generator=g).to(device, dtype)
+    b = torch.randn(size, size, generator=g).to(device, dtype)
 
     def sync():
         if device.type == "cuda":

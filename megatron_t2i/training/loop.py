@@ -6,8 +6,10 @@ and skips fp16 overflow steps; this file feeds batches, weighs the loss and repo
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import signal
 import time
 
@@ -16,7 +18,6 @@ import torch.distributed as dist
 
 from megatron_t2i import mpu
 from megatron_t2i.data.loader import ResumableSampler, SequenceBuilder, collate
-from megatron_t2i.model.gpt import language_model_loss
 from megatron_t2i.training.checkpoint import save_checkpoint
 from megatron_t2i.training.engine import loss_scale
 from megatron_t2i.training.flops import model_flops_per_token
@@ -78,18 +79,17 @@ def loss_weights(batch, num_image_codes: int, txt_loss_scale: float) -> torch.Te
     return batch["loss_mask"] * scale
 
 
-def forward_loss(engine, batch, layout, txt_loss_scale: float):
-    """-> (weighted mean loss, [image loss sum, image count, text loss sum, text count])."""
+def forward_loss(engine, batch, weights, layout):
+    """-> (Σ weights·loss over the micro-batch, [image loss sum, count, text loss sum, count])."""
     logits = engine(batch["tokens"], batch["position_ids"])
-    weights = loss_weights(batch, layout.num_image_codes, txt_loss_scale)
-    loss, per_token = language_model_loss(logits, batch["labels"], weights)
+    per_token = mpu.vocab_parallel_cross_entropy(logits.float(), batch["labels"])
     with torch.no_grad():
         mask = batch["loss_mask"] > 0
         image = mask & (batch["labels"] < layout.num_image_codes)
         text = mask & ~image
         parts = torch.stack([(per_token * image).sum(), image.sum(), (per_token * text).sum(),
                              text.sum()]).double()
-    return loss, parts
+    return (per_token * weights).sum(), parts
 
 
 class Trainer:
@@ -112,11 +112,22 @@ class Trainer:
 
     # ---- one optimiser step ------------------------------------------------------------------
     def train_step(self):
+        """One optimiser step. The objective is the weighted mean loss over every target token of
+        the global batch: each micro-batch's weighted sum is divided by the weight total of the
+        whole global batch (one all-reduce), times the factor DeepSpeed divides by when it
+        averages over accumulation steps and data-parallel ranks. So any split of the global
+        batch over ranks and accumulation steps gives the same gradient."""
+        gas = self.args.gradient_accumulation_steps
+        batches = [self.train.next() for _ in range(gas)]
+        weights = [loss_weights(b, self.layout.num_image_codes, self.args.txt_loss_scale)
+                   for b in batches]
+        total = _all_reduce_dp(torch.stack([w.sum() for w in weights]).sum().double())
+        scale = gas * mpu.get_data_parallel_world_size() / total.clamp_min(1e-12).item()
         parts = torch.zeros(4, dtype=torch.float64, device=self.device)
-        losses = []
-        for _ in range(self.args.gradient_accumulation_steps):
-            batch = self.train.next()
-            loss, p = forward_loss(self.engine, batch, self.layout, self.args.txt_loss_scale)
+        objective = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch, w in zip(batches, weights):
+            weighted_sum, p = forward_loss(self.engine, batch, w, self.layout)
+            loss = weighted_sum * scale
             finite = torch.tensor([float(torch.isfinite(loss))], device=self.device)
             if dist.is_initialized():
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -128,9 +139,9 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             parts += p
-            losses.append(loss.detach().float())
+            objective += weighted_sum.detach().double() / total
         self.iteration += 1
-        return torch.stack(losses).mean(), parts
+        return _all_reduce_dp(objective), parts
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -140,7 +151,8 @@ class Trainer:
                           self.args.seed, self.device)
         parts = torch.zeros(4, dtype=torch.float64, device=self.device)
         for _ in range(self.args.eval_iters):
-            _, p = forward_loss(self.engine, batches.next(), self.layout, 1.0)
+            batch = batches.next()
+            _, p = forward_loss(self.engine, batch, batch["loss_mask"], self.layout)
             parts += p
         self.engine.train()
         parts = _all_reduce_dp(parts)
@@ -150,9 +162,12 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def log(self, values: dict) -> None:
+        """TensorBoard scalars, and one JSON line of full-precision values (metrics.jsonl)."""
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, self.iteration)
+            with open(os.path.join(self.writer.log_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"iteration": self.iteration, **values}) + "\n")
 
     def save(self) -> None:
         save_checkpoint(self.engine, self.args.save, self.iteration, self.config, self.layout,
@@ -171,7 +186,7 @@ class Trainer:
         while self.iteration < args.train_iters:
             loss, parts = self.train_step()
             window["loss"] += loss.item()
-            window["parts"] += _all_reduce_dp(parts).cpu()
+            window["parts"] += _all_reduce_dp(parts).cpu()  # loss is already global
             window["n"] += 1
             if self.iteration % args.log_interval == 0 or self.iteration == args.train_iters:
                 now = time.time()

@@ -10,52 +10,15 @@ SIGTERM/SIGINT save a checkpoint and exit cleanly. See ./scripts/pretrain_single
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
-import torch
 import torch.distributed as dist
 
-from megatron_t2i import mpu
 from megatron_t2i.arguments import parse_args
-from megatron_t2i.config import model_config
-from megatron_t2i.data.loader import open_dataset, split_indices
-from megatron_t2i.training import checkpoint as ckpt
-from megatron_t2i.training.engine import (build_engine, device_for_local_rank, init_distributed,
-                                          load_ds_config, precision)
-from megatron_t2i.training.flops import matmul_flops
-from megatron_t2i.training.loop import NonFiniteLoss, Trainer
+from megatron_t2i.training.loop import NonFiniteLoss
+from megatron_t2i.training.setup import prepare
 
 logger = logging.getLogger("megatron_t2i.train")
-
-
-def build_config(args, layout):
-    overrides = {k: v for k, v in {
-        "num_layers": args.num_layers, "hidden_size": args.hidden_size,
-        "num_attention_heads": args.num_attention_heads}.items() if v}
-    overrides.update(hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-                     sandwich_ln=args.sandwich_ln, pb_relax=args.pb_relax,
-                     checkpoint_activations=args.checkpoint_activations)
-    positions = max(layout.max_positions(t) for t in args.tasks)
-    return model_config(args.model_size, layout, args.tensor_model_parallel_size,
-                        max_position_embeddings=positions, **overrides)
-
-
-def build_model(args, config):
-    if args.pipeline_model_parallel_size > 1:
-        from megatron_t2i.model.pipeline import build_pipeline_model
-        return build_pipeline_model(config, args)
-    from megatron_t2i.model.gpt import GPT
-    return GPT(config)
-
-
-def resume_dir(args) -> str | None:
-    """--load, else --save when it already holds a checkpoint (re-running resumes)."""
-    if args.load:
-        return args.load
-    if args.save and os.path.isfile(os.path.join(args.save, ckpt.LATEST)):
-        return args.save
-    return None
 
 
 def main(argv=None) -> int:
@@ -65,58 +28,21 @@ def main(argv=None) -> int:
         print("pretrain.py: error: --data-path is required (make one with ./scripts/preprocess.sh)",
               file=sys.stderr)
         return 2
-    init_distributed(args.distributed_backend)
-    rank = dist.get_rank()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     try:
-        mpu.initialize_model_parallel(args.tensor_model_parallel_size,
-                                      args.pipeline_model_parallel_size)
-        device = device_for_local_rank()
-        dataset, layout = open_dataset(args.data_path)
-        config = build_config(args, layout)
-        config.check_tensor_parallel(args.tensor_model_parallel_size)
-        load_dir = resume_dir(args)
-        if load_dir:
-            ckpt.check_compatible(load_dir, config, layout)
-        mpu.model_parallel_seed(args.seed)
-        model = build_model(args, config)
-        ds_config = load_ds_config(args)
-        engine = build_engine(args, model, ds_config)
-        iteration, consumed = 0, 0
-        if load_dir:
-            state = ckpt.load_checkpoint(engine, load_dir, config, layout, finetune=args.finetune)
-            iteration, consumed = state.get("iteration", 0), state.get("data", {}).get("consumed", 0)
-            logger.info("%s from %s at iteration %d", "fine-tuning" if args.finetune else "resuming",
-                        load_dir, iteration)
-        train_idx, eval_idx = split_indices(len(dataset), args.holdout_fraction, args.seed)
-        writer = None
-        tb_dir = args.tensorboard_dir or (os.path.join(args.save, "tensorboard") if args.save else None)
-        if rank == 0 and tb_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(tb_dir)
-        rate = matmul_flops(precision(ds_config), device)
-        if rank == 0:
-            logger.info("model %s: %.1f M parameters | layout %s | %d train / %d held-out records "
-                        "| world %d = TP %d x PP %d x DP %d | %s | matmul %.1f GFLOP/s",
-                        args.model_size, config.num_parameters() / 1e6, layout.name, len(train_idx),
-                        len(eval_idx), dist.get_world_size(), args.tensor_model_parallel_size,
-                        args.pipeline_model_parallel_size, mpu.get_data_parallel_world_size(),
-                        precision(ds_config), rate / 1e9)
-            if args.save:
-                logger.info("checkpoints: %s | TensorBoard: %s", args.save, tb_dir)
-        trainer = Trainer(args, engine, config, layout, dataset, train_idx, eval_idx, writer, rate,
-                          iteration, consumed)
+        trainer = prepare(args)
         outcome = trainer.run()
-        if writer:
-            writer.close()
-        if rank == 0:
-            logger.info("%s at iteration %d", "stopped by signal, checkpoint saved"
-                        if outcome == "stopped" else "training finished", trainer.iteration)
-        return 0
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
-        return 2 if not isinstance(e, NonFiniteLoss) else 1
+        return 2
+    except NonFiniteLoss as e:
+        print(f"pretrain.py: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if "trainer" in locals() and trainer.writer:
+            trainer.writer.close()
+    logger.info("%s at iteration %d", "stopped by signal, checkpoint saved"
+                if outcome == "stopped" else "training finished", trainer.iteration)
+    return 0
 
 
 if __name__ == "__main__":

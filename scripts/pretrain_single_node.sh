@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Pretrain on one machine, on every local device: each GPU, or on a CPU-only machine one process
+# per 1-2 cores (gloo). With no arguments: the demo model on the embedded default data set
+# (./scripts/preprocess.sh runs first when the LMDB is missing).
+#
+# Extra arguments go to pretrain.py and win over the defaults below, e.g.
+#   ./scripts/pretrain_single_node.sh --train-iters 200 --bf16
+#   MP_SIZE=2 NUM_GPUS_PER_WORKER=4 ./scripts/pretrain_single_node.sh --model-size cogview-tutorial
+# Re-running the same command resumes from the newest checkpoint in $SAVE.
+set -euo pipefail
+
+usage() {
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<'EOF'
+
+Environment variables (defaults in brackets):
+  NUM_GPUS_PER_WORKER  processes on this machine [all GPUs; on CPUs: cores/2, at least 1]
+  MP_SIZE              tensor-parallel size [1]
+  PP_SIZE              pipeline-parallel size [1]
+  MODEL_SIZE           named model size: tiny, demo, cogview-tutorial, cogview-4b [demo]
+  DATA_PATH            token data set(s) [$DATA_DIR/tokens.lmdb, made by preprocess.sh if missing]
+  DATA_DIR             where preprocess.sh writes [./data]
+  SAVE                 checkpoint folder; TensorBoard logs go to $SAVE/tensorboard [./checkpoints/demo]
+  DS_CONFIG            DeepSpeed JSON [scripts/ds_config.json]
+  TRAIN_ITERS          optimiser steps [1500]
+  MICRO_BATCH_SIZE     sequences per process per micro-batch [8]
+  LR                   peak learning rate [1e-3]
+  MASTER_PORT          rendezvous port [29500]
+  LAUNCHER             torchrun or deepspeed [torchrun]
+EOF
+}
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+DATA_DIR=${DATA_DIR:-$ROOT/data}
+DATA_PATH=${DATA_PATH:-$DATA_DIR/tokens.lmdb}
+SAVE=${SAVE:-$ROOT/checkpoints/demo}
+MODEL_SIZE=${MODEL_SIZE:-demo}
+MP_SIZE=${MP_SIZE:-1}
+PP_SIZE=${PP_SIZE:-1}
+DS_CONFIG=${DS_CONFIG:-$ROOT/scripts/ds_config.json}
+TRAIN_ITERS=${TRAIN_ITERS:-1500}
+MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-8}
+LR=${LR:-1e-3}
+MASTER_PORT=${MASTER_PORT:-29500}
+LAUNCHER=${LAUNCHER:-torchrun}
+
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [[ -z "${NUM_GPUS_PER_WORKER:-}" ]]; then
+  if (( gpus > 0 )); then NUM_GPUS_PER_WORKER=$gpus
+  else NUM_GPUS_PER_WORKER=$(( $(nproc) / 2 )); (( NUM_GPUS_PER_WORKER >= 1 )) || NUM_GPUS_PER_WORKER=1
+  fi
+fi
+if (( NUM_GPUS_PER_WORKER % (MP_SIZE * PP_SIZE) )); then
+  echo "pretrain_single_node.sh: NUM_GPUS_PER_WORKER=$NUM_GPUS_PER_WORKER is not a multiple of" \
+       "MP_SIZE x PP_SIZE = $((MP_SIZE * PP_SIZE))" >&2
+  exit 2
+fi
+if (( gpus == 0 )); then
+  backend=gloo
+  # split the cores between the processes instead of oversubscribing them
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NUM_GPUS_PER_WORKER > 0 ? $(nproc) / NUM_GPUS_PER_WORKER : 1 ))}
+else
+  backend=nccl
+  export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+fi
+
+if [[ ! -d "$DATA_PATH" && "$DATA_PATH" == "$DATA_DIR/tokens.lmdb" ]]; then
+  echo "== no token data set at $DATA_PATH: running ./scripts/preprocess.sh first"
+  DATA_DIR=$DATA_DIR OUTPUT=$DATA_PATH "$ROOT/scripts/preprocess.sh"
+fi
+
+args=(--model-size "$MODEL_SIZE" --data-path "$DATA_PATH" --save "$SAVE"
+      --tensor-model-parallel-size "$MP_SIZE" --pipeline-model-parallel-size "$PP_SIZE"
+      --deepspeed_config "$DS_CONFIG" --distributed-backend "$backend"
+      --train-iters "$TRAIN_ITERS" --micro-batch-size "$MICRO_BATCH_SIZE" --lr "$LR"
+      --save-interval 250 --eval-interval 250 --log-interval 25)
+
+echo "== training $MODEL_SIZE on $NUM_GPUS_PER_WORKER $( ((gpus > 0)) && echo GPU || echo CPU) process(es)" \
+     "(TP $MP_SIZE x PP $PP_SIZE, $backend)"
+case "$LAUNCHER" in
+  torchrun)
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS_PER_WORKER" \
+      pretrain.py "${args[@]}" "$@" ;;
+  deepspeed)
+    deepspeed --num_nodes 1 --num_gpus "$NUM_GPUS_PER_WORKER" --master_port "$MASTER_PORT" \
+      pretrain.py "${args[@]}" "$@" ;;
+  *) echo "pretrain_single_node.sh: LAUNCHER must be torchrun or deepspeed, got $LAUNCHER" >&2; exit 2 ;;
+esac
+
+cat <<EOF
+
+== done
+  checkpoints : $SAVE   (latest: $(cat "$SAVE/latest" 2>/dev/null || echo none))
+  TensorBoard : tensorboard --logdir $SAVE/tensorboard
+  generate    : ./scripts/text2image.sh --load $SAVE
+EOF

@@ -1,0 +1,301 @@
+"""The GPT as DeepSpeed pipeline stages: the same layers as gpt.py, cut into a flat list.
+
+Pipeline layer indices (L = config.num_layers), and the GPT keys they hold:
+
+    0        WordEmbeddingPipe   word_embeddings.*           tied (key "word_embeddings")
+    1        PositionEmbeddingPipe  transformer.position_embeddings.*  (+ embedding dropout)
+    2..L+1   TransformerLayerPipe   transformer.layers.{index - 2}.*
+    L+2      final LayerNorm        transformer.final_layernorm.*
+    L+3      the head: lm_logits with the tied word embeddings (no parameters of its own)
+
+Stages are cut between transformer layers only ("type:TransformerLayerPipe": the embeddings go
+with the first stage, the final LayerNorm and head with the last). Layer 0 and the head are one
+TiedLayerSpec: the first and the last stage each hold a copy of the word embeddings, DeepSpeed
+broadcasts the first stage's copy at start and all-reduces their gradients every step.
+
+What travels between stages (DeepSpeed sends tensors only; floating ones get gradients back):
+    batch inputs (tokens [B, S], position_ids [B, S])   -> layer 0
+    (word embeddings [B, S, h], position_ids [B, S])    -> layer 1 (int ids: no gradient)
+    hidden [B, S, h]                                    -> layers 2..L+2
+    logits [B, S, V/tp]                                 -> loss_fn(logits, (labels, loss_mask))
+The data iterator yields `pipeline_batch(...)`: ((tokens, position_ids), (labels, loss_mask)).
+Attention is plain causal (the CogView training mask), so no mask travels.
+
+Randomness: `seed_layers=True` seeds layer i's construction with base_seed + i, so the weights do
+not depend on the number of stages (PP=2 starts from PP=1's weights), nor on TP (mpu layers
+initialise the full weight and slice it). DeepSpeed also reseeds before every layer's forward
+(base_seed * micro-batch + i), through mpu.model_parallel_seed so the TP dropout stream is reseeded
+as well: dropout masks are the same for every pipeline size.
+Activation checkpointing is done inside TransformerLayerPipe with mpu.checkpoint, not with
+PipelineModule's activation_checkpoint_interval: DeepSpeed 0.19 reseeds checkpointed chunks as if
+each were the stage's first layer (curr_layer = index in the chunk + stage start), which would give
+every layer of a stage the same dropout masks and make them depend on the pipeline size. Do not set
+"pipeline": {"activation_checkpoint_interval"} in the DeepSpeed config.
+
+Checkpoints: DeepSpeed writes one file per pipeline layer and tensor-parallel rank,
+    {dir}/{tag}/layer_XX-model_YY-model_states.pt
+XX is the pipeline layer index of the table above (global, not the stage), YY the tensor-parallel
+rank (data-parallel replicas are identical; the stage follows from XX). Each file holds that layer's
+own state dict (e.g. layer_00: {"weight"}, layer_02: {"input_layernorm.weight", ...}); the head
+has no file. `gpt_state_dict_from_layer_files` reads them back under GPT keys.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_t2i import mpu
+from megatron_t2i.model.attention import normal_init
+from megatron_t2i.model.gpt import language_model_loss, lm_logits
+from megatron_t2i.model.layer import LayerNorm, TransformerLayer
+
+TIED_KEY = "word_embeddings"
+FIRST_LAYER_INDEX = 2  # pipeline index of transformer.layers.0
+
+
+class WordEmbeddingPipe(mpu.VocabParallelEmbedding):
+    """Layer 0: (tokens, position_ids) -> (word embeddings [B, S, h], position_ids)."""
+
+    def __init__(self, config):
+        super().__init__(config.vocab_size, config.hidden_size,
+                         init_method=normal_init(config.init_std))
+        self.max_positions = config.max_position_embeddings
+
+    def forward(self, inputs):
+        tokens, position_ids = inputs
+        if tokens.dim() != 2 or tokens.shape != position_ids.shape:
+            raise ValueError(f"pipeline model: tokens and position_ids must both be [batch, seq], "
+                             f"got {list(tokens.shape)} and {list(position_ids.shape)}")
+        if tokens.shape[1] > self.max_positions:
+            raise ValueError(f"pipeline model: sequence of {tokens.shape[1]} tokens is longer than "
+                             f"max_position_embeddings {self.max_positions}")
+        return super().forward(tokens), position_ids
+
+
+def lm_head(word_embeddings: WordEmbeddingPipe, hidden):
+    """The last layer (TiedLayerSpec forward_fn): hidden [B, S, h] -> logits [B, S, V/tp]."""
+    return lm_logits(hidden, word_embeddings.weight)
+
+
+class PositionEmbeddingPipe(nn.Module):
+    """Layer 1: word + position embeddings, then embedding dropout -> hidden [B, S, h]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        normal_init(config.init_std)(self.position_embeddings.weight)
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, inputs):
+        word_embeds, position_ids = inputs
+        return self.embedding_dropout(word_embeds + self.position_embeddings(position_ids))
+
+
+class TransformerLayerPipe(TransformerLayer):
+    """A transformer layer on one tensor, causal; recomputed in backward with checkpointing."""
+
+    def __init__(self, config, layer_number: int):
+        super().__init__(config, layer_number)
+        self.checkpoint_activations = config.checkpoint_activations
+
+    def forward(self, hidden):  # [B, S, h] -> [B, S, h]
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            return mpu.checkpoint(super().forward, hidden)
+        return super().forward(hidden)
+
+
+def pipeline_batch(tokens, position_ids, labels, loss_mask):
+    """One sample of the pipeline engine's data iterator, all [B, S]: the first stage reads the
+    inputs, the last stage hands the labels to the loss function."""
+    return (tokens, position_ids), (labels, loss_mask)
+
+
+def pipeline_loss(logits, labels):
+    """loss_fn of the pipeline: logits [B, S, V/tp], labels = (labels [B, S], loss_mask [B, S])
+    -> the loss-mask weighted mean (see language_model_loss)."""
+    targets, loss_mask = labels
+    return language_model_loss(logits, targets, loss_mask)[0]
+
+
+def layer_specs(config) -> list:
+    """The layer list of the table in the module docstring."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    return ([TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, config),
+             LayerSpec(PositionEmbeddingPipe, config)]
+            + [LayerSpec(TransformerLayerPipe, config, i) for i in range(config.num_layers)]
+            + [LayerSpec(LayerNorm, config.hidden_size, config.layernorm_epsilon, config.pb_relax),
+               TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, config, forward_fn=lm_head)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Topology and process groups
+
+def make_topology(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
+    """DeepSpeed's topology over the whole world: axes pipe (outermost), data, model (innermost)."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    world = dist.get_world_size()
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        raise ValueError(f"pipeline model: world size {world} is not divisible by "
+                         f"tensor-parallel {tp} x pipeline-parallel {pp}")
+    return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
+
+
+def initialize_model_parallel_from_topology(topology) -> None:
+    """Make mpu's TP/PP/DP groups those of `topology` (or check that they already are)."""
+    if list(topology.get_axis_names()) != ["pipe", "data", "model"]:
+        raise ValueError(f"pipeline model: topology axes must be ['pipe', 'data', 'model'] "
+                         f"(mpu's order), got {topology.get_axis_names()}")
+    tp, pp = topology.get_dim("model"), topology.get_dim("pipe")
+    world = dist.get_world_size()
+    if topology.world_size() != world:
+        raise ValueError(f"pipeline model: topology of {topology.world_size()} ranks for a world "
+                         f"of {world}")
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(tp, pp)
+    sizes = (mpu.get_tensor_model_parallel_world_size(),
+             mpu.get_pipeline_model_parallel_world_size())
+    if sizes != (tp, pp):
+        raise ValueError(f"pipeline model: mpu is initialised with TP={sizes[0]} PP={sizes[1]}, "
+                         f"the topology has TP={tp} PP={pp}")
+    ours = mpu.parallel_group_ranks(world, tp, pp)
+    for kind, axis in (("tp", "model"), ("pp", "pipe"), ("dp", "data")):
+        theirs = topology.get_axis_comm_lists(axis) or [[r] for r in range(world)]
+        assert sorted(ours[kind]) == sorted(theirs), (kind, ours[kind], theirs)
+
+
+def seed_layer(seed) -> None:
+    """seed_fn of the PipelineModule: reseed the default and TP streams before building or running
+    a layer (DeepSpeed passes numpy integers from its partition arithmetic)."""
+    mpu.model_parallel_seed(int(seed))
+
+
+def build_pipeline_model(config, topology=None, *, tensor_model_parallel_size: int = 1,
+                         pipeline_model_parallel_size: int = 1, loss_fn=pipeline_loss,
+                         partition_method: str = "type:TransformerLayerPipe",
+                         base_seed: int = 1234):
+    """The GPT as a deepspeed.pipe.PipelineModule holding this rank's stage.
+
+    Give a topology (axes pipe, data, model) or the TP/PP sizes (DP = the rest of the world).
+    torch.distributed must be initialised; mpu is initialised from the topology if it is not yet.
+    Pass the result to deepspeed.initialize(model=...), which returns a PipelineEngine.
+    """
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("pipeline model: torch.distributed must be initialised first "
+                           "(deepspeed.init_distributed or torch.distributed.init_process_group)")
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing group
+    if topology is None:
+        topology = make_topology(tensor_model_parallel_size, pipeline_model_parallel_size)
+    initialize_model_parallel_from_topology(topology)
+    config.check_tensor_parallel(topology.get_dim("model"))
+    return PipelineModule(layer_specs(config), topology=topology, loss_fn=loss_fn,
+                          seed_layers=True, seed_fn=seed_layer, base_seed=base_seed,
+                          partition_method=partition_method, activation_checkpoint_interval=0)
+
+
+def check_ds_config(ds_config: dict, pipeline_model_parallel_size: int) -> None:
+    """Refuse a DeepSpeed config that trains a pipeline wrongly. In fp32 with ZeRO stage 0,
+    DeepSpeed 0.19 clips gradients by a norm that counts, on every stage but the first, only the
+    tensor-parallel parameters (LayerNorms and replicated biases are left out, the tied embeddings
+    counted twice): the update is silently mis-scaled. ZeRO 1, bf16 and fp16 count correctly.
+    Also refuse DeepSpeed's own activation checkpointing (see the module docstring)."""
+    if ds_config.get("pipeline", {}).get("activation_checkpoint_interval", 0):
+        raise ValueError("DeepSpeed config: remove pipeline.activation_checkpoint_interval; "
+                         "activation checkpointing follows the model config "
+                         "(checkpoint_activations), per transformer layer")
+    if pipeline_model_parallel_size < 2:
+        return
+    mixed = any(ds_config.get(k, {}).get("enabled") for k in ("fp16", "bf16"))
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    clipping = ds_config.get("gradient_clipping", 1.0)  # DeepSpeed 0.19 clips at 1.0 by default
+    if not mixed and zero_stage == 0 and clipping > 0:
+        raise ValueError(f"DeepSpeed config: pipeline parallelism ({pipeline_model_parallel_size} "
+                         f"stages) in fp32 with ZeRO stage 0 clips gradients by a wrong norm "
+                         f"(gradient_clipping {clipping}); use ZeRO stage 1, bf16/fp16, or "
+                         f"gradient_clipping 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT keys <-> pipeline keys
+
+def layer_prefixes(config) -> list[str | None]:
+    """GPT key prefix of every pipeline layer index (None: the head, no parameters)."""
+    return (["word_embeddings.", "transformer."]
+            + [f"transformer.layers.{i}." for i in range(config.num_layers)]
+            + ["transformer.final_layernorm.", None])
+
+
+def gpt_key(pipeline_key: str, config) -> str:
+    """PipelineModule state-dict key -> GPT key: 'tied_modules.word_embeddings.weight' ->
+    'word_embeddings.weight', '3.mlp.dense_h_to_4h.bias' -> 'transformer.layers.1.mlp...'."""
+    head, _, rest = pipeline_key.partition(".")
+    prefixes = layer_prefixes(config)
+    if head == "tied_modules" and rest.startswith(TIED_KEY + "."):
+        return prefixes[0] + rest[len(TIED_KEY) + 1:]
+    if head.isdigit() and 0 < int(head) < len(prefixes) - 1:  # 0 and the head: tied_modules
+        return prefixes[int(head)] + rest
+    raise ValueError(f"pipeline model: no GPT key for pipeline key {pipeline_key!r} "
+                     f"({config.num_layers} layers)")
+
+
+_GPT_LAYER_KEY = re.compile(r"transformer\.layers\.(\d+)\.(.+)")
+
+
+def pipeline_key(gpt_key_: str, config) -> str:
+    """GPT key -> PipelineModule state-dict key (the inverse of gpt_key)."""
+    layer = _GPT_LAYER_KEY.fullmatch(gpt_key_)
+    if layer and int(layer[1]) < config.num_layers:
+        return f"{int(layer[1]) + FIRST_LAYER_INDEX}.{layer[2]}"
+    for prefix, pipe_prefix in (("word_embeddings.", f"tied_modules.{TIED_KEY}."),
+                                ("transformer.position_embeddings.", "1.position_embeddings."),
+                                ("transformer.final_layernorm.",
+                                 f"{config.num_layers + FIRST_LAYER_INDEX}.")):
+        if gpt_key_.startswith(prefix):
+            return pipe_prefix + gpt_key_[len(prefix):]
+    raise ValueError(f"pipeline model: GPT key {gpt_key_!r} has no pipeline layer "
+                     f"({config.num_layers} layers)")
+
+
+def gpt_state_dict(module, config) -> dict[str, torch.Tensor]:
+    """This stage's weights under GPT keys (this rank's TP shards, as a TP-sharded GPT holds)."""
+    return {gpt_key(k, config): v for k, v in module.state_dict().items()}
+
+
+@torch.no_grad()
+def load_gpt_state_dict(module, state_dict: dict[str, torch.Tensor], config) -> None:
+    """Copy the weights this stage holds from a GPT state dict (same TP rank's shards)."""
+    own = module.state_dict()
+    missing = [gpt_key(k, config) for k in own if gpt_key(k, config) not in state_dict]
+    if missing:
+        raise ValueError(f"pipeline model: GPT state dict lacks {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}")
+    for key, tensor in own.items():
+        source = state_dict[gpt_key(key, config)]
+        if source.shape != tensor.shape:
+            raise ValueError(f"pipeline model: {gpt_key(key, config)} has shape "
+                             f"{list(source.shape)}, this stage expects {list(tensor.shape)}")
+        tensor.copy_(source)
+
+
+def gpt_state_dict_from_layer_files(directory: str, config, tp_rank: int = 0) -> dict:
+    """Read DeepSpeed's per-layer pipeline files of one TP rank -> GPT state dict (CPU tensors)."""
+    state = {}
+    for index, prefix in enumerate(layer_prefixes(config)):
+        if prefix is None:
+            continue
+        path = os.path.join(directory, f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pipeline checkpoint: {path} missing (pipeline layer {index} "
+                                    f"of {config.num_layers + 4}, tensor-parallel rank {tp_rank})")
+        layer = torch.load(path, map_location="cpu", weights_only=True)
+        state.update({prefix + k: v for k, v in layer.items()})
+    return state

@@ -56,6 +56,44 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def replace_folder(partial: str, final: str) -> None:
+    """Rename the finished folder `partial` to `final`. An older `final` (saving the same
+    iteration again) is moved aside first and removed only after the swap."""
+    if os.path.isdir(final):
+        old = f"{final}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(partial, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, final)
+
+
+def publish_checkpoint(save_dir: str, tag: str, model_config: ModelConfig, layout: TokenLayout,
+                       meta: dict) -> str:
+    """Complete the folder `{save_dir}/{tag}.partial` (whose weight files are written) with the
+    JSONs, rename it to `{save_dir}/{tag}` and only then point `latest` at it. One process."""
+    partial, final = os.path.join(save_dir, f"{tag}.partial"), os.path.join(save_dir, tag)
+    model_config.save(os.path.join(partial, "model_config.json"))
+    layout.save(os.path.join(partial, "token_layout.json"))
+    write_json_atomic(os.path.join(partial, "meta.json"), meta)
+    replace_folder(partial, final)
+    for name in ("model_config.json", "token_layout.json"):  # beside, for tools and humans
+        shutil.copyfile(os.path.join(final, name), os.path.join(save_dir, f".{name}.tmp"))
+        os.replace(os.path.join(save_dir, f".{name}.tmp"), os.path.join(save_dir, name))
+    write_text_atomic(os.path.join(save_dir, LATEST), tag)
+    return final
+
+
 def read_latest(load_dir: str) -> str:
     path = os.path.join(load_dir, LATEST)
     try:
@@ -99,33 +137,13 @@ def save_checkpoint(engine, save_dir: str, iteration: int, model_config: ModelCo
     engine.save_checkpoint(save_dir, tag=partial_tag, client_state=state, save_latest=False)
     _barrier()
     if _rank() == 0:
-        partial = os.path.join(save_dir, partial_tag)
-        model_config.save(os.path.join(partial, "model_config.json"))
-        layout.save(os.path.join(partial, "token_layout.json"))
-        write_json_atomic(os.path.join(partial, "meta.json"), {
+        publish_checkpoint(save_dir, tag, model_config, layout, {
             "iteration": iteration,
             "tensor_model_parallel_size": mpu.get_tensor_model_parallel_world_size(),
             "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
             "data_parallel_size": mpu.get_data_parallel_world_size(),
             "zero_stage": engine.zero_optimization_stage(),
         })
-        if os.path.isdir(final):  # saving the same iteration again: the old copy goes first,
-            old = f"{final}.old"   # but `latest` keeps naming a complete folder until the swap
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(partial, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(partial, final)
-        for name in ("model_config.json", "token_layout.json"):  # beside, for tools and humans
-            shutil.copyfile(os.path.join(final, name), os.path.join(save_dir, f".{name}.tmp"))
-            os.replace(os.path.join(save_dir, f".{name}.tmp"), os.path.join(save_dir, name))
-        tmp = os.path.join(save_dir, f".{LATEST}.tmp")
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(save_dir, LATEST))
     _barrier()
     return final
 
@@ -148,8 +166,14 @@ def read_checkpoint_info(load_dir: str, tag: str | None = None):
 
 def check_compatible(load_dir: str, config: ModelConfig, layout: TokenLayout, tag=None) -> str:
     """Refuse a checkpoint of another vocabulary, layout or model shape with one clear line."""
-    tag, saved_config, saved_layout, _ = read_checkpoint_info(load_dir, tag)
+    tag, saved_config, saved_layout, meta = read_checkpoint_info(load_dir, tag)
     where = os.path.join(load_dir, tag)
+    tp = mpu.get_tensor_model_parallel_world_size()
+    saved_tp = meta.get("tensor_model_parallel_size")
+    if saved_tp != tp:
+        raise CheckpointError(f"{where}: saved at tensor-parallel size {saved_tp}, this run uses "
+                              f"{tp}; convert it first: python tools/convert_checkpoint.py "
+                              f"reshard {load_dir} NEW_DIR --tp {tp}")
     try:
         layout.check_compatible(saved_layout, where)
     except LayoutMismatchError as e:
@@ -167,6 +191,9 @@ def load_checkpoint(engine, load_dir: str, config: ModelConfig, layout: TokenLay
     """Resume (everything) or, with finetune, take the weights only. Returns the client state
     ({} for finetune). On every rank (collective)."""
     tag = check_compatible(load_dir, config, layout)
+    if not finetune and read_checkpoint_info(load_dir, tag)[3].get("weights_only"):
+        raise CheckpointError(f"{os.path.join(load_dir, tag)}: holds weights only (written by "
+                              f"tools/convert_checkpoint.py); start from it with --finetune")
     path, client_state = engine.load_checkpoint(
         load_dir, tag=tag, load_module_only=finetune, load_optimizer_states=not finetune,
         load_lr_scheduler_states=not finetune)
@@ -186,3 +213,32 @@ def refresh_master_weights(engine) -> None:
     opt = engine.optimizer
     if hasattr(opt, "refresh_fp32_params"):
         opt.refresh_fp32_params()
+
+
+TOKENIZER_FILES = {"text": "text.model", "image": "vqvae.pt"}
+
+
+def store_tokenizers(save_dir: str, data_meta: dict) -> dict:
+    """Copy the data set's tokenizers into {save}/tokenizers/ (once, atomically), so a checkpoint
+    folder is all generation needs. Returns {kind: path} of what is there."""
+    import hashlib
+
+    folder = os.path.join(save_dir, "tokenizers")
+    os.makedirs(folder, exist_ok=True)
+    stored = {}
+    for kind, name in TOKENIZER_FILES.items():
+        target = os.path.join(folder, name)
+        source = data_meta.get("report", {}).get(f"{kind}_tokenizer_path")
+        want = data_meta.get(f"{kind}_tokenizer_sha256")
+        if not os.path.isfile(target) and source and os.path.isfile(source):
+            with open(source, "rb") as f:
+                blob = f.read()
+            if want and hashlib.sha256(blob).hexdigest() != want:
+                continue  # the file changed since preprocessing: not the data set's tokenizer
+            tmp = f"{target}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, target)
+        if os.path.isfile(target):
+            stored[kind] = target
+    return stored

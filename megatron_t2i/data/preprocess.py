@@ -266,8 +266,11 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
         if not writer.record_count():
             raise ValueError(f"--input {input}: no usable example (skipped: "
                              f"{dict(Counter(r for _, r in writer.skipped_items()))})")
+        # where the tokenizers were, so training can copy them beside its checkpoints
+        tokenizers = {f"{name}_tokenizer_path": os.path.abspath(path) for name, path in
+                      (("text", text_tok.model_path), ("image", image_tok.path)) if path}
         meta = writer.publish({"input": os.path.abspath(input),
-                               "sources": len(sources) + len(listed_skips)})
+                               "sources": len(sources) + len(listed_skips), **tokenizers})
     finally:
         writer.close()
     report = meta["report"]

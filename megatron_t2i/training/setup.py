@@ -76,6 +76,8 @@ def prepare(args) -> Trainer:
         iteration, consumed = state.get("iteration", 0), state.get("data", {}).get("consumed", 0)
         logger.info("%s from %s at iteration %d", "fine-tuning" if args.finetune else "resuming",
                     load_dir, iteration)
+    if rank == 0 and args.save and hasattr(dataset, "meta"):
+        ckpt.store_tokenizers(args.save, dataset.meta)
     train_idx, eval_idx = split_indices(len(dataset), args.holdout_fraction, args.seed)
     writer = None
     tb_dir = args.tensorboard_dir or (os.path.join(args.save, "tensorboard") if args.save else None)

@@ -184,6 +184,27 @@ def add_generation_args(parser):
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--with-id", action="store_true", help="input lines are id<TAB>query")
     g.add_argument("--debug", action="store_true", help="write one grid per query")
+    g.add_argument("--task", default="text2image",
+                   choices=("text2image", "completion", "image2text", "post-selection",
+                            "super-resolution"), help="generation task (default: %(default)s)")
+    g.add_argument("--cfg-scale", type=float, default=0.0,
+                   help="classifier-free guidance: logits + s * (logits - unconditional logits); "
+                        "0 disables it (default: %(default)s)")
+    g.add_argument("--keep-rows", type=_positive_int,
+                   help="completion: rows of the input image's codes kept (default: half)")
+    g.add_argument("--rerank-top", type=int, default=0, metavar="K",
+                   help="keep the K of --batch-size samples whose image best explains the text "
+                        "(post-selection scores; 0: keep all)")
+    g.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (this process's GPU if any) (default: auto)")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the layers' weights on the CPU, each moved to the GPU only while it "
+                        "runs (for GPUs too small for the model)")
+    g.add_argument("--no-kv-cache", action="store_true",
+                   help="recompute the whole sequence at every step (the slow reference)")
+    if "--seed" not in parser._option_string_actions:  # the data group's --seed serves both
+        g.add_argument("--seed", type=int, default=1234,
+                       help="seed of the per-sample random streams (default: %(default)s)")
 
 
 ADDERS = {"model": add_model_args, "data": add_data_args, "tokenizers": add_tokenizer_args,
@@ -233,6 +254,9 @@ def validate(args, outputs=()) -> None:
         raise ArgumentError(f"--top-p must be in [0, 1), got {args.top_p}")
     if "temperature" in a and args.temperature <= 0:
         raise ArgumentError(f"--temperature must be positive, got {args.temperature}")
+    for flag in ("top_k", "cfg_scale", "rerank_top"):
+        if a.get(flag, 0) < 0:
+            raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 0, got {a[flag]}")
 
 
 def parse_args(argv=None, groups=GROUPS, description=None, prog=None, outputs=()):

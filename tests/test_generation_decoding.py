@@ -1,0 +1,158 @@
+"""Decoding: KV-cached equals full recomputation (tokens and logits), both equal a teacher-forced
+forward of the finished sequence, CFG, allowed-vocabulary switching, per-sample seeds across batch
+compositions, custom positions, and sequence scoring."""
+import pytest
+import torch
+
+from megatron_t2i.config import model_config
+from megatron_t2i.generation.decoding import (generate, image_vocab_mask, score,
+                                              text_vocab_mask)
+from megatron_t2i.generation.sampling import SamplingConfig, classifier_free_guidance
+from megatron_t2i.model.gpt import GPT
+from megatron_t2i.tokenizers.layout import TokenLayout
+
+torch.set_num_threads(1)
+LAYOUT = TokenLayout(num_image_codes=32, num_text_tokens=40, image_grid=8, max_text_tokens=6)
+CONFIG = model_config("tiny", LAYOUT, hidden_dropout=0.0, attention_dropout=0.0)
+SAMPLING = SamplingConfig(temperature=1.2, top_k=20, top_p=0.95)
+N = 20  # tokens generated per test (a third of an image: enough to cross many steps)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(CONFIG).eval()
+
+
+def prompts(texts):
+    """Same-length t2i prompts [B, P] and positions."""
+    seqs = [LAYOUT.text_to_image(t) for t in texts]
+    return torch.stack([s.tokens for s in seqs]), torch.stack([s.position_ids for s in seqs])
+
+
+def gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+TEXTS = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+IMAGE = image_vocab_mask(LAYOUT, CONFIG.vocab_size)
+
+
+@torch.no_grad()
+def teacher_forced(model, prompt, positions, tokens):
+    """Reference: one plain forward over prompt + generated tokens -> logits that predicted each
+    generated token [B, N, V]."""
+    p = prompt.shape[1]
+    full = torch.cat([prompt, tokens], 1)
+    pos = torch.cat([positions, positions[:, -1:] + torch.arange(1, tokens.shape[1] + 1)], 1)
+    return model(full, pos)[:, p - 1:-1].float()
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_cached_equals_uncached_equals_teacher_forcing(model, cfg_scale):
+    prompt, pos = prompts(TEXTS)
+    uncond = LAYOUT.text_to_image([])
+    u_prompt, u_pos = uncond.tokens.expand(3, -1), uncond.position_ids.expand(3, -1)
+    runs = {}
+    for cache in (True, False):
+        runs[cache] = generate(model, prompt, pos, N, SAMPLING, IMAGE, gens([1, 2, 3]), cache,
+                               u_prompt, u_pos, cfg_scale, return_logits=True)
+    (tokens, logits), (tokens_ref, logits_ref) = runs[True], runs[False]
+    assert torch.equal(tokens, tokens_ref)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+
+    expected = teacher_forced(model, prompt, pos, tokens)
+    if cfg_scale:
+        expected = classifier_free_guidance(expected, teacher_forced(model, u_prompt, u_pos, tokens),
+                                            cfg_scale)
+    expected = expected.masked_fill(~IMAGE, float("-inf"))
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert bool((tokens < LAYOUT.num_image_codes).all())
+
+
+def test_cached_path_feeds_one_token_per_step(model):
+    prompt, pos = prompts(TEXTS[:1])
+    widths = []
+    hook = model.transformer.layers[0].register_forward_pre_hook(
+        lambda mod, args: widths.append(args[0].shape[1]))
+    try:
+        generate(model, prompt, pos, 5, SAMPLING, IMAGE, gens([0]))
+    finally:
+        hook.remove()
+    assert widths == [prompt.shape[1], 1, 1, 1, 1]  # the prompt once, never the prefix again
+
+
+def test_per_sample_seeds_survive_any_batch_composition(model):
+    prompt, pos = prompts(TEXTS)
+    seeds = [10, 20, 30]
+    together = generate(model, prompt, pos, N, SAMPLING, IMAGE, gens(seeds))
+    for i in range(3):  # each sample alone
+        alone = generate(model, prompt[i:i + 1], pos[i:i + 1], N, SAMPLING, IMAGE, gens([seeds[i]]))
+        assert torch.equal(alone[0], together[i])
+    order = [2, 0]  # a different batch of a different size
+    pair = generate(model, prompt[order], pos[order], N, SAMPLING, IMAGE,
+                    gens([seeds[i] for i in order]))
+    assert torch.equal(pair, together[order])
+    other = generate(model, prompt, pos, N, SAMPLING, IMAGE, gens([11, 21, 31]))
+    assert not torch.equal(other, together)
+
+
+def test_allowed_vocabulary_switches_during_generation(model):
+    # an image of 6 codes, then [EOI1], then text: what image2text-style decoding needs
+    prompt, pos = prompts(TEXTS[:2])
+    eoi = LAYOUT["[EOI1]"]
+    only_eoi = torch.zeros(CONFIG.vocab_size, dtype=torch.bool)
+    only_eoi[eoi] = True
+    text = text_vocab_mask(LAYOUT, CONFIG.vocab_size)
+
+    def allowed(step):
+        return IMAGE if step < 6 else only_eoi if step == 6 else text
+
+    tokens = generate(model, prompt, pos, 14, SamplingConfig(), allowed, gens([3, 4]))
+    assert bool((tokens[:, :6] < LAYOUT.num_image_codes).all())
+    assert bool((tokens[:, 6] == eoi).all())
+    assert bool(LAYOUT.is_text(tokens[:, 7:]).all())
+    extra = text_vocab_mask(LAYOUT, CONFIG.vocab_size, extra=(LAYOUT["[PAD]"],))
+    assert extra.sum() == text.sum() + 1 and extra[LAYOUT["[PAD]"]]
+
+
+def test_custom_positions_of_new_tokens(model):
+    # e.g. super-resolution restarts positions: tokens placed at 40, 41, ... instead of P, P+1, ...
+    prompt, pos = prompts(TEXTS[:1])
+    start = 40
+    a, logits = generate(model, prompt, pos, 6, SAMPLING, IMAGE, gens([5]), return_logits=True,
+                         next_positions=lambda step: start + step)
+    b = generate(model, prompt, pos, 6, SAMPLING, IMAGE, gens([5]), use_cache=False,
+                 next_positions=torch.arange(start, start + 6))
+    assert torch.equal(a, b)
+    full = torch.cat([prompt, a], 1)
+    full_pos = torch.cat([pos, torch.arange(start, start + 6)[None]], 1)
+    expected = model(full, full_pos)[:, prompt.shape[1] - 1:-1].masked_fill(~IMAGE, float("-inf"))
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_too_long_generation_is_one_clear_error(model):
+    prompt, pos = prompts(TEXTS[:1])
+    with pytest.raises(ValueError, match="outside the model's .* positions"):
+        generate(model, prompt, pos, CONFIG.max_position_embeddings, SAMPLING)
+    with pytest.raises(ValueError, match="cfg_scale needs uncond_prompt"):
+        generate(model, prompt, pos, 2, SAMPLING, cfg_scale=2.0)
+
+
+@torch.no_grad()
+def test_score_is_the_masked_log_likelihood(model):
+    seq = LAYOUT.image_to_text(torch.arange(64) % 32, [3, 1, 4, 1, 5], pad=False)
+    tokens = torch.stack([seq.tokens, seq.tokens.flip(0)])
+    positions = seq.position_ids.expand(2, -1)
+    target = LAYOUT.is_text(tokens).float()  # score the caption tokens only
+    text = text_vocab_mask(LAYOUT, CONFIG.vocab_size)
+    for allowed in (None, text):
+        logits = model(tokens, positions)[:, :-1].float()
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0]
+        got = score(model, tokens, positions, target, allowed)
+        torch.testing.assert_close(got, torch.where(target[:, 1:].bool(), logp, 0).sum(1))
+        assert bool(torch.isfinite(got).all())
+    # renormalised over text ids only, a caption is likelier than among all ids
+    assert score(model, tokens, positions, target, text)[0] > score(model, tokens, positions, target)[0]

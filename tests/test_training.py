@@ -149,3 +149,18 @@ def test_data_parallel_2_equals_one_rank_with_double_micro_batch(tmp_path, data)
     m1, m2 = metrics(one), metrics(two)
     for it in range(1, 5):
         assert m2[it]["train/loss"] == pytest.approx(m1[it]["train/loss"], abs=1e-6)
+
+
+def test_pipeline_2_stages_trains_like_one(tmp_path, data):
+    """pretrain.py with PP=2 (DeepSpeed's pipeline engine) from the same seed gives the losses of
+    the plain GPT (PP=1): same initial weights (per-layer seeds), same data, same objective."""
+    common = BASE + ["--data-path", data, "--train-iters", "4", "--hidden-dropout", "0",
+                     "--attention-dropout", "0", "--zero-stage", "1",
+                     "--gradient-accumulation-steps", "2", "--micro-batch-size", "2"]
+    one, two = str(tmp_path / "pp1"), str(tmp_path / "pp2")
+    run([*common, "--save", one], nproc=1)
+    run([*common, "--save", two, "--pipeline-model-parallel-size", "2"], nproc=2)
+    m1, m2 = metrics(one), metrics(two)
+    for it in range(1, 5):
+        assert m2[it]["train/loss"] == pytest.approx(m1[it]["train/loss"], abs=1e-4), it
+        assert m2[it]["train/image_loss"] == pytest.approx(m1[it]["train/image_loss"], abs=1e-4)

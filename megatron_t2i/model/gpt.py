@@ -19,18 +19,31 @@ from megatron_t2i.model.attention import KVCache, normal_init
 from megatron_t2i.model.layer import LayerNorm, TransformerLayer
 
 
+def seed_component(seed: int | None, index: int) -> None:
+    """With a seed, build component `index` (0 word embeddings, 1 position embeddings, 2+i layer i,
+    L+2 final LayerNorm) from seed + index: DeepSpeed's seed_layers rule, so the GPT and its
+    pipeline stages (model/pipeline.py) start from the same weights whatever the pipeline size."""
+    if seed is not None:
+        mpu.model_parallel_seed(seed + index)
+
+
 class Transformer(nn.Module):
     """Position embeddings + embedding dropout, the layers, and the final LayerNorm."""
 
-    def __init__(self, config, device=None, params_dtype=torch.float32):
+    def __init__(self, config, device=None, params_dtype=torch.float32, seed: int | None = None):
         super().__init__()
+        seed_component(seed, 1)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings,
                                                 config.hidden_size, device=device,
                                                 dtype=params_dtype)
         normal_init(config.init_std)(self.position_embeddings.weight)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)  # default stream: replicated
-        self.layers = nn.ModuleList(TransformerLayer(config, i, device, params_dtype)
-                                    for i in range(config.num_layers))
+        layers = []
+        for i in range(config.num_layers):
+            seed_component(seed, 2 + i)
+            layers.append(TransformerLayer(config, i, device, params_dtype))
+        self.layers = nn.ModuleList(layers)
+        seed_component(seed, config.num_layers + 2)
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon,
                                          config.pb_relax, device=device, dtype=params_dtype)
         self.checkpoint_activations = config.checkpoint_activations
@@ -71,13 +84,16 @@ def language_model_loss(logits_parallel, labels, loss_mask):
 
 
 class GPT(nn.Module):
-    def __init__(self, config, device=None, params_dtype=torch.float32):
+    def __init__(self, config, device=None, params_dtype=torch.float32, seed: int | None = None):
+        """seed: build each component from its own seed (see seed_component); without it, from
+        the default RNG's current state."""
         super().__init__()
         self.config = config
+        seed_component(seed, 0)
         self.word_embeddings = mpu.VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, init_method=normal_init(config.init_std),
             params_dtype=params_dtype, device=device)
-        self.transformer = Transformer(config, device, params_dtype)
+        self.transformer = Transformer(config, device, params_dtype, seed)
 
     def forward(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
                 gather_logits: bool = False):

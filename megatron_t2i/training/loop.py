@@ -79,17 +79,47 @@ def loss_weights(batch, num_image_codes: int, txt_loss_scale: float) -> torch.Te
     return batch["loss_mask"] * scale
 
 
-def forward_loss(engine, batch, weights, layout):
-    """-> (Σ weights·loss over the micro-batch, [image loss sum, count, text loss sum, count])."""
-    logits = engine(batch["tokens"], batch["position_ids"])
-    per_token = mpu.vocab_parallel_cross_entropy(logits.float(), batch["labels"])
+def token_losses(logits, labels, loss_mask, num_image_codes: int):
+    """-> (per-token loss [B, S], [image loss sum, image count, text loss sum, text count])."""
+    per_token = mpu.vocab_parallel_cross_entropy(logits.float(), labels)
     with torch.no_grad():
-        mask = batch["loss_mask"] > 0
-        image = mask & (batch["labels"] < layout.num_image_codes)
+        mask = loss_mask > 0
+        image = mask & (labels < num_image_codes)
         text = mask & ~image
         parts = torch.stack([(per_token * image).sum(), image.sum(), (per_token * text).sum(),
                              text.sum()]).double()
+    return per_token, parts
+
+
+def forward_loss(engine, batch, weights, layout):
+    """-> (Σ weights·loss over the micro-batch, loss parts for logging)."""
+    logits = engine(batch["tokens"], batch["position_ids"])
+    per_token, parts = token_losses(logits, batch["labels"], batch["loss_mask"],
+                                    layout.num_image_codes)
     return (per_token * weights).sum(), parts
+
+
+class PipelineLoss:
+    """loss_fn of the pipeline's last stage: the weighted sum with weights already normalised
+    (labels = (labels, loss_mask, weights)); keeps the loss parts for logging."""
+
+    def __init__(self, num_image_codes: int):
+        self.num_image_codes = num_image_codes
+        self.parts = None
+
+    def __call__(self, logits, labels):
+        targets, loss_mask, weights = labels
+        per_token, parts = token_losses(logits, targets, loss_mask, self.num_image_codes)
+        self.parts = parts if self.parts is None else self.parts + parts
+        return (per_token * weights).sum()
+
+    def take(self, device) -> torch.Tensor:
+        """This step's parts summed over every data-parallel replica, on every rank."""
+        parts = self.parts if self.parts is not None else torch.zeros(4, dtype=torch.float64)
+        parts = parts.to(device)
+        self.parts = None
+        dist.all_reduce(parts)  # only last stages hold parts; their TP ranks hold copies
+        return parts / mpu.get_tensor_model_parallel_world_size()
 
 
 class Trainer:
@@ -109,6 +139,8 @@ class Trainer:
         self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
         self.global_batch = (args.micro_batch_size * args.gradient_accumulation_steps
                              * mpu.get_data_parallel_world_size())
+        self.pipeline_loss = getattr(engine.module, "loss_fn", None) \
+            if mpu.get_pipeline_model_parallel_world_size() > 1 else None
 
     # ---- one optimiser step ------------------------------------------------------------------
     def train_step(self):
@@ -123,25 +155,42 @@ class Trainer:
                    for b in batches]
         total = _all_reduce_dp(torch.stack([w.sum() for w in weights]).sum().double())
         scale = gas * mpu.get_data_parallel_world_size() / total.clamp_min(1e-12).item()
+        if self.pipeline_loss is not None:
+            return self._pipeline_step(batches, [w * scale for w in weights])
         parts = torch.zeros(4, dtype=torch.float64, device=self.device)
         objective = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch, w in zip(batches, weights):
             weighted_sum, p = forward_loss(self.engine, batch, w, self.layout)
             loss = weighted_sum * scale
-            finite = torch.tensor([float(torch.isfinite(loss))], device=self.device)
-            if dist.is_initialized():
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not finite.item() and not self.engine.fp16_enabled():
-                # no loss scaler to skip the step: stop before a NaN reaches the weights
-                raise NonFiniteLoss(f"non-finite loss at iteration {self.iteration + 1}; weights "
-                                    f"are untouched. Resume from the last checkpoint with a lower "
-                                    f"--lr or --clip-grad, or use --fp16 dynamic loss scaling")
+            self._check_finite(loss, before_step=True)
             self.engine.backward(loss)
             self.engine.step()
             parts += p
             objective += weighted_sum.detach().double() / total
         self.iteration += 1
-        return _all_reduce_dp(objective), parts
+        return _all_reduce_dp(objective), _all_reduce_dp(parts)
+
+    def _pipeline_step(self, batches, weights):
+        """DeepSpeed's pipeline engine runs the step's micro-batches through the stages; its
+        returned loss is already the global objective (averaged over accumulation and DP)."""
+        data = iter([((b["tokens"], b["position_ids"]), (b["labels"], b["loss_mask"], w))
+                     for b, w in zip(batches, weights)])
+        loss = self.engine.train_batch(data_iter=data)
+        self._check_finite(loss, before_step=False)
+        self.iteration += 1
+        return loss.detach().double(), self.pipeline_loss.take(self.device)
+
+    def _check_finite(self, loss, before_step: bool) -> None:
+        finite = torch.tensor([float(torch.isfinite(loss).all())], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() or self.engine.fp16_enabled():  # fp16: the loss scaler skips the step
+            return
+        state = ("weights are untouched" if before_step else
+                 "this step may have reached the weights (pipeline engine)")
+        raise NonFiniteLoss(f"non-finite loss at iteration {self.iteration + 1}; {state}. Resume "
+                            f"from the last checkpoint with a lower --lr or --clip-grad, or use "
+                            f"--fp16 dynamic loss scaling")
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -150,12 +199,18 @@ class Trainer:
         batches = Batches(self.dataset, self.eval_idx, self.eval_builder, self.args.micro_batch_size,
                           self.args.seed, self.device)
         parts = torch.zeros(4, dtype=torch.float64, device=self.device)
-        for _ in range(self.args.eval_iters):
-            batch = batches.next()
-            _, p = forward_loss(self.engine, batch, batch["loss_mask"], self.layout)
-            parts += p
+        if self.pipeline_loss is not None:
+            data = [batches.next() for _ in range(self.args.eval_iters)]
+            self.engine.eval_batch(iter([((b["tokens"], b["position_ids"]),
+                                          (b["labels"], b["loss_mask"], b["loss_mask"]))
+                                         for b in data]), num_micro_batches=len(data))
+            parts = self.pipeline_loss.take(self.device)
+        else:
+            for _ in range(self.args.eval_iters):
+                batch = batches.next()
+                parts += forward_loss(self.engine, batch, batch["loss_mask"], self.layout)[1]
+            parts = _all_reduce_dp(parts)
         self.engine.train()
-        parts = _all_reduce_dp(parts)
         return {"eval/image_loss": (parts[0] / parts[1].clamp_min(1)).item(),
                 "eval/text_loss": (parts[2] / parts[3].clamp_min(1)).item(),
                 "eval/loss": ((parts[0] + parts[2]) / (parts[1] + parts[3]).clamp_min(1)).item()}
@@ -186,7 +241,7 @@ class Trainer:
         while self.iteration < args.train_iters:
             loss, parts = self.train_step()
             window["loss"] += loss.item()
-            window["parts"] += _all_reduce_dp(parts).cpu()  # loss is already global
+            window["parts"] += parts.cpu()
             window["n"] += 1
             if self.iteration % args.log_interval == 0 or self.iteration == args.train_iters:
                 now = time.time()

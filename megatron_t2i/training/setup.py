@@ -17,7 +17,7 @@ from megatron_t2i.training import checkpoint as ckpt
 from megatron_t2i.training.engine import (build_engine, device_for_local_rank, init_distributed,
                                           load_ds_config, precision)
 from megatron_t2i.training.flops import matmul_flops
-from megatron_t2i.training.loop import Trainer
+from megatron_t2i.training.loop import PipelineLoss, Trainer
 
 logger = logging.getLogger("megatron_t2i.train")
 
@@ -34,12 +34,17 @@ def build_config(args, layout):
                         max_position_embeddings=positions, **overrides)
 
 
-def build_model(args, config):
+def build_model(args, config, layout, ds_config):
+    """GPT, or with --pipeline-model-parallel-size > 1 this rank's pipeline stage of it."""
     if args.pipeline_model_parallel_size > 1:
-        from megatron_t2i.model.pipeline import build_pipeline_model
-        return build_pipeline_model(config, args)
+        from megatron_t2i.model.pipeline import build_pipeline_model, check_ds_config
+        check_ds_config(ds_config, args.pipeline_model_parallel_size)
+        return build_pipeline_model(
+            config, tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            loss_fn=PipelineLoss(layout.num_image_codes), base_seed=args.seed)
     from megatron_t2i.model.gpt import GPT
-    return GPT(config)
+    return GPT(config, seed=args.seed)  # the pipeline's per-layer seeds: PP sizes start equal
 
 
 def resume_dir(args) -> str | None:
@@ -67,8 +72,8 @@ def prepare(args) -> Trainer:
     if load_dir:
         ckpt.check_compatible(load_dir, config, layout)
     mpu.model_parallel_seed(args.seed)
-    model = build_model(args, config)
     ds_config = load_ds_config(args)
+    model = build_model(args, config, layout, ds_config)
     engine = build_engine(args, model, ds_config)
     iteration, consumed = 0, 0
     if load_dir:

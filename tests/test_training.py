@@ -164,3 +164,21 @@ def test_pipeline_2_stages_trains_like_one(tmp_path, data):
     for it in range(1, 5):
         assert m2[it]["train/loss"] == pytest.approx(m1[it]["train/loss"], abs=1e-4), it
         assert m2[it]["train/image_loss"] == pytest.approx(m1[it]["train/image_loss"], abs=1e-4)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data):
+    save = str(tmp_path / "term")
+    flags = BASE + ["--data-path", data, "--train-iters", "100000", "--save-interval", "100000",
+                    "--save", save]
+    proc = subprocess.Popen(command(flags), cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "iteration 3/" in line:  # a scheduler pre-empting the job signals every process
+            for worker in psutil.Process(proc.pid).children(recursive=True):
+                worker.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, rest[-2000:]
+    assert "stopped by signal, checkpoint saved" in rest
+    tag = open(os.path.join(save, "latest")).read()
+    assert 3 <= int(tag[5:]) < 100000 and weights(save)

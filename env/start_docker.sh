@@ -16,7 +16,7 @@ DRY_RUN=0 BUILD=0
 for arg in "$@"; do
   case "$arg" in
     -h|--help)
-      sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+      script_header "$0"
       cat <<'EOF'
 
 Options:

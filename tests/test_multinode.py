@@ -58,7 +58,7 @@ def run_launcher(args, env, timeout=60, netns=None):
 def test_scripts_are_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (env/install.sh installs it as root)")
-    scripts = sorted(str(p) for d in ("scripts", "scripts/lib", "env", "tests/netns")
+    scripts = sorted(str(p) for d in ("scripts", "scripts/lib", "env", "docker", "tests/netns")
                      for p in (ROOT / d).glob("*.sh"))
     r = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -334,12 +334,19 @@ def _pids_of_rank(marker: str, rank: int) -> list[int]:
 
 
 @needs_namespaces
-def test_killed_rank_fails_the_whole_launch_quickly(cluster, tmp_path):
-    marker = str(tmp_path / "killed-run")  # unique, so only this launch's ranks match
+@pytest.mark.parametrize("sig, settings", [
+    # A dead rank: its node's launcher stops, the peer's next collective fails at once.
+    (signal.SIGKILL, {}),
+    # A hung rank: the peer times out in its collective (DIST_TIMEOUT_MIN), its node fails, and
+    # the hung node is stopped FAIL_GRACE seconds later.
+    (signal.SIGSTOP, {"DIST_TIMEOUT_MIN": "0.25", "FAIL_GRACE": "5"}),
+], ids=["killed", "stopped"])
+def test_failed_rank_fails_the_whole_launch_quickly(cluster, tmp_path, sig, settings):
+    marker = str(tmp_path / "run")  # unique, so only this launch's ranks match
     proc = subprocess.Popen(
         ["ip", "netns", "exec", cluster["ns"][0], str(LAUNCH), *TRAIN[1:], *GLOBAL_BATCH,
          "--train-iters", "1000000", "--log-interval", "200", "--save", marker],
-        env={**os.environ, **cluster["env"]}, cwd=ROOT, stdout=subprocess.PIPE,
+        env={**os.environ, **cluster["env"], **settings}, cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines, training = [], threading.Event()
 
@@ -356,10 +363,10 @@ def test_killed_rank_fails_the_whole_launch_quickly(cluster, tmp_path):
         where = subprocess.run(["ip", "netns", "identify", str(victim)], capture_output=True,
                                text=True).stdout.strip()
         assert where == cluster["ns"][1], "rank 1 should run on the second node"
-        killed_at = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
+        hit_at = time.monotonic()
+        os.kill(victim, sig)
         status = proc.wait(timeout=60)
-        elapsed = time.monotonic() - killed_at
+        elapsed = time.monotonic() - hit_at
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -367,4 +374,5 @@ def test_killed_rank_fails_the_whole_launch_quickly(cluster, tmp_path):
     reader.join(5)
     assert status != 0, "".join(lines[-40:])
     assert elapsed < 60
-    assert not _pids_of_rank(marker, rank=0), "rank 0 outlived the launch"
+    # Nothing of the launch is left on either node, not even a stopped rank.
+    assert not _pids_of_rank(marker, rank=0) and not _pids_of_rank(marker, rank=1)

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Cluster description shared by env/setup_ssh.sh, env/start_docker.sh and
 # scripts/pretrain_multiple_nodes.sh: the node list (an ip_list.txt or a DeepSpeed hostfile), the
-# hostfile and ssh config made from an ip list, and printing commands for --dry-run.
+# hostfile and ssh config made from an ip list, and printing for --help and --dry-run.
 # Sourced, not run. Every function reports bad input as one line "file:line: ..." and returns 1;
 # the caller decides to exit.
 
@@ -101,4 +101,9 @@ shell_words() {
     if [[ "$word" =~ ^[A-Za-z0-9_./,:=%@+-]+$ ]]; then line+=" $word"; else line+=" ${word@Q}"; fi
   done
   echo "${line# }"
+}
+
+# script_header FILE -> the comment block at the top of FILE (after the #! line), unmarked: --help.
+script_header() {
+  awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$1"
 }

@@ -22,6 +22,8 @@ pids=$(job_pids)
 [[ -z "$pids" ]] && exit 0
 # shellcheck disable=SC2086  # one pid per word
 kill -TERM $pids 2>/dev/null
+# shellcheck disable=SC2086  # a stopped process acts on its TERM once continued
+kill -CONT $pids 2>/dev/null
 for (( waited = 0; waited < grace; waited++ )); do
   sleep 1
   pids=$(job_pids)

@@ -156,3 +156,24 @@ def test_score_is_the_masked_log_likelihood(model):
         assert bool(torch.isfinite(got).all())
     # renormalised over text ids only, a caption is likelier than among all ids
     assert score(model, tokens, positions, target, text)[0] > score(model, tokens, positions, target)[0]
+
+
+@torch.no_grad()
+def test_vocabulary_padding_changes_nothing(model):
+    # the same weights with the vocabulary padded to more rows (as at a larger TP size)
+    from dataclasses import replace
+    wide = GPT(replace(CONFIG, vocab_size=2 * CONFIG.vocab_size)).eval()
+    state = dict(model.state_dict())
+    emb = state["word_embeddings.weight"]
+    state["word_embeddings.weight"] = torch.cat([emb, torch.zeros_like(emb)])
+    wide.load_state_dict(state)
+    prompt, pos = prompts(TEXTS)
+    runs = [generate(m, prompt, pos, N, SAMPLING, None, gens([1, 2, 3]), vocab_size=LAYOUT.vocab_size)
+            for m in (model, wide)]
+    assert torch.equal(runs[0], runs[1])
+    assert int(runs[0].max()) < LAYOUT.vocab_size  # never a padding row, even with no mask
+    seq = torch.cat([prompt, runs[0]], 1)
+    positions = torch.arange(seq.shape[1]).expand(3, -1)
+    target = torch.ones_like(seq, dtype=torch.float)
+    scores = [score(m, seq, positions, target, vocab_size=LAYOUT.vocab_size) for m in (model, wide)]
+    torch.testing.assert_close(scores[0], scores[1])

@@ -100,8 +100,13 @@ def generate(model, prompt: torch.Tensor, position_ids: torch.Tensor, num_tokens
              generators: list[torch.Generator] | None = None, use_cache: bool = True,
              uncond_prompt: torch.Tensor | None = None,
              uncond_position_ids: torch.Tensor | None = None, cfg_scale: float = 0.0,
-             next_positions=None, progress: bool | str = False, return_logits: bool = False):
+             next_positions=None, progress: bool | str = False, return_logits: bool = False,
+             vocab_size: int | None = None):
     """Sample `num_tokens` tokens after `prompt` [B, P] (positions [B, P]) -> LongTensor [B, N].
+
+    vocab_size: the ids in use (layout.vocab_size). Pass it: the embedding's padding rows beyond
+        are then never drawn, and the random streams (one uniform per id and step) do not depend
+        on the padding, which grows with the tensor-parallel size. None: every row of the logits.
 
     allowed: bool [V] mask of the tokens that may be drawn, or a callable step -> [V] (e.g. image
         codes inside an image, text after it); None allows every id.
@@ -114,7 +119,7 @@ def generate(model, prompt: torch.Tensor, position_ids: torch.Tensor, num_tokens
         continuing after the prompt.
     progress: show a tqdm bar over the tokens (a string is its description).
     return_logits: also return the logits each token was drawn from, float32 [B, N, V] (after
-        guidance and the allowed mask, before temperature and filtering).
+        guidance and the allowed mask, before temperature and filtering; V = vocab_size).
     """
     if prompt.dim() != 2 or prompt.shape != position_ids.shape or prompt.shape[1] == 0:
         raise ValueError(f"generate: prompt and position_ids must both be [batch, length > 0], got "
@@ -134,12 +139,14 @@ def generate(model, prompt: torch.Tensor, position_ids: torch.Tensor, num_tokens
     seen_logits = []
     for step in tqdm(range(num_tokens), desc=progress if isinstance(progress, str) else None,
                      unit="tok", disable=not progress, leave=False):
-        logits = streams[0].logits()
+        logits = streams[0].logits()[:, :vocab_size]
         if guided:
-            logits = classifier_free_guidance(logits, streams[1].logits(), cfg_scale)
+            logits = classifier_free_guidance(logits, streams[1].logits()[:, :vocab_size],
+                                              cfg_scale)
         mask = allowed(step) if callable(allowed) else allowed
         if mask is not None:
-            logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
+            mask = mask[:logits.shape[-1]].to(logits.device)
+            logits = logits.masked_fill(~mask, float("-inf"))
         if return_logits:
             seen_logits.append(logits)
         tokens[:, step] = sample(logits, sampling, generators)
@@ -155,21 +162,25 @@ def generate(model, prompt: torch.Tensor, position_ids: torch.Tensor, num_tokens
 
 @torch.no_grad()
 def score(model, tokens: torch.Tensor, position_ids: torch.Tensor, target_mask: torch.Tensor,
-          allowed: torch.Tensor | None = None, attention_mask=None) -> torch.Tensor:
+          allowed: torch.Tensor | None = None, attention_mask=None,
+          vocab_size: int | None = None) -> torch.Tensor:
     """Log-likelihood of each sequence: Σ over positions i with target_mask[:, i] of
     log p(tokens[:, i] | tokens[:, :i]) -> float32 [B].
 
     tokens, position_ids, target_mask [B, L] (target_mask[:, 0] is ignored: nothing predicts the
-    first token). allowed: bool [V]; the distribution is renormalised over the allowed ids (e.g.
-    text only when scoring a caption). Each TP rank keeps its own vocabulary slice: the
-    vocab-parallel cross entropy never gathers the full logits.
+    first token). allowed: bool [V] over the model's (padded) vocabulary, e.g. text_vocab_mask(
+    layout, config.vocab_size); the distribution is renormalised over the allowed ids (e.g.
+    text only when scoring a caption). vocab_size: the ids in use (layout.vocab_size); the
+    embedding's padding rows beyond are excluded too. Each TP rank keeps its own vocabulary slice:
+    the vocab-parallel cross entropy never gathers the full logits.
     """
     logits = model(tokens[:, :-1], position_ids[:, :-1], attention_mask).float()  # [B, L-1, V/tp]
+    rows = logits.shape[-1]
+    start = mpu.get_tensor_model_parallel_rank() * rows  # this rank's slice of the vocabulary
+    keep = torch.arange(start, start + rows, device=logits.device) < (vocab_size or start + rows)
     if allowed is not None:
-        rows = logits.shape[-1]
-        start = mpu.get_tensor_model_parallel_rank() * rows
-        local = allowed.to(logits.device)[start:start + rows]
-        logits = logits.masked_fill(~local, float("-inf"))
+        keep &= allowed.to(logits.device)[start:start + rows]
+    logits = logits.masked_fill(~keep, float("-inf"))
     nll = mpu.vocab_parallel_cross_entropy(logits, tokens[:, 1:])  # [B, L-1]
     weights = target_mask[:, 1:].to(nll.device, torch.float32)
     # where the weight is 0 the token may be disallowed (nll inf): select instead of multiplying

@@ -1,0 +1,195 @@
+"""Everything generation needs from a checkpoint folder: the model shard of this tensor-parallel
+rank, its config and token layout, and the tokenizers it was trained with.
+
+    model, config, layout, tokenizer_paths = load_model("checkpoints/demo", device)
+
+Any tensor-parallel size: with torch.distributed and mpu initialised at TP=k, rank r reads only
+mp_rank_{r} (or its pipeline layer files); the checkpoint must have been saved at TP=k, else
+tools/convert_checkpoint.py reshards it. The model is built on the meta device and the weights
+assigned, so no time goes into random initialisation of weights that are overwritten anyway.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from megatron_t2i import mpu
+from megatron_t2i.config import ModelConfig
+from megatron_t2i.model.gpt import GPT
+from megatron_t2i.tokenizers.layout import TokenLayout
+from megatron_t2i.training.checkpoint import TOKENIZER_FILES, CheckpointError
+from megatron_t2i.training.convert import (_deepspeed_safe_globals, load_file, model_file,
+                                           read_info)
+
+
+def _read_shard(folder: str, config: ModelConfig, meta: dict, rank: int) -> dict:
+    """This TP rank's GPT state dict (CPU tensors, as stored)."""
+    if int(meta.get("pipeline_model_parallel_size", 1)) > 1:
+        from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files
+        try:
+            return gpt_state_dict_from_layer_files(folder, config, rank)
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from None
+    path = os.path.join(folder, model_file(rank))
+    weights = load_file(path, allow=_deepspeed_safe_globals())
+    if not isinstance(weights, dict) or not isinstance(weights.get("module"), dict):
+        raise CheckpointError(f"{path}: no 'module' entry with the model weights")
+    return weights["module"]
+
+
+def _check_shard(state: dict, expected: dict, source: str) -> None:
+    """One line for the first missing/unexpected key or wrong shape."""
+    for key, tensor in expected.items():
+        if key not in state:
+            raise CheckpointError(f"{source}: missing key {key}")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{source}: {key} has shape {list(state[key].shape)}, the model "
+                                  f"config needs {list(tensor.shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected key {extra[0]}")
+
+
+def offload_layers(model: GPT, device: torch.device) -> None:
+    """Keep the transformer layers' weights on the CPU and copy each layer to `device` just before
+    it runs, dropping the copy right after: GPU memory holds one layer (plus the embeddings, the
+    final LayerNorm and the KV cache) instead of the whole model. For GPUs too small for the model;
+    slower by one host-to-device copy of the weights per forward."""
+    pin = device.type == "cuda"
+    for layer in model.transformer.layers:
+        params = list(layer.parameters())
+        on_cpu = [p.data.cpu().pin_memory() if pin else p.data.cpu() for p in params]
+        for p, data in zip(params, on_cpu):
+            p.data = data
+
+        def fetch(module, args, params=params, on_cpu=on_cpu):
+            for p, data in zip(params, on_cpu):
+                p.data = data.to(device, non_blocking=True)
+
+        def release(module, args, output, params=params, on_cpu=on_cpu):
+            for p, data in zip(params, on_cpu):
+                p.data = data
+
+        layer.register_forward_pre_hook(fetch)
+        layer.register_forward_hook(release)
+
+
+def load_model(load_dir: str, device="cpu", dtype: torch.dtype | None = None,
+               offload: bool = False):
+    """-> (GPT in eval mode on `device`, ModelConfig, TokenLayout, {"text"|"image": path} of the
+    tokenizers stored with the checkpoint).
+
+    load_dir: a --save folder (its `latest` is read) or one iter_XXXXXXX folder. dtype: default
+    the stored dtype, except that fp16/bf16 weights become fp32 on the CPU (half-precision CPU
+    matmuls are slow or missing). offload: see offload_layers (ignored on the CPU)."""
+    device = torch.device(device)
+    folder, config, layout, meta = read_info(load_dir)
+    tp, rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
+    saved_tp = int(meta.get("tensor_model_parallel_size", 1))
+    if saved_tp != tp:
+        raise CheckpointError(
+            f"{folder}: saved at tensor-parallel size {saved_tp}, this run has {tp} process(es) "
+            f"per model; run with {saved_tp} or reshard it: python tools/convert_checkpoint.py "
+            f"reshard {load_dir} NEW_DIR --tp {tp}")
+    # inference: no dropout, no recomputation
+    config = replace(config, hidden_dropout=0.0, attention_dropout=0.0, checkpoint_activations=False)
+    model = GPT(config, device="meta")
+    state = _read_shard(folder, config, meta, rank)
+    _check_shard(state, model.state_dict(), f"{folder} (tensor-parallel rank {rank})")
+    stored = state["word_embeddings.weight"].dtype
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" and stored in (torch.float16, torch.bfloat16) \
+            else stored
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    model.requires_grad_(False).eval()
+    if offload and device.type != "cpu":
+        offload_layers(model, device)
+        for part in (model.word_embeddings, model.transformer.position_embeddings,
+                     model.transformer.final_layernorm):  # everything but the layers: on the GPU
+            part.to(device)
+    else:
+        model.to(device)
+    save_dir = os.path.dirname(os.path.abspath(folder))
+    tokenizers = {kind: path for kind, name in TOKENIZER_FILES.items()
+                  if os.path.isfile(path := os.path.join(save_dir, "tokenizers", name))}
+    return model, config, layout, tokenizers
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers and the context every task runs with
+
+def load_tokenizers(layout: TokenLayout, text_path: str | None, image_path: str | None,
+                    device="cpu", stored: dict | None = None, need_image: bool = True):
+    """(TextTokenizer, ImageTokenizer or None) from the given paths, else the checkpoint's stored
+    ones; refuses tokenizers whose vocabulary does not match the token layout."""
+    from megatron_t2i.tokenizers.text import TextTokenizer
+    from megatron_t2i.tokenizers.vqvae import ImageTokenizer
+
+    stored = stored or {}
+    text_path = text_path or stored.get("text")
+    if not text_path:
+        raise FileNotFoundError("no text tokenizer: the checkpoint has no tokenizers/"
+                                f"{TOKENIZER_FILES['text']}; pass --text-tokenizer FILE.model")
+    text = TextTokenizer(text_path)
+    if text.vocab_size != layout.num_text_tokens:
+        raise ValueError(f"--text-tokenizer {text_path}: {text.vocab_size} text ids, the "
+                         f"checkpoint's token layout has {layout.num_text_tokens}")
+    if not need_image:
+        return text, None
+    image_path = image_path or stored.get("image")
+    if not image_path:
+        raise FileNotFoundError("no image tokenizer: the checkpoint has no tokenizers/"
+                                f"{TOKENIZER_FILES['image']}; pass --image-tokenizer FILE.pt")
+    image = ImageTokenizer.load(image_path, device)
+    if image.codebook_size != layout.num_image_codes or image.grid != layout.image_grid:
+        raise ValueError(f"--image-tokenizer {image_path}: {image.codebook_size} codes on a "
+                         f"{image.grid}x{image.grid} grid, the checkpoint's token layout has "
+                         f"{layout.num_image_codes} codes on {layout.image_grid}x{layout.image_grid}")
+    return text, image
+
+
+@dataclass
+class GenerationContext:
+    """What a task's `main_<task>(args, ctx)` works with. Every TP rank holds one; all ranks run
+    the model together, only the writer (global rank 0) reads input and writes files."""
+    model: GPT
+    config: ModelConfig
+    layout: TokenLayout
+    text_tokenizer: object           # TextTokenizer
+    image_tokenizer: object | None   # ImageTokenizer on the writer; None on the other ranks
+    device: torch.device
+    is_writer: bool
+    load_dir: str
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto': this process's GPU (LOCAL_RANK under a launcher) if there is one, else the CPU."""
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available")
+        if device.type == "cuda":
+            torch.cuda.set_device(device.index or 0)
+        return device
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def build_context(args) -> GenerationContext:
+    """Model and tokenizers from parsed generate_samples.py arguments (collective under TP)."""
+    if not args.load:
+        raise ValueError("--load DIR is required: a checkpoint folder (./scripts/"
+                         "pretrain_single_node.sh writes checkpoints/demo)")
+    device = resolve_device(args.device)
+    dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+    model, config, layout, stored = load_model(args.load, device, dtype, args.offload)
+    is_writer = not dist.is_initialized() or dist.get_rank() == 0
+    text, image = load_tokenizers(layout, args.text_tokenizer, args.image_tokenizer,
+                                  device, stored, need_image=is_writer)
+    return GenerationContext(model, config, layout, text, image, device, is_writer, args.load)

@@ -16,7 +16,7 @@ import torch
 
 from distributed import free_port, run_distributed
 from megatron_t2i import mpu
-from megatron_t2i.config import ModelConfig
+from megatron_t2i.config import ModelConfig, model_config
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.model.pipeline import layer_prefixes
 from megatron_t2i.tokenizers.layout import TokenLayout
@@ -194,30 +194,31 @@ HIDDEN, LAYERS, HEADS, POSITIONS = 32, 2, 2, 20
 COGVIEW_ROWS = {1: 58240, 2: 58368}  # CogView pads its 58,219 ids to a multiple of 128 x mp
 
 
-def cogview_weights(seed=0, rows=COGVIEW_ROWS[2]) -> dict:
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).half()
-
-    w = {"word_embeddings.weight": rand(rows, HIDDEN),
-         "transformer.position_embeddings.weight": rand(POSITIONS, HIDDEN)}
-    for i in range(LAYERS):
+def cogview_shapes(rows, hidden=HIDDEN, layers=LAYERS, positions=POSITIONS) -> dict:
+    """Key -> shape at mp=1, as REFERENCE.md lists them."""
+    shapes = {"word_embeddings.weight": (rows, hidden),
+              "transformer.position_embeddings.weight": (positions, hidden)}
+    for i in range(layers):
         p = f"transformer.layers.{i}."
         for ln in ("input_layernorm", "post_attention_layernorm", "third_layernorm",
                    "fourth_layernorm"):
-            w[p + ln + ".weight"], w[p + ln + ".bias"] = rand(HIDDEN), rand(HIDDEN)
-        w[p + "attention.query_key_value.weight"] = rand(3 * HIDDEN, HIDDEN)
-        w[p + "attention.query_key_value.bias"] = rand(3 * HIDDEN)
-        w[p + "attention.dense.weight"], w[p + "attention.dense.bias"] = rand(HIDDEN, HIDDEN), \
-            rand(HIDDEN)
-        w[p + "mlp.dense_h_to_4h.weight"] = rand(4 * HIDDEN, HIDDEN)
-        w[p + "mlp.dense_h_to_4h.bias"] = rand(4 * HIDDEN)
-        w[p + "mlp.dense_4h_to_h.weight"], w[p + "mlp.dense_4h_to_h.bias"] = \
-            rand(HIDDEN, 4 * HIDDEN), rand(HIDDEN)
-    w["transformer.final_layernorm.weight"] = rand(HIDDEN)
-    w["transformer.final_layernorm.bias"] = rand(HIDDEN)
-    return w
+            shapes[p + ln + ".weight"] = shapes[p + ln + ".bias"] = (hidden,)
+        shapes.update({p + "attention.query_key_value.weight": (3 * hidden, hidden),
+                       p + "attention.query_key_value.bias": (3 * hidden,),
+                       p + "attention.dense.weight": (hidden, hidden),
+                       p + "attention.dense.bias": (hidden,),
+                       p + "mlp.dense_h_to_4h.weight": (4 * hidden, hidden),
+                       p + "mlp.dense_h_to_4h.bias": (4 * hidden,),
+                       p + "mlp.dense_4h_to_h.weight": (hidden, 4 * hidden),
+                       p + "mlp.dense_4h_to_h.bias": (hidden,)})
+    shapes["transformer.final_layernorm.weight"] = (hidden,)
+    shapes["transformer.final_layernorm.bias"] = (hidden,)
+    return shapes
+
+
+def cogview_weights(seed=0, rows=COGVIEW_ROWS[2]) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g).half() for k, shape in cogview_shapes(rows).items()}
 
 
 def cogview_rank(full: dict, mp: int, r: int) -> dict:
@@ -304,6 +305,16 @@ def test_bad_cogview_checkpoint_is_one_clear_line(tmp_path, damage, message):
     with pytest.raises(CheckpointError, match=message) as e:
         convert.import_cogview(src, str(tmp_path / "out"), num_attention_heads=HEADS)
     assert "\n" not in str(e.value) and "mp_rank_00_model_states.pt" in str(e.value)
+
+
+def test_released_4b_shapes_infer_the_cogview_4b_config():
+    """The 4B release's keys and shapes (REFERENCE.md) on the meta device, mp=1."""
+    shard = {k: torch.empty(shape, dtype=torch.float16, device="meta")
+             for k, shape in cogview_shapes(58240, 2560, 48, 1089).items()}
+    config = convert.cogview_config(shard, 1, "release")
+    assert config == model_config("cogview-4b")
+    assert len(convert.merge_shards([shard], convert.parameter_specs(config), ["release"])) == \
+        len(shard)
 
 
 def test_untrusted_objects_are_refused_unless_trusted(tmp_path):

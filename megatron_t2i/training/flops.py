@@ -23,9 +23,13 @@ def model_flops_per_token(config, seq_length: int, training: bool = True) -> flo
     return 3 * forward if training else forward
 
 
-def matmul_flops(dtype=torch.float32, device="cpu", size: int = 1024, seconds: float = 0.5) -> float:
-    """Sustained FLOP/s of a square matmul on `device` in `dtype` (the reference for MFU)."""
+def matmul_flops(dtype=torch.float32, device="cpu", size: int | None = None,
+                 seconds: float = 0.5) -> float:
+    """Sustained FLOP/s of a square matmul on `device` in `dtype` (the reference for MFU).
+    size: default 4096 on GPUs (smaller ones do not reach peak), 512 on CPUs (where bf16 matmuls
+    can run at well under a GFLOP/s)."""
     device = torch.device(device)
+    size = size or (4096 if device.type == "cuda" else 512)
     g = torch.Generator().manual_seed(0)  # private: leaves the training RNG streams untouched
     a = torch.randn(size, size, generator=g).to(device, dtype)
     b = torch.randn(size, size, generator=g).to(device, dtype)

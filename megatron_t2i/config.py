@@ -7,9 +7,9 @@ layout preset. Scripts say `--model-size demo` instead of repeating a dozen flag
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
+from megatron_t2i.io_utils import dataclass_from_dict, write_json_atomic
 from megatron_t2i.tokenizers.layout import TokenLayout
 
 
@@ -63,17 +63,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "model config") -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"{source}: unknown model config fields {sorted(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, source)
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "ModelConfig":

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from megatron_t2i.io_utils import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -264,10 +265,7 @@ class TokenLayout:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "TokenLayout":

@@ -16,6 +16,7 @@ tensor-parallel tracker) and the data position, so the loss trajectory continues
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
+from megatron_t2i.io_utils import write_bytes_atomic, write_json_atomic, write_text_atomic
 from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
 
 LATEST = "latest"
@@ -45,24 +47,6 @@ def _barrier():
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def replace_folder(partial: str, final: str) -> None:
@@ -221,8 +205,6 @@ TOKENIZER_FILES = {"text": "text.model", "image": "vqvae.pt"}
 def store_tokenizers(save_dir: str, data_meta: dict) -> dict:
     """Copy the data set's tokenizers into {save}/tokenizers/ (once, atomically), so a checkpoint
     folder is all generation needs. Returns {kind: path} of what is there."""
-    import hashlib
-
     folder = os.path.join(save_dir, "tokenizers")
     os.makedirs(folder, exist_ok=True)
     stored = {}
@@ -235,10 +217,7 @@ def store_tokenizers(save_dir: str, data_meta: dict) -> dict:
                 blob = f.read()
             if want and hashlib.sha256(blob).hexdigest() != want:
                 continue  # the file changed since preprocessing: not the data set's tokenizer
-            tmp = f"{target}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, target)
+            write_bytes_atomic(target, blob)
         if os.path.isfile(target):
             stored[kind] = target
     return stored

@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
+from megatron_t2i.io_utils import write_text_atomic
 from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
 from megatron_t2i.training.checkpoint import (LATEST, CheckpointError, publish_checkpoint,
-                                              read_checkpoint_info, replace_folder, tag_for,
-                                              write_text_atomic)
+                                              read_checkpoint_info, replace_folder, tag_for)
 
 WORD_EMBEDDINGS = "word_embeddings.weight"
 LAYER_PREFIX = "transformer.layers.{}."

@@ -25,34 +25,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import matmul_gflops, timed  # noqa: E402
 from megatron_t2i.data.lmdb_store import TokenDataset, write_token_dataset  # noqa: E402
 from megatron_t2i.tokenizers.layout import TokenLayout  # noqa: E402
 from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer, VQVAEConfig  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, seconds: float, device: torch.device) -> tuple[int, float]:
-    """Call fn repeatedly for about `seconds` after one warm-up call -> (calls, elapsed seconds)."""
-    fn()
-    _sync(device)
-    calls, start = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return calls, elapsed
-
-
-def bench_matmul(device: torch.device, seconds: float, n: int = 1024) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    calls, elapsed = timed(lambda: a @ b, seconds, device)
-    return 2 * n ** 3 * calls / elapsed / 1e9
 
 
 @torch.no_grad()
@@ -97,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     result = {"device": str(device), "torch_threads": torch.get_num_threads()}
-    result["matmul_gflops_per_s"] = bench_matmul(device, args.seconds)
+    result["matmul_gflops_per_s"] = matmul_gflops(device, torch.float32, args.seconds)
     result.update(bench_encode(device, args.seconds))
     result["encode_flops_vs_matmul"] = (result["vqvae_encode_gflops_per_s"]
                                         / result["matmul_gflops_per_s"])

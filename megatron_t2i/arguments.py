@@ -55,9 +55,9 @@ def _task_weights(text):
             weights[name.strip()] = float(weight) if weight else 1.0
         except ValueError:
             raise argparse.ArgumentTypeError(f"bad weight in {item!r}; expected TASK:WEIGHT") from None
-    unknown = set(weights) - {"t2i", "i2t"}
+    unknown = set(weights) - {"t2i", "i2t", "sr"}
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown task {sorted(unknown)[0]!r}; expected t2i, i2t")
+        raise argparse.ArgumentTypeError(f"unknown task {sorted(unknown)[0]!r}; expected t2i, i2t, sr")
     if sum(weights.values()) <= 0 or min(weights.values()) < 0:
         raise argparse.ArgumentTypeError(f"task weights must be >= 0 and not all 0: {text!r}")
     return weights
@@ -100,6 +100,9 @@ def add_data_args(parser):
                    help="parallel worker processes (default: %(default)s)")
     g.add_argument("--encode-batch-size", type=_positive_int, default=32,
                    help="images per VQ-VAE batch when preprocessing (default: %(default)s)")
+    g.add_argument("--sr-low-res", action="store_true",
+                   help="preprocess: also store the codes of each image at half resolution, the "
+                        "training data of super-resolution (pretrain.py --tasks sr)")
     g.add_argument("--seed", type=int, default=1234, help="random seed (default: %(default)s)")
 
 
@@ -179,7 +182,8 @@ def add_generation_args(parser):
     g.add_argument("--output-path", default="samples")
     g.add_argument("--batch-size", type=_positive_int, default=4, help="samples per query")
     g.add_argument("--max-inference-batch-size", type=_positive_int, default=8)
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--temperature", type=float,
+                   help="default: 1.0, and 1.02 for --task super-resolution")
     g.add_argument("--top-k", type=int, default=200)
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--with-id", action="store_true", help="input lines are id<TAB>query")
@@ -195,6 +199,17 @@ def add_generation_args(parser):
     g.add_argument("--rerank-top", type=int, default=0, metavar="K",
                    help="keep the K of --batch-size samples whose image best explains the text "
                         "(post-selection scores; 0: keep all)")
+    g.add_argument("--beam-size", type=int, default=0, metavar="N",
+                   help="image2text: beam search with N beams (1: greedy); 0 samples --batch-size "
+                        "captions per image (default: %(default)s)")
+    g.add_argument("--top", type=int, default=0, metavar="K",
+                   help="post-selection: copy the K best images of each query into "
+                        "{output-path}/{id or text}/ (default: %(default)s, none)")
+    g.add_argument("--clip-model", metavar="NAME",
+                   help="post-selection: also score with this open_clip architecture (a built-in "
+                        "name such as ViT-B-32, or a model config .json); needs --clip-checkpoint")
+    g.add_argument("--clip-checkpoint", metavar="FILE",
+                   help="local weights of --clip-model (nothing is downloaded)")
     g.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N or auto (this process's GPU if any) (default: auto)")
     g.add_argument("--offload", action="store_true",
@@ -244,7 +259,7 @@ def validate(args, outputs=()) -> None:
     for path in a.get("data_path") or []:
         if not os.path.exists(path):
             raise ArgumentError(f"--data-path {path}: no such file or folder")
-    for flag in ("text_tokenizer", "image_tokenizer", "deepspeed_config"):
+    for flag in ("text_tokenizer", "image_tokenizer", "deepspeed_config", "clip_checkpoint"):
         path = a.get(flag)
         if path and flag not in outputs and not os.path.isfile(path):
             raise ArgumentError(f"--{flag.replace('_', '-')} {path}: no such file")
@@ -252,9 +267,14 @@ def validate(args, outputs=()) -> None:
         raise ArgumentError("--fp16 and --bf16 exclude each other")
     if "top_p" in a and not 0.0 <= args.top_p < 1.0:
         raise ArgumentError(f"--top-p must be in [0, 1), got {args.top_p}")
+    if "temperature" in a and args.temperature is None:  # the task's default
+        args.temperature = 1.02 if a.get("task") == "super-resolution" else 1.0
     if "temperature" in a and args.temperature <= 0:
         raise ArgumentError(f"--temperature must be positive, got {args.temperature}")
-    for flag in ("top_k", "cfg_scale", "rerank_top"):
+    if a.get("clip_model") and not a.get("clip_checkpoint"):
+        raise ArgumentError("--clip-model needs --clip-checkpoint FILE (weights are never "
+                            "downloaded)")
+    for flag in ("top_k", "cfg_scale", "rerank_top", "beam_size", "top"):
         if a.get(flag, 0) < 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 0, got {a[flag]}")
 

@@ -92,8 +92,8 @@ def load_model(load_dir: str, device="cpu", dtype: torch.dtype | None = None,
     if saved_tp != tp:
         raise CheckpointError(
             f"{folder}: saved at tensor-parallel size {saved_tp}, this run has {tp} process(es) "
-            f"per model; run with {saved_tp} or reshard it: python tools/convert_checkpoint.py "
-            f"reshard {load_dir} NEW_DIR --tp {tp}")
+            f"per model; launch {saved_tp} (torchrun --nproc_per_node {saved_tp}) or reshard it: "
+            f"python tools/convert_checkpoint.py reshard {load_dir} NEW_DIR --tp {tp}")
     # inference: no dropout, no recomputation
     config = replace(config, hidden_dropout=0.0, attention_dropout=0.0, checkpoint_activations=False)
     model = GPT(config, device="meta")

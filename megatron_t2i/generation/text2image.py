@@ -1,0 +1,169 @@
+"""text2image and completion ("text and part of an image").
+
+text2image: prompt `[ROI1] text [size] [BOI1]`, then grid^2 image codes sampled in raster order
+(inside the image only codes may be drawn). `--batch-size` samples per query, run in rounds of at
+most `--max-inference-batch-size`. Sample k of query q uses its own seed, hash(--seed, q, k), so
+an image depends neither on the round it falls in nor on the batch size. With `--cfg-scale s`,
+classifier-free guidance against the unconditional prompt `[ROI1] [size] [BOI1]` (what training
+with --text-dropout sees when it drops the caption).
+
+completion: input lines `text<TAB>image_path`; the image is encoded with the VQ-VAE, its first
+`--keep-rows` rows of codes are kept unchanged and the rest is generated.
+
+`--rerank-top K` keeps the K samples whose image best explains the text, scored by
+`score_captions(ctx, text, codes) -> float [N]` of megatron_t2i/generation/image2text.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import time
+
+import torch
+
+from megatron_t2i.data.images import load_rgb
+from megatron_t2i.generation import io
+from megatron_t2i.generation.decoding import generate, image_vocab_mask
+from megatron_t2i.generation.sampling import SamplingConfig
+from megatron_t2i.tokenizers.layout import Sequence
+
+
+def sample_seed(seed: int, query_index: int, sample_index: int) -> int:
+    """A 63-bit seed of one sample, a hash of (seed, query, sample): independent streams per
+    sample, the same on every run, rank and batch composition."""
+    digest = hashlib.blake2b(f"{seed}/{query_index}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def sampling_config(args) -> SamplingConfig:
+    return SamplingConfig(args.temperature, args.top_k, args.top_p)
+
+
+def sample_codes(ctx, args, prompt: Sequence, uncond: Sequence | None, num_tokens: int,
+                 seeds: list[int], desc: str = "") -> torch.Tensor:
+    """Image codes after `prompt`, one row per seed -> LongTensor [len(seeds), num_tokens] (CPU).
+    Rounds of at most --max-inference-batch-size rows; `uncond` is CFG's prompt (None: no CFG)."""
+    allowed = image_vocab_mask(ctx.layout, ctx.config.vocab_size).to(ctx.device)
+    rows, step = [], args.max_inference_batch_size
+    for start in range(0, len(seeds), step):
+        chunk = seeds[start:start + step]
+        b = len(chunk)
+        generators = [torch.Generator(device=ctx.device).manual_seed(s) for s in chunk]
+
+        def batch(seq):
+            return seq.tokens.to(ctx.device).expand(b, -1), seq.position_ids.to(ctx.device).expand(b, -1)
+
+        tokens, positions = batch(prompt)
+        uncond_tokens, uncond_positions = batch(uncond) if uncond is not None else (None, None)
+        rounds = (len(seeds) + step - 1) // step
+        label = f"{desc} round {start // step + 1}/{rounds}" if rounds > 1 else desc
+        rows.append(generate(
+            ctx.model, tokens, positions, num_tokens, sampling_config(args), allowed, generators,
+            use_cache=not args.no_kv_cache, uncond_prompt=uncond_tokens,
+            uncond_position_ids=uncond_positions, cfg_scale=args.cfg_scale,
+            progress=(label or True) if ctx.is_writer else False,
+            vocab_size=ctx.layout.vocab_size).cpu())
+    return torch.cat(rows)
+
+
+def text2image(ctx, args, text: str, query_index: int) -> torch.Tensor:
+    """-> codes [--batch-size, grid^2] of `text` (query number query_index)."""
+    layout = ctx.layout
+    prompt = layout.text_to_image(ctx.text_tokenizer.encode(text))
+    uncond = layout.text_to_image([]) if args.cfg_scale else None
+    seeds = [sample_seed(args.seed, query_index, k) for k in range(args.batch_size)]
+    return sample_codes(ctx, args, prompt, uncond, layout.image_tokens, seeds, f"[{query_index}]")
+
+
+def complete(ctx, args, text: str, codes, query_index: int, keep_rows: int) -> torch.Tensor:
+    """-> codes [--batch-size, grid^2]: the first keep_rows rows of `codes` [grid^2] unchanged,
+    the rest generated after `text` and them."""
+    layout = ctx.layout
+    kept = layout.image_codes(codes, layout.image_tokens)[:keep_rows * layout.image_grid]
+    prompt = layout.completion(ctx.text_tokenizer.encode(text), kept)
+    uncond = layout.completion([], kept) if args.cfg_scale else None
+    seeds = [sample_seed(args.seed, query_index, k) for k in range(args.batch_size)]
+    rest = sample_codes(ctx, args, prompt, uncond, layout.image_tokens - kept.numel(), seeds,
+                        f"[{query_index}]")
+    return torch.cat([kept.expand(len(seeds), -1), rest], dim=1)
+
+
+def rerank(ctx, args, text: str, codes: torch.Tensor):
+    """The --rerank-top best of `codes` [N, grid^2] by caption score -> (codes [K, grid^2],
+    scores [K]), best first. On every rank (scoring runs the model)."""
+    if importlib.util.find_spec("megatron_t2i.generation.image2text") is None:
+        raise ValueError("--rerank-top needs post-selection (megatron_t2i/generation/"
+                         "image2text.py), which this installation lacks")
+    from megatron_t2i.generation.image2text import score_captions
+
+    scores = torch.as_tensor(score_captions(ctx, text, codes)).float().cpu()
+    order = scores.argsort(descending=True)[:args.rerank_top]
+    return codes[order], scores[order]
+
+
+def check_args(args) -> None:
+    if args.rerank_top > args.batch_size:
+        raise ValueError(f"--rerank-top {args.rerank_top} exceeds --batch-size {args.batch_size} "
+                         f"(the samples it chooses from)")
+
+
+def finish_query(ctx, args, query, text: str, codes: torch.Tensor, started: float,
+                 generated: int, scores=None, first_images=()) -> list[str]:
+    """On the writer: decode, save (see io.save_samples, names from `text`) and print one
+    summary line."""
+    if not ctx.is_writer:
+        return []
+    images = list(first_images) + ctx.image_tokenizer.decode_codes(codes)
+    paths = io.save_samples(images, args.output_path, query.id, text, args.debug)
+    elapsed = time.perf_counter() - started
+    ranked = f" | caption scores {', '.join(f'{s:.2f}' for s in scores.tolist())}" \
+        if scores is not None else ""
+    print(f"[{query.index}] {text[:60]!r}: {codes.shape[0]} image(s) in {elapsed:.1f} s, "
+          f"{generated / max(elapsed, 1e-9):.0f} image tokens/s{ranked} -> "
+          f"{os.path.dirname(paths[0]) if len(paths) > 1 else paths[0]}", flush=True)
+    return paths
+
+
+def main_text2image(args, ctx) -> None:
+    check_args(args)
+    for query in io.queries(args, ctx.is_writer):
+        started = time.perf_counter()
+        codes = text2image(ctx, args, query.item, query.index)
+        scores = None
+        if args.rerank_top:
+            codes, scores = rerank(ctx, args, query.item, codes)
+        finish_query(ctx, args, query, query.item, codes, started,
+                     args.batch_size * ctx.layout.image_tokens, scores)
+
+
+def main_completion(args, ctx) -> None:
+    check_args(args)
+    grid = ctx.layout.image_grid
+    keep_rows = grid // 2 if args.keep_rows is None else args.keep_rows
+    if not 0 < keep_rows < grid:
+        raise ValueError(f"--keep-rows {keep_rows}: must be between 1 and {grid - 1} (the image "
+                         f"has {grid} rows of codes)")
+
+    def parse(line):  # on the writer: "text<TAB>image_path" -> (text, all codes of the image)
+        text, tab, path = line.partition("\t")
+        if not tab or not path.strip():
+            raise ValueError("expected text<TAB>image_path (--task completion)")
+        try:
+            image = load_rgb(path.strip())
+        except ValueError as e:
+            raise ValueError(f"{path.strip()}: {e}") from None
+        return text, ctx.image_tokenizer.encode_images([image])[0].tolist()
+
+    for query in io.queries(args, ctx.is_writer, parse):
+        started = time.perf_counter()
+        text, codes = query.item
+        completed = complete(ctx, args, text, codes, query.index, keep_rows)
+        scores = None
+        if args.rerank_top:
+            completed, scores = rerank(ctx, args, text, completed)
+        # the debug grid starts with the original image (as the tokenizer reconstructs it)
+        original = ctx.image_tokenizer.decode_codes(torch.tensor([codes])) \
+            if ctx.is_writer and args.debug else []
+        finish_query(ctx, args, query, text, completed, started,
+                     args.batch_size * (ctx.layout.image_tokens - keep_rows * grid), scores, original)

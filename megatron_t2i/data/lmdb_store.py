@@ -18,6 +18,10 @@ A record value, little-endian:
                      row-major over the code grid
     rest             the source key, UTF-8 (the input's relative path)
 
+Version 2 records (written only with low-resolution codes, preprocess --sr-low-res) add a uint32
+n_low after the header and n_low codes of the same item size after the image codes: the image at
+half resolution, (grid/2)^2 codes, the input of super-resolution training (`--tasks sr`).
+
 Records are ordered by the UTF-8 bytes of their source keys, so the content of a data set does
 not depend on the order in which workers finished or on interruptions.
 
@@ -46,6 +50,7 @@ FORMAT = "megatron_t2i.lmdb_tokens/1"
 META_KEY = b"__meta__"
 RECORD_VERSION = 1
 _HEADER = struct.Struct("<BBHI")
+_LOW_COUNT = struct.Struct("<I")  # version 2: number of low-resolution codes
 _CODE_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<i4")}
 _INITIAL_MAP_SIZE = 1 << 28   # 256 MiB; doubled whenever a transaction does not fit
 _PUBLISH_TXN_RECORDS = 10_000  # records per transaction while building the published index
@@ -55,35 +60,47 @@ class Record(NamedTuple):
     text_ids: np.ndarray     # [n_text] int64, SentencePiece ids
     image_codes: np.ndarray  # [grid*grid] int64
     key: str                 # source key (relative path of the input image)
+    low_codes: np.ndarray | None = None  # [(grid/2)^2] int64: the image at half resolution
 
 
 def index_key(i: int) -> bytes:
     return b"%010d" % i
 
 
-def encode_record(text_ids, image_codes, key: str, num_image_codes: int) -> bytes:
+def encode_record(text_ids, image_codes, key: str, num_image_codes: int, low_codes=None) -> bytes:
     text = np.asarray(text_ids, dtype=np.int64).reshape(-1)
     codes = np.asarray(image_codes, dtype=np.int64).reshape(-1)
+    low = None if low_codes is None else np.asarray(low_codes, dtype=np.int64).reshape(-1)
     if text.size > 0xFFFF:
         raise ValueError(f"record {key}: {text.size} text ids exceed the format's limit of 65535")
-    if codes.size and (codes.min() < 0 or codes.max() >= num_image_codes):
-        raise ValueError(f"record {key}: image code out of range [0, {num_image_codes})")
+    for name, c in (("image", codes), ("low-resolution", low)):
+        if c is not None and c.size and (c.min() < 0 or c.max() >= num_image_codes):
+            raise ValueError(f"record {key}: {name} code out of range [0, {num_image_codes})")
     itemsize = 2 if num_image_codes <= 1 << 16 else 4
-    return b"".join([_HEADER.pack(RECORD_VERSION, itemsize, text.size, codes.size),
-                     text.astype("<i4").tobytes(), codes.astype(_CODE_DTYPES[itemsize]).tobytes(),
-                     key.encode("utf-8")])
+    version = RECORD_VERSION if low is None else 2
+    parts = [_HEADER.pack(version, itemsize, text.size, codes.size)]
+    parts += [] if low is None else [_LOW_COUNT.pack(low.size)]
+    parts += [text.astype("<i4").tobytes(), codes.astype(_CODE_DTYPES[itemsize]).tobytes()]
+    parts += [] if low is None else [low.astype(_CODE_DTYPES[itemsize]).tobytes()]
+    return b"".join(parts + [key.encode("utf-8")])
 
 
 def decode_record(buf) -> Record:
     version, itemsize, n_text, n_codes = _HEADER.unpack_from(buf, 0)
-    if version != RECORD_VERSION or itemsize not in _CODE_DTYPES:
+    if version not in (RECORD_VERSION, 2) or itemsize not in _CODE_DTYPES:
         raise ValueError(f"unknown record version {version} / code item size {itemsize}")
     start = _HEADER.size
+    n_low = _LOW_COUNT.unpack_from(buf, start)[0] if version == 2 else 0
+    start += _LOW_COUNT.size if version == 2 else 0
     text = np.frombuffer(buf, dtype="<i4", count=n_text, offset=start)
     start += 4 * n_text
     codes = np.frombuffer(buf, dtype=_CODE_DTYPES[itemsize], count=n_codes, offset=start)
-    key = bytes(buf[start + itemsize * n_codes:]).decode("utf-8")
-    return Record(text.astype(np.int64), codes.astype(np.int64), key)
+    start += itemsize * n_codes
+    low = np.frombuffer(buf, dtype=_CODE_DTYPES[itemsize], count=n_low, offset=start) \
+        if version == 2 else None
+    key = bytes(buf[start + itemsize * n_low:]).decode("utf-8")
+    return Record(text.astype(np.int64), codes.astype(np.int64), key,
+                  None if low is None else low.astype(np.int64))
 
 
 def _transact(env: lmdb.Environment, work) -> None:
@@ -212,20 +229,24 @@ class LMDBWriter:
 
 def write_token_dataset(out: str, records, layout: TokenLayout, text_tokenizer_sha256: str = "",
                         image_tokenizer_sha256: str = "", image_size: int = 0,
-                        report: dict | None = None) -> dict:
-    """Write [(text_ids, image_codes, key)] as a published data set at once (tests, benchmarks,
-    conversions). Returns the metadata."""
+                        report: dict | None = None, low_res_grid: int = 0) -> dict:
+    """Write [(text_ids, image_codes, key)] (or with a 4th item, low-resolution codes) as a
+    published data set at once (tests, benchmarks, conversions). Returns the metadata."""
     writer = LMDBWriter(out, dataset_config(layout, text_tokenizer_sha256, image_tokenizer_sha256,
-                                            image_size))
-    writer.add([(key, encode_record(t, c, key, layout.num_image_codes)) for t, c, key in records])
+                                            image_size, low_res_grid))
+    writer.add([(key, encode_record(t, c, key, layout.num_image_codes, *low))
+                for t, c, key, *low in records])
     return writer.publish(report)
 
 
 def dataset_config(layout: TokenLayout, text_tokenizer_sha256: str, image_tokenizer_sha256: str,
-                   image_size: int) -> dict:
-    """What a data set's records depend on; stored in its metadata and checked on resume."""
-    return {"layout": layout.to_dict(), "text_tokenizer_sha256": text_tokenizer_sha256,
-            "image_tokenizer_sha256": image_tokenizer_sha256, "image_size": image_size}
+                   image_size: int, low_res_grid: int = 0) -> dict:
+    """What a data set's records depend on; stored in its metadata and checked on resume.
+    low_res_grid: side of the half-resolution code grid stored per record (0: none, and then
+    no key, so data sets written before the option keep their configuration)."""
+    config = {"layout": layout.to_dict(), "text_tokenizer_sha256": text_tokenizer_sha256,
+              "image_tokenizer_sha256": image_tokenizer_sha256, "image_size": image_size}
+    return dict(config, low_res_grid=low_res_grid) if low_res_grid else config
 
 
 _READ_ENVS: dict = {}  # realpath -> (read-only environment, (st_dev, st_ino) of its data.mdb)
@@ -257,7 +278,8 @@ def open_readonly(path: str, revalidate: bool = False) -> lmdb.Environment:
 
 
 class TokenDataset(Dataset):
-    """Random access to a published data set: `ds[i] -> Record(text_ids, image_codes, key)`.
+    """Random access to a published data set: `ds[i] -> Record(text_ids, image_codes, key,
+    low_codes)` (low_codes None unless preprocessed with --sr-low-res).
 
     The LMDB environment is opened read-only, without locks or readahead, lazily in each process
     (`open_readonly` keeps one per path and pid), so one instance can be pickled to many

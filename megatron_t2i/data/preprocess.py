@@ -21,6 +21,10 @@ An input that cannot be used is skipped with a one-line warning naming it and th
 counts per reason are printed at the end and stored in the data set's metadata (`report`), the
 list in `skipped.tsv` inside the data set. Valid images in odd modes (RGBA, CMYK, grey, palette,
 16-bit) are converted, not skipped.
+
+With --sr-low-res each record also stores the codes of its image resized to half the side
+(S/2 px -> (grid/2)^2 codes, the same VQ-VAE): the low-resolution input of super-resolution
+training (pretrain.py --tasks sr, see megatron_t2i/generation/super_resolution.py).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -216,6 +221,13 @@ def _encode(image_tokenizer: ImageTokenizer, pixels: list[np.ndarray]) -> np.nda
     return image_tokenizer.model.encode(image_tokenizer.normalize(x)).flatten(1).cpu().numpy()
 
 
+def half_resolution(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [3, S, S] -> uint8 [3, S/2, S/2], resampled as crop_uint8 resizes (antialiased bicubic)."""
+    s = pixels.shape[-1] // 2
+    image = Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)))
+    return np.array(image.resize((s, s), Image.Resampling.BICUBIC, reducing_gap=3.0)).transpose(2, 0, 1)
+
+
 def load_image_tokenizer(path: str, device="cpu") -> ImageTokenizer:
     """Our checkpoint, else CogView's released file; the error of the first if neither."""
     try:
@@ -229,12 +241,13 @@ def load_image_tokenizer(path: str, device="cpu") -> ImageTokenizer:
 
 def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_text_tokens: int = 28,
                image_size: int | None = None, workers: int = 0, batch_size: int = 32,
-               progress: bool = True) -> dict:
+               progress: bool = True, sr_low_res: bool = False) -> dict:
     """Tokenize `input` into the data set `output`; returns the report (also in the metadata).
 
     text_tokenizer / image_tokenizer: objects or paths. image_size: pixels per side after
     resize and centre crop (default: the image tokenizer's). workers: processes reading images
-    (0: in this process). batch_size: images per VQ-VAE batch and per committed transaction."""
+    (0: in this process). batch_size: images per VQ-VAE batch and per committed transaction.
+    sr_low_res: also store the codes of each image at half resolution (super-resolution data)."""
     text_tok = TextTokenizer(text_tokenizer) if isinstance(text_tokenizer, str) else text_tokenizer
     image_tok = (load_image_tokenizer(image_tokenizer) if isinstance(image_tokenizer, str)
                  else image_tokenizer)
@@ -246,7 +259,14 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
                              max_text_tokens=max_text_tokens)
     except ValueError as e:
         raise ValueError(f"--image-size {image_size}: {e}") from None
-    config = dataset_config(layout, text_tok.sha256, image_tok.sha256, image_size)
+    low_res_grid = 0
+    if sr_low_res:
+        low_res_grid = layout.image_grid // 2
+        if image_size % 2 or image_tok.model.grid_size(image_size // 2) != low_res_grid:
+            raise ValueError(f"--sr-low-res: --image-size {image_size} halved must give a "
+                             f"{low_res_grid}x{low_res_grid} code grid (image size a multiple of "
+                             f"{2 * image_tok.config.downsample})")
+    config = dataset_config(layout, text_tok.sha256, image_tok.sha256, image_size, low_res_grid)
     if os.path.isdir(output):
         return _existing_report(output, config, input)
     sources, listed_skips = list_sources(input)
@@ -262,7 +282,7 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
             logger.info("resuming %s: %d of %d inputs already done", writer.staging, len(done),
                         len(sources) + len(listed_skips))
         _run(writer, todo, pending_skips, text_tok, image_tok, layout, image_size, workers,
-             batch_size, progress)
+             batch_size, progress, low_res_grid > 0)
         if not writer.record_count():
             raise ValueError(f"--input {input}: no usable example (skipped: "
                              f"{dict(Counter(r for _, r in writer.skipped_items()))})")
@@ -302,7 +322,7 @@ def _existing_report(output: str, config: dict, input: str) -> dict:
 
 
 def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers, batch_size,
-         progress) -> None:
+         progress, sr_low_res: bool = False) -> None:
     batch, truncated, n_skipped = [], 0, len(skipped)
 
     def flush():
@@ -310,8 +330,10 @@ def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers
         records = []
         if batch:
             codes = _encode(image_tok, [pixels for _, _, pixels in batch])
-            records = [(key, encode_record(ids, c, key, layout.num_image_codes))
-                       for (key, ids, _), c in zip(batch, codes)]
+            lows = _encode(image_tok, [half_resolution(pixels) for _, _, pixels in batch]) \
+                if sr_low_res else [None] * len(batch)
+            records = [(key, encode_record(ids, c, key, layout.num_image_codes, low))
+                       for (key, ids, _), c, low in zip(batch, codes, lows)]
         writer.add(records, skipped, counts={"truncated_captions": truncated})
         batch, skipped, truncated = [], [], 0
 
@@ -361,7 +383,8 @@ def main(argv=None) -> None:
     try:
         preprocess(args.input, args.output, args.text_tokenizer,
                    load_image_tokenizer(args.image_tokenizer, device), args.max_text_tokens,
-                   args.image_size, args.workers, args.encode_batch_size)
+                   args.image_size, args.workers, args.encode_batch_size,
+                   sr_low_res=args.sr_low_res)
     except (ValueError, OSError) as e:
         sys.exit(f"preprocess: error: {e}")
     except KeyboardInterrupt:

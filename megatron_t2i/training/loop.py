@@ -68,7 +68,8 @@ class Batches:
         seqs = []
         for index, sample_seed in self.sampler.next_micro_batch():
             record = self.dataset[index]
-            seqs.append(self.builder(record.text_ids, record.image_codes, sample_seed))
+            seqs.append(self.builder(record.text_ids, record.image_codes, sample_seed,
+                                     record.low_codes))
         return {k: v.to(self.device, non_blocking=True) for k, v in collate(seqs).items()}
 
 

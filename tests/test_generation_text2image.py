@@ -78,10 +78,11 @@ def test_debug_grid_cfg_and_no_overwrite(ckpt, tmp_path):
 
 
 def test_interactive_mode_through_stdin(ckpt, tmp_path):
+    # through the launcher script, whose default input source is interactive
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
     proc = subprocess.run(
-        [sys.executable, "generate_samples.py", "--load", ckpt["tp1"], "--output-path", str(out),
+        ["scripts/text2image.sh", "--load", ckpt["tp1"], "--output-path", str(out),
          "--batch-size", "1"], input="a red circle\n../../etc/x\nstop\n", text=True,
         capture_output=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -89,6 +90,15 @@ def test_interactive_mode_through_stdin(ckpt, tmp_path):
     for folder in ("a_red_circle", "etc_x"):
         assert pixels(out / folder / "000.png").shape == (SIZE, SIZE, 3)
     assert sorted(os.listdir(tmp_path)) == ["out"]  # nothing escaped the output folder
+
+
+def test_script_without_a_checkpoint_says_how_to_make_one(tmp_path):
+    proc = subprocess.run(["scripts/text2image.sh", "--load", str(tmp_path / "none")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"text2image.sh: no checkpoint in {tmp_path / 'none'}; train the demo model with "
+        f"./scripts/pretrain_single_node.sh (it writes checkpoints/demo) or pass --load DIR"]
 
 
 def test_completion_keeps_the_given_codes(ckpt, tmp_path):

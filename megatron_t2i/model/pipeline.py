@@ -2,11 +2,11 @@
 
 Pipeline layer indices (L = config.num_layers), and the GPT keys they hold:
 
-    0        WordEmbeddingPipe   word_embeddings.*           tied (key "word_embeddings")
-    1        PositionEmbeddingPipe  transformer.position_embeddings.*  (+ embedding dropout)
+    0        WordEmbeddingPipe      word_embeddings.*   (tied, key "word_embeddings")
+    1        PositionEmbeddingPipe  transformer.position_embeddings.*   (+ embedding dropout)
     2..L+1   TransformerLayerPipe   transformer.layers.{index - 2}.*
-    L+2      final LayerNorm        transformer.final_layernorm.*
-    L+3      the head: lm_logits with the tied word embeddings (no parameters of its own)
+    L+2      LayerNorm              transformer.final_layernorm.*
+    L+3      the head               lm_logits with the tied word embeddings (no parameters)
 
 Stages are cut between transformer layers only ("type:TransformerLayerPipe": the embeddings go
 with the first stage, the final LayerNorm and head with the last). Layer 0 and the head are one
@@ -25,7 +25,8 @@ Randomness: `seed_layers=True` seeds layer i's construction with base_seed + i, 
 not depend on the number of stages (PP=2 starts from PP=1's weights), nor on TP (mpu layers
 initialise the full weight and slice it). DeepSpeed also reseeds before every layer's forward
 (base_seed * micro-batch + i), through mpu.model_parallel_seed so the TP dropout stream is reseeded
-as well: dropout masks are the same for every pipeline size.
+as well: dropout masks are the same for every pipeline size. (They are also the same on every
+data-parallel replica: DeepSpeed's seeds do not include the DP rank.)
 Activation checkpointing is done inside TransformerLayerPipe with mpu.checkpoint, not with
 PipelineModule's activation_checkpoint_interval: DeepSpeed 0.19 reseeds checkpointed chunks as if
 each were the stage's first layer (curr_layer = index in the chunk + stage start), which would give
@@ -37,7 +38,13 @@ Checkpoints: DeepSpeed writes one file per pipeline layer and tensor-parallel ra
 XX is the pipeline layer index of the table above (global, not the stage), YY the tensor-parallel
 rank (data-parallel replicas are identical; the stage follows from XX). Each file holds that layer's
 own state dict (e.g. layer_00: {"weight"}, layer_02: {"input_layernorm.weight", ...}); the head
-has no file. `gpt_state_dict_from_layer_files` reads them back under GPT keys.
+has no file. `gpt_state_dict_from_layer_files` reads them back under GPT keys. Beside them,
+mp_rank_ZZ_model_states.pt (engine state, "module" None) and
+zero_pp_rank_D_mp_rank_ZZ_optim_states.pt are numbered by ZZ = stage * TP + TP rank (the rank in
+DeepSpeed's TP x PP model-parallel group).
+
+DeepSpeed config: pass it through `check_ds_config` (fp32 + ZeRO 0 clips pipeline gradients by a
+wrong norm in DeepSpeed 0.19; use ZeRO 1 or bf16/fp16).
 """
 from __future__ import annotations
 
@@ -197,9 +204,11 @@ def build_pipeline_model(config, topology=None, *, tensor_model_parallel_size: i
         topology = make_topology(tensor_model_parallel_size, pipeline_model_parallel_size)
     initialize_model_parallel_from_topology(topology)
     config.check_tensor_parallel(topology.get_dim("model"))
-    return PipelineModule(layer_specs(config), topology=topology, loss_fn=loss_fn,
-                          seed_layers=True, seed_fn=seed_layer, base_seed=base_seed,
-                          partition_method=partition_method, activation_checkpoint_interval=0)
+    with torch.no_grad():  # DeepSpeed broadcasts the tied weights in place: not an autograd op
+        return PipelineModule(layer_specs(config), topology=topology, loss_fn=loss_fn,
+                              seed_layers=True, seed_fn=seed_layer, base_seed=base_seed,
+                              partition_method=partition_method,
+                              activation_checkpoint_interval=0)
 
 
 def check_ds_config(ds_config: dict, pipeline_model_parallel_size: int) -> None:

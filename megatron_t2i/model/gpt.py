@@ -105,9 +105,12 @@ class GPT(nn.Module):
         if tokens.dim() != 2 or tokens.shape != position_ids.shape:
             raise ValueError(f"GPT: tokens and position_ids must both be [batch, seq], got "
                              f"{list(tokens.shape)} and {list(position_ids.shape)}")
-        if kv_cache is None and tokens.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"GPT: sequence of {tokens.shape[1]} tokens is longer than "
-                             f"max_position_embeddings {self.config.max_position_embeddings}")
+        # a sequence may be longer than the position table when its position ids restart
+        # (super-resolution); only then are the ids themselves looked at (a device sync)
+        limit = self.config.max_position_embeddings
+        if kv_cache is None and tokens.shape[1] > limit and int(position_ids.max()) >= limit:
+            raise ValueError(f"GPT: sequence of {tokens.shape[1]} tokens has position ids up to "
+                             f"{int(position_ids.max())}, beyond max_position_embeddings {limit}")
         hidden = self.transformer(self.word_embeddings(tokens), position_ids, attention_mask,
                                   kv_cache)
         return lm_logits(hidden, self.word_embeddings.weight, gather_logits)

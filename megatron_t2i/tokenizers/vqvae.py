@@ -1,0 +1,441 @@
+"""The image tokenizer: a VQ-VAE that turns an image into a grid of codebook ids and back.
+
+    encoder:  x [B,3,H,W] -> stride-2 convs (+ residual blocks) -> 1x1 conv -> z [B,D,H/f,W/f]
+    codebook: z -> nearest of K embeddings (L2) -> codes [B,H/f,W/f]; EMA-updated, no gradient
+    decoder:  codes -> embeddings -> (3x3 conv + residual blocks) -> stride-2 transposed convs
+              -> 1x1 conv -> x' [B,3,H,W]
+
+CogView's released tokenizer is one configuration of this class (`VQVAEConfig.cogview()`: three
+4x4/stride-2 convs of 512 channels, 256-dim codes, 8192 codes, no residual blocks); with
+`num_res_blocks=0` the module names are exactly CogView's (`enc_b.blocks.N`, `quantize_t.embed`,
+`dec.blocks.N`), so its state dict loads with strict=True.
+
+`VQVAE` works in normalised pixel space; `ImageTokenizer` adds the normalisation, PIL
+preprocessing and the checkpoint file, and is what the rest of the system uses.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+FORMAT = "megatron_t2i.vqvae/1"
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    in_channels: int = 3
+    hidden_channels: int = 64
+    embed_dim: int = 32                  # dimension of one codebook entry
+    codebook_size: int = 512
+    downsample: int = 4                  # pixels per code along a side (a power of two)
+    num_res_blocks: int = 2              # 0: plain conv stacks (CogView's layout)
+    image_size: int = 64                 # side of the square images the tokenizer is used at
+    mean: tuple = (0.5, 0.5, 0.5)        # per-channel pixel normalisation, pixels in [0, 1]
+    std: tuple = (0.5, 0.5, 0.5)
+    commitment_cost: float = 0.25        # weight of ||z - sg(e)||^2 in the loss
+    decay: float = 0.99                  # EMA decay of the codebook statistics
+    eps: float = 1e-5                    # Laplace smoothing of the EMA cluster sizes
+    dead_code_steps: int = 50            # re-seed codes unused this many training steps (0: never)
+
+    def __post_init__(self):
+        for f in ("in_channels", "hidden_channels", "embed_dim", "codebook_size", "image_size"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+                raise ValueError(f"vqvae config: {f} must be a positive integer, got {getattr(self, f)!r}")
+        d = self.downsample
+        if not isinstance(d, int) or d < 2 or d & (d - 1):
+            raise ValueError(f"vqvae config: downsample must be a power of two >= 2 (4, 8, 16), got {d!r}")
+        if self.num_res_blocks < 0 or self.dead_code_steps < 0:
+            raise ValueError("vqvae config: num_res_blocks and dead_code_steps must be >= 0")
+        for f in ("mean", "std"):
+            v = tuple(float(x) for x in getattr(self, f))
+            if len(v) != self.in_channels:
+                raise ValueError(f"vqvae config: {f} needs {self.in_channels} values, got {len(v)}")
+            object.__setattr__(self, f, v)
+        if min(self.std) <= 0:
+            raise ValueError(f"vqvae config: std must be positive, got {self.std}")
+        if self.image_size % d:
+            raise ValueError(f"vqvae config: image_size {self.image_size} is not a multiple of "
+                             f"downsample {d}")
+
+    @classmethod
+    def cogview(cls) -> "VQVAEConfig":
+        """CogView's released tokenizer (vqvae_hard_biggerset_011.pt): 256 px -> 32x32 codes."""
+        return cls(hidden_channels=512, embed_dim=256, codebook_size=8192, downsample=8,
+                   num_res_blocks=0, image_size=256, mean=(0.79093, 0.76271, 0.75340),
+                   std=(0.30379, 0.32279, 0.32800))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(mean=list(self.mean), std=list(self.std))  # plain types: JSON and weights_only
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "vqvae config") -> "VQVAEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{source}: unknown vqvae config fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class ResBlock(nn.Module):
+    """x + conv1x1(relu(conv3x3(relu(x)))): adds capacity at code resolution without resampling."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  nn.ReLU(), nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VQVAEConfig):
+        super().__init__()
+        layers = []
+        for i in range(int(math.log2(c.downsample))):
+            # kernel 4, stride 2, padding 1 halves the side exactly (256 -> 128 -> 64 -> 32)
+            layers += [nn.Conv2d(c.in_channels if i == 0 else c.hidden_channels, c.hidden_channels,
+                                 4, stride=2, padding=1), nn.ReLU()]
+        if c.num_res_blocks:
+            layers += [ResBlock(c.hidden_channels) for _ in range(c.num_res_blocks)] + [nn.ReLU()]
+        layers.append(nn.Conv2d(c.hidden_channels, c.embed_dim, 1))
+        self.blocks = nn.Sequential(*layers)
+
+    def forward(self, x):  # [B, C, H, W] -> [B, D, H/f, W/f]
+        return self.blocks(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: VQVAEConfig):
+        super().__init__()
+        n_up = int(math.log2(c.downsample))
+        layers = []
+        if c.num_res_blocks:
+            # residual blocks need hidden channels at code resolution; CogView instead lifts D to
+            # hidden with its first transposed conv, which is what the plain layout below does
+            layers += [nn.Conv2d(c.embed_dim, c.hidden_channels, 3, padding=1)]
+            layers += [ResBlock(c.hidden_channels) for _ in range(c.num_res_blocks)] + [nn.ReLU()]
+        for i in range(n_up):
+            first = i == 0 and not c.num_res_blocks
+            # kernel 4, stride 2, padding 1 doubles the side exactly (32 -> 64 -> 128 -> 256)
+            layers += [nn.ConvTranspose2d(c.embed_dim if first else c.hidden_channels, c.hidden_channels,
+                                          4, stride=2, padding=1), nn.ReLU()]
+        layers.append(nn.Conv2d(c.hidden_channels, c.in_channels, 1))
+        self.blocks = nn.Sequential(*layers)
+
+    def forward(self, z):  # [B, D, h, w] -> [B, C, h*f, w*f]
+        return self.blocks(z)
+
+
+class EMACodebook(nn.Module):
+    """Nearest-neighbour codebook learnt by exponential moving averages instead of gradients.
+
+    Buffers (CogView's names): embed [D, K] the codes, cluster_size [K] the EMA of how many vectors
+    each code received, embed_avg [D, K] the EMA of their sum; embed = embed_avg / smoothed size.
+    A code that wins no vector for `dead_code_steps` training steps is re-seeded from a random
+    encoder output of the current batch, so the whole codebook stays in use.
+    """
+
+    def __init__(self, c: VQVAEConfig):
+        super().__init__()
+        self.decay, self.eps, self.dead_code_steps = c.decay, c.eps, c.dead_code_steps
+        embed = torch.randn(c.embed_dim, c.codebook_size)
+        self.register_buffer("embed", embed)
+        # a fresh code counts as having received one vector, so that until it wins one it stays
+        # where it is instead of being divided by the tiny smoothed size of an empty cluster
+        self.register_buffer("cluster_size", torch.ones(c.codebook_size))
+        self.register_buffer("embed_avg", embed.clone())
+        # Training steps since each code last won a vector; training-only state, not saved
+        # (CogView's state dict has no such key). A fresh codebook starts all dead, so the first
+        # training step seeds it from encoder outputs (a data-dependent init); a loaded one starts
+        # all alive.
+        self.register_buffer("idle_steps", torch.full((c.codebook_size,), c.dead_code_steps),
+                             persistent=False)
+        self.register_load_state_dict_post_hook(EMACodebook._loaded)
+
+    @staticmethod
+    def _loaded(module, incompatible_keys) -> None:
+        module.idle_steps.zero_()
+
+    @property
+    def codebook_size(self) -> int:
+        return self.embed.shape[1]
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N] code ids
+        dist = (z.pow(2).sum(1, keepdim=True) - 2 * z @ self.embed
+                + self.embed.pow(2).sum(0, keepdim=True))  # [N, K] squared L2
+        return dist.argmin(1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D]
+        return F.embedding(codes, self.embed.t())
+
+    def forward(self, z: torch.Tensor):
+        """z [B, h, w, D] -> (quantised z with straight-through gradient, commitment loss, codes [B, h, w])."""
+        flat = z.detach().reshape(-1, z.shape[-1]).float()  # [N, D]
+        codes = self.nearest(flat)
+        zq = self.lookup(codes).view_as(z)
+        if self.training:
+            self._ema_update(flat, codes)
+        commitment = F.mse_loss(z, zq.detach())
+        zq = z + (zq - z).detach()  # forward: the code; backward: identity into the encoder
+        return zq, commitment, codes.view(z.shape[:-1])
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
+        onehot = F.one_hot(codes, self.codebook_size).type(flat.dtype)  # [N, K]
+        counts = onehot.sum(0)                                           # [K]
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(flat.t() @ onehot, alpha=1 - self.decay)
+        # Laplace smoothing keeps never-used codes from dividing by zero; total mass is preserved
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
+        self.embed.copy_(self.embed_avg / smoothed.unsqueeze(0))
+
+        if self.dead_code_steps:
+            self.idle_steps.add_(1).masked_fill_(counts > 0, 0)
+            dead = (self.idle_steps >= self.dead_code_steps).nonzero().squeeze(1)
+            if dead.numel():
+                pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
+                # restart as a code that has just received exactly this one vector
+                self.embed[:, dead] = flat[pick].t()
+                self.embed_avg[:, dead] = flat[pick].t()
+                self.cluster_size[dead] = 1.0
+                self.idle_steps[dead] = 0
+
+
+def code_usage(codes: torch.Tensor, codebook_size: int) -> tuple[float, float]:
+    """(fraction of the codebook used, perplexity exp(H) of the code histogram) of any code tensor."""
+    counts = torch.bincount(codes.reshape(-1), minlength=codebook_size).float()
+    p = counts / counts.sum().clamp(min=1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return (counts > 0).float().mean().item(), entropy.exp().item()
+
+
+class VQVAE(nn.Module):
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        self.config = config
+        self.enc_b = Encoder(config)         # names as in CogView's checkpoint
+        self.quantize_t = EMACodebook(config)
+        self.dec = Decoder(config)
+
+    def grid_size(self, image_size: int) -> int:
+        """Codes per side for a square image of `image_size` pixels."""
+        if image_size % self.config.downsample:
+            raise ValueError(f"image size {image_size} is not a multiple of the tokenizer's "
+                             f"downsampling factor {self.config.downsample}")
+        return image_size // self.config.downsample
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        f, c = self.config.downsample, self.config.in_channels
+        if x.dim() != 4 or x.shape[1] != c or x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"vqvae input must be [B, {c}, H, W] with H, W multiples of {f}, "
+                             f"got {list(x.shape)}")
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B, C, H, W] -> codes [B, H/f, W/f] (int64)."""
+        self._check_input(x)
+        z = self.enc_b(x).permute(0, 2, 3, 1)  # [B, h, w, D]
+        codes = self.quantize_t.nearest(z.reshape(-1, z.shape[-1]).float())
+        return codes.view(z.shape[:-1])
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, h, w] or [B, h*w] (square grid) -> normalised images [B, C, h*f, w*f]."""
+        if codes.dim() == 2:
+            side = math.isqrt(codes.shape[1])
+            if side * side != codes.shape[1]:
+                raise ValueError(f"cannot decode {codes.shape[1]} codes per image: not a square grid")
+            codes = codes.view(codes.shape[0], side, side)
+        if codes.dim() != 3:
+            raise ValueError(f"codes must be [B, h, w] or [B, h*w], got {list(codes.shape)}")
+        k = self.config.codebook_size
+        if codes.numel() and (codes.min() < 0 or codes.max() >= k):
+            raise ValueError(f"image code out of range [0, {k}): {codes.min().item()}..{codes.max().item()}")
+        z = self.quantize_t.lookup(codes.long()).permute(0, 3, 1, 2)  # [B, D, h, w]
+        return self.dec(z.to(self.dec.blocks[0].weight.dtype))
+
+    def forward(self, x: torch.Tensor):
+        """-> (reconstruction [B, C, H, W], losses {loss, recon, commitment, usage, perplexity},
+        codes [B, h, w]). `loss` is what to minimise; usage/perplexity describe this batch."""
+        self._check_input(x)
+        z = self.enc_b(x).permute(0, 2, 3, 1)  # [B, h, w, D]
+        zq, commitment, codes = self.quantize_t(z)
+        recon = self.dec(zq.permute(0, 3, 1, 2))
+        recon_loss = F.mse_loss(recon, x)
+        usage, perplexity = code_usage(codes, self.config.codebook_size)
+        losses = {"loss": recon_loss + self.config.commitment_cost * commitment, "recon": recon_loss,
+                  "commitment": commitment, "usage": usage, "perplexity": perplexity}
+        return recon, losses, codes
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _torch_load(path: str, what: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, disallowed globals
+        raise ValueError(f"{path}: cannot read {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _check_state_dict(model: nn.Module, sd: dict, source: str) -> None:
+    """One clear error for the first missing key, unexpected key or wrong shape."""
+    expected = model.state_dict()
+    for k, v in expected.items():
+        if k not in sd:
+            raise ValueError(f"{source}: missing key {k!r} (expected shape {list(v.shape)})")
+        if not torch.is_tensor(sd[k]) or sd[k].shape != v.shape:
+            got = list(sd[k].shape) if torch.is_tensor(sd[k]) else type(sd[k]).__name__
+            raise ValueError(f"{source}: key {k!r} has shape {got}, expected {list(v.shape)}")
+    for k in sd:
+        if k not in expected:
+            raise ValueError(f"{source}: unexpected key {k!r}")
+
+
+class ImageTokenizer:
+    """A VQ-VAE plus its pixel normalisation and preprocessing: PIL images <-> code sequences."""
+
+    def __init__(self, model: VQVAE, sha256: str | None = None, path: str | None = None):
+        self.model = model.eval()
+        self.config = model.config
+        self.sha256, self.path = sha256, path
+        shape = (1, self.config.in_channels, 1, 1)
+        self.mean = torch.tensor(self.config.mean).view(shape)
+        self.std = torch.tensor(self.config.std).view(shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.quantize_t.embed.device
+
+    def to(self, device) -> "ImageTokenizer":
+        self.model.to(device)
+        return self
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def grid(self) -> int:
+        return self.model.grid_size(self.image_size)
+
+    # ---- pixels ----------------------------------------------------------------------------------
+    def crop_uint8(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> uint8 [3, S, S]: RGB, short side resized to S, centre crop."""
+        s = self.image_size
+        image = image.convert("RGB")
+        w, h = image.size
+        if min(w, h) != s:
+            scale = s / min(w, h)
+            image = image.resize((max(s, round(w * scale)), max(s, round(h * scale))),
+                                 Image.Resampling.BICUBIC, reducing_gap=3.0)  # antialiased
+            w, h = image.size
+        left, top = (w - s) // 2, (h - s) // 2
+        image = image.crop((left, top, left + s, top + s))
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float [..., 3, S, S] -> normalised float."""
+        x = pixels.float() / 255 if pixels.dtype == torch.uint8 else pixels.float()
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - mean[0]) / std[0] if x.dim() == 3 else (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised [B, 3, S, S] -> pixels in [0, 1]."""
+        return (x.float() * self.std.to(x.device) + self.mean.to(x.device)).clamp(0, 1)
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> normalised FloatTensor [3, S, S]."""
+        return self.normalize(self.crop_uint8(image))
+
+    # ---- codes -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images, batch_size: int = 64) -> torch.Tensor:
+        """list of PIL images, or normalised [B, 3, S, S] -> LongTensor [B, grid*grid] (CPU)."""
+        self.model.eval()
+        s = self.image_size
+        if torch.is_tensor(images) and (images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s)):
+            raise ValueError(f"images must be [B, 3, {s}, {s}] normalised, got {list(images.shape)}")
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            x = chunk if torch.is_tensor(chunk) else torch.stack([self.prepare(im) for im in chunk])
+            out.append(self.model.encode(x.to(self.device).float()).flatten(1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.grid ** 2, dtype=torch.long)
+
+    @torch.no_grad()
+    def decode_to_tensor(self, codes, batch_size: int = 64) -> torch.Tensor:
+        """Codes [B, grid*grid] -> FloatTensor [B, 3, S, S] in [0, 1] (CPU)."""
+        self.model.eval()
+        codes = torch.as_tensor(codes, dtype=torch.long)
+        if codes.dim() != 2 or codes.shape[1] != self.grid ** 2:
+            raise ValueError(f"codes must be [B, {self.grid ** 2}], got {list(codes.shape)}")
+        out = [self.denormalize(self.model.decode(codes[i:i + batch_size].to(self.device))).cpu()
+               for i in range(0, codes.shape[0], batch_size)]
+        return torch.cat(out)
+
+    def decode_codes(self, codes, batch_size: int = 64) -> list[Image.Image]:
+        """Codes [B, grid*grid] -> list of RGB PIL images of S x S pixels."""
+        pixels = (self.decode_to_tensor(codes, batch_size) * 255).round().byte()  # [B, 3, S, S]
+        return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
+
+    # ---- files -----------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Atomic write of {"format", "config", "state_dict"}; readable with weights_only=True."""
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save({"format": FORMAT, "config": self.config.to_dict(), "state_dict": state}, tmp)
+        os.replace(tmp, path)
+        self.sha256, self.path = file_sha256(path), path
+
+    @classmethod
+    def load(cls, path: str, device="cpu") -> "ImageTokenizer":
+        """Our own checkpoint, as written by `save`."""
+        ckpt = _torch_load(path, "image tokenizer checkpoint")
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+            found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+            hint = " (a CogView file? use from_cogview)" if isinstance(ckpt, dict) and "format" not in ckpt else ""
+            raise ValueError(f"{path}: not an image tokenizer checkpoint of format {FORMAT} "
+                             f"(found {found!r}){hint}")
+        model = VQVAE(VQVAEConfig.from_dict(ckpt["config"], source=f"{path} config"))
+        _check_state_dict(model, ckpt["state_dict"], path)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        return cls(model.to(device), sha256=file_sha256(path), path=path)
+
+    @classmethod
+    def from_cogview(cls, path: str, device="cpu") -> "ImageTokenizer":
+        """CogView's released tokenizer: a raw state dict, or one under 'module'/'state_dict', with
+        or without DataParallel's `module.` key prefix."""
+        sd = _torch_load(path, "CogView image tokenizer")
+        for key in ("module", "state_dict"):
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+        if not isinstance(sd, dict) or not sd:
+            raise ValueError(f"{path}: expected a state dict of CogView's VQ-VAE, found {type(sd).__name__}")
+        if all(k.startswith("module.") for k in sd):
+            sd = {k[len("module."):]: v for k, v in sd.items()}
+        model = VQVAE(VQVAEConfig.cogview())
+        _check_state_dict(model, sd, f"{path} (CogView VQ-VAE layout)")
+        model.load_state_dict(sd, strict=True)  # copies fp16 weights into fp32 parameters
+        return cls(model.to(device), sha256=file_sha256(path), path=path)

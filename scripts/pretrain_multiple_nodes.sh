@@ -46,8 +46,9 @@ Environment variables (defaults in brackets):
   DIST_TIMEOUT_MIN     minutes a rank waits in a collective before failing; exported to the ranks
                        as MEGATRON_T2I_DIST_TIMEOUT_MINUTES [10]
   LAUNCH_TIMEOUT       stop the whole launch after this many seconds, 0 for never [0]
-  FAIL_GRACE           seconds the other nodes get to end once one node has failed; then the
-                       launch is stopped [30]
+  FAIL_GRACE           seconds the other nodes get to end once one node has failed (then the
+                       launch is stopped), and that ranks get after the TERM that stops a launch
+                       (pretrain.py saves a checkpoint on TERM) before they are killed [60]
   RUN_DIR              where the generated hostfile, ssh config and environment file go
                        [a new folder in TMPDIR (/tmp), removed at exit]
  Network
@@ -66,9 +67,11 @@ EOF
   echo "  ${DEFAULT_ARGS[*]}"
 }
 
-DEFAULT_ARGS=(--model-size demo --data-path data/tokens.lmdb --train-iters 2000 --micro-batch-size 4
-              --lr 5e-5 --weight-decay 0.04 --clip-grad 0.1 --log-interval 10
-              --save checkpoints/multinode --save-interval 500)
+# CogView's multi-node settings (ZeRO stage 1, micro-batch 4, clip 0.1, lr 5e-5, weight decay 0.04)
+# on the demo model and the embedded default data set.
+DEFAULT_ARGS=(--model-size demo --data-path data/tokens.lmdb --deepspeed_config scripts/ds_config_zero1.json
+              --train-iters 2000 --micro-batch-size 4 --lr 5e-5 --weight-decay 0.04 --clip-grad 0.1
+              --log-interval 10 --save checkpoints/multinode --save-interval 500)
 
 die() { echo "$ME: $*" >&2; exit 1; }
 
@@ -92,7 +95,7 @@ SSH_TIMEOUT=${SSH_TIMEOUT:-10}
 MASTER_PORT=${MASTER_PORT:-29500}
 DIST_TIMEOUT_MIN=${DIST_TIMEOUT_MIN:-10}
 LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT:-0}
-FAIL_GRACE=${FAIL_GRACE:-30}
+FAIL_GRACE=${FAIL_GRACE:-60}
 OPTIONS_NCCL=${OPTIONS_NCCL:-auto}
 
 case "$LAUNCHER" in deepspeed|openmpi|torchrun) ;;
@@ -218,7 +221,6 @@ case "$LAUNCHER" in
     remote+=" --master-port=$MASTER_PORT$(printf ' %q' "$PROGRAM" "$@")"
     LAUNCH=(pdsh -S -f 1024 -t "$SSH_TIMEOUT" -w "$HOST_LIST" "$remote") ;;
 esac
-(( LAUNCH_TIMEOUT > 0 )) && LAUNCH=(timeout --kill-after=30 "$LAUNCH_TIMEOUT" "${LAUNCH[@]}")
 
 if (( DRY_RUN )); then
   for i in "${!HOSTS[@]}"; do echo "# node $i: ${HOSTS[$i]} slots=${SLOTS[$i]}"; done
@@ -271,11 +273,22 @@ done
 (( failed )) && exit 1
 
 # --- launch -----------------------------------------------------------------------------------
+# The launch runs in a session of its own and is stopped by killing that session: signalling
+# DeepSpeed's runner would make it `pkill -f deepspeed.launcher.launch` on every node, other jobs'
+# launchers included. What runs on the nodes is then stopped by job id (scripts/lib/kill_job.sh).
+STOP_STATUS=0
+stop_launch() {  # STATUS WHY
+  (( STOP_STATUS )) && return 0
+  STOP_STATUS=$1
+  echo "$ME: stopping the launch: $2" >&2
+  kill -KILL -- "-$launch_pid" 2>/dev/null || true
+}
+
 # pdsh reports a node whose command failed ("pdsh@here: node1: ssh exited with exit code 1") but
 # waits for the others, and a node with a hung rank (stopped, or stuck outside any collective) would
 # keep it waiting forever: once a node has failed, the others get FAIL_GRACE seconds to end.
-watch_launch() {  # LAUNCH_PID; copies the launch's output from stdin to stdout
-  local pid=$1 line partial="" failed_at=0
+watch_launch() {  # copies the launch's output from stdin to stdout, stops it when it must
+  local line partial="" failed_at=0 failed_status=1
   while :; do
     if IFS= read -r -t 1 line; then
       line=$partial$line
@@ -284,6 +297,7 @@ watch_launch() {  # LAUNCH_PID; copies the launch's output from stdin to stdout
       if (( failed_at == 0 )) \
          && [[ "$line" =~ ^pdsh@[^:]*:\ ([^:]+):\ ssh\ exited\ with\ exit\ code\ ([1-9][0-9]*) ]]; then
         failed_at=$SECONDS
+        failed_status=${BASH_REMATCH[2]}
         echo "$ME: ${BASH_REMATCH[1]} failed; the other nodes get FAIL_GRACE=${FAIL_GRACE}s to end" >&2
       fi
     elif (( $? > 128 )); then  # no full line within a second (or a signal): keep what came
@@ -293,31 +307,31 @@ watch_launch() {  # LAUNCH_PID; copies the launch's output from stdin to stdout
       return 0
     fi
     if (( failed_at > 0 && SECONDS - failed_at >= FAIL_GRACE )); then
-      echo "$ME: stopping the launch: nodes still running ${FAIL_GRACE}s after a failure" >&2
-      kill -TERM "$pid" 2>/dev/null || true
-      failed_at=-1
+      stop_launch "$failed_status" "nodes still running ${FAIL_GRACE}s after a node failed"
+    fi
+    if (( LAUNCH_TIMEOUT > 0 && SECONDS - launch_start >= LAUNCH_TIMEOUT )); then
+      stop_launch 124 "LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT}s reached"
     fi
   done
 }
 
 echo "$ME: $LAUNCHER on ${#HOSTS[@]} nodes ($HOST_LIST), rank 0 at $MASTER_ADDR:$MASTER_PORT" >&2
 mkfifo "$RUN_DIR/output"
-"${LAUNCH[@]}" > "$RUN_DIR/output" 2>&1 &
+launch_start=$SECONDS
+setsid "${LAUNCH[@]}" > "$RUN_DIR/output" 2>&1 &
 launch_pid=$!
-# Ctrl-C or a TERM: the launch stops its ranks, and the clean-up below still runs.
-trap 'kill -TERM "$launch_pid" 2>/dev/null || true' INT TERM
-watch_launch "$launch_pid" < "$RUN_DIR/output"
+trap 'stop_launch 130 interrupted' INT
+trap 'stop_launch 143 terminated' TERM
+watch_launch < "$RUN_DIR/output"
 status=0
 wait "$launch_pid" || status=$?
+(( STOP_STATUS == 0 )) || status=$STOP_STATUS
 if (( status != 0 )); then
-  if (( status == 124 && LAUNCH_TIMEOUT > 0 )); then
-    echo "$ME: stopped after LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT}s" >&2
-  fi
   echo "$ME: the launch failed (status $status); stopping what is left of it on every node" >&2
   # Ranks that lost a peer may still wait in a collective: end them (they carry the job id).
   if command -v pdsh >/dev/null; then
-    timeout $((SSH_TIMEOUT + 30)) pdsh -f 1024 -w "$HOST_LIST" \
-      "bash $(printf '%q' "$ROOT/scripts/lib/kill_job.sh") $JOB_ID 10" >&2 || true
+    timeout $((SSH_TIMEOUT + FAIL_GRACE + 30)) pdsh -f 1024 -t "$SSH_TIMEOUT" -w "$HOST_LIST" \
+      "bash $(printf '%q' "$ROOT/scripts/lib/kill_job.sh") $JOB_ID $FAIL_GRACE" >&2 || true
   fi
 fi
 exit "$status"

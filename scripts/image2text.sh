@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Caption images with a caption model (trained with --tasks i2t, e.g. t2i:1,i2t:1).
+# With no arguments: the first images of the embedded default data set, captioned by
+# ./checkpoints/demo with beam search; captions printed and written to $OUTPUT_PATH/captions.tsv
+# (a new captions-N.tsv when one exists).
+#
+# Your own images: INPUT_SOURCE=list.txt ./scripts/image2text.sh   (one image path per line;
+# id<TAB>path with --with-id). Extra arguments go to generate_samples.py, e.g. --beam-size 0
+# --batch-size 4 --top-k 20 to sample 4 captions per image.
+set -euo pipefail
+
+usage() {
+  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<'HELP'
+
+Environment variables (defaults in brackets):
+  LOAD           checkpoint folder [./checkpoints/demo]
+  INPUT_SOURCE   file of image paths, or 'interactive' [the first $NUM_IMAGES of $DATA_DIR/synthetic]
+  NUM_IMAGES     images taken from the embedded default [8]
+  DATA_DIR       where preprocess.sh wrote the embedded default [./data]
+  OUTPUT_PATH    output folder [./samples/image2text]
+  BEAM_SIZE      beams (1: greedy; 0: sample --batch-size captions) [4]
+  MP_SIZE        tensor-parallel processes, as the checkpoint was saved [1]
+HELP
+}
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+LOAD=${LOAD:-$ROOT/checkpoints/demo}
+DATA_DIR=${DATA_DIR:-$ROOT/data}
+NUM_IMAGES=${NUM_IMAGES:-8}
+OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/image2text}
+BEAM_SIZE=${BEAM_SIZE:-4}
+MP_SIZE=${MP_SIZE:-1}
+INPUT_SOURCE=${INPUT_SOURCE:-}
+
+[[ -d "$LOAD" ]] || { echo "image2text.sh: no checkpoint at $LOAD; train a caption model first:" \
+  "./scripts/pretrain_single_node.sh --tasks t2i:1,i2t:1" >&2; exit 2; }
+mkdir -p "$OUTPUT_PATH"
+if [[ -z "$INPUT_SOURCE" ]]; then
+  [[ -d "$DATA_DIR/synthetic" ]] || { echo "image2text.sh: no images in $DATA_DIR/synthetic; run" \
+    "./scripts/preprocess.sh or set INPUT_SOURCE" >&2; exit 2; }
+  INPUT_SOURCE=$OUTPUT_PATH/inputs.txt
+  find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | head -n "$NUM_IMAGES" > "$INPUT_SOURCE"
+fi
+
+args=(--task image2text --load "$LOAD" --input-source "$INPUT_SOURCE"
+      --output-path "$OUTPUT_PATH" --beam-size "$BEAM_SIZE")
+if (( MP_SIZE > 1 )); then
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node "$MP_SIZE" generate_samples.py \
+    "${args[@]}" "$@"
+else
+  "$PY" generate_samples.py "${args[@]}" "$@"
+fi

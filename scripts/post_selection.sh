@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Rank candidate images by how well they explain a text: the caption model's log-likelihood of
+# the text given each image (optionally also an open_clip model's similarity, local weights only).
+# With no arguments: queries made from the embedded default data set, each the caption of one
+# image and 4 candidate images among which it is; ranked by ./checkpoints/demo. Scores go to
+# $OUTPUT_PATH/post_selection.tsv, the best $TOP images of each query to $OUTPUT_PATH/{text}/.
+#
+# Your own queries: INPUT_SOURCE=queries.tsv ./scripts/post_selection.sh  (text<TAB>img1<TAB>img2...)
+# Extra arguments go to generate_samples.py, e.g. --clip-model ViT-B-32 --clip-checkpoint FILE.
+set -euo pipefail
+
+usage() {
+  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<'HELP'
+
+Environment variables (defaults in brackets):
+  LOAD           caption model checkpoint (trained with --tasks i2t) [./checkpoints/demo]
+  INPUT_SOURCE   file of text<TAB>image... lines [made from $DATA_DIR/synthetic]
+  NUM_QUERIES    queries made from the embedded default [4]
+  DATA_DIR       where preprocess.sh wrote the embedded default [./data]
+  OUTPUT_PATH    output folder [./samples/post_selection]
+  TOP            images copied per query [1]
+  MP_SIZE        tensor-parallel processes, as the checkpoint was saved [1]
+HELP
+}
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+LOAD=${LOAD:-$ROOT/checkpoints/demo}
+DATA_DIR=${DATA_DIR:-$ROOT/data}
+NUM_QUERIES=${NUM_QUERIES:-4}
+OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/post_selection}
+TOP=${TOP:-1}
+MP_SIZE=${MP_SIZE:-1}
+INPUT_SOURCE=${INPUT_SOURCE:-}
+
+[[ -d "$LOAD" ]] || { echo "post_selection.sh: no checkpoint at $LOAD; train a caption model" \
+  "first: ./scripts/pretrain_single_node.sh --tasks t2i:1,i2t:1" >&2; exit 2; }
+mkdir -p "$OUTPUT_PATH"
+if [[ -z "$INPUT_SOURCE" ]]; then
+  [[ -d "$DATA_DIR/synthetic" ]] || { echo "post_selection.sh: no images in $DATA_DIR/synthetic;" \
+    "run ./scripts/preprocess.sh or set INPUT_SOURCE" >&2; exit 2; }
+  INPUT_SOURCE=$OUTPUT_PATH/queries.tsv
+  mapfile -t images < <(find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | head -n $((4 * NUM_QUERIES)))
+  : > "$INPUT_SOURCE"
+  for ((q = 0; 4 * q < ${#images[@]} && q < NUM_QUERIES; q++)); do
+    candidates=("${images[@]:$((4 * q)):4}")
+    truth=${candidates[$((q % ${#candidates[@]}))]}   # the captioned image, at a varying place
+    printf '%s\t%s\n' "$(tr '\t\n' '  ' < "${truth%.png}.txt" | sed 's/ *$//')" \
+      "$(IFS=$'\t'; echo "${candidates[*]}")" >> "$INPUT_SOURCE"
+  done
+fi
+
+args=(--task post-selection --load "$LOAD" --input-source "$INPUT_SOURCE"
+      --output-path "$OUTPUT_PATH" --top "$TOP")
+if (( MP_SIZE > 1 )); then
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node "$MP_SIZE" generate_samples.py \
+    "${args[@]}" "$@"
+else
+  "$PY" generate_samples.py "${args[@]}" "$@"
+fi

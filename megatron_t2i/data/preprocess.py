@@ -259,13 +259,8 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
                              max_text_tokens=max_text_tokens)
     except ValueError as e:
         raise ValueError(f"--image-size {image_size}: {e}") from None
-    low_res_grid = 0
-    if sr_low_res:
-        low_res_grid = layout.image_grid // 2
-        if image_size % 2 or image_tok.model.grid_size(image_size // 2) != low_res_grid:
-            raise ValueError(f"--sr-low-res: --image-size {image_size} halved must give a "
-                             f"{low_res_grid}x{low_res_grid} code grid (image size a multiple of "
-                             f"{2 * image_tok.config.downsample})")
+    # the grid is even (8, 16, 32 or 64), so half the image gives exactly half the grid
+    low_res_grid = layout.image_grid // 2 if sr_low_res else 0
     config = dataset_config(layout, text_tok.sha256, image_tok.sha256, image_size, low_res_grid)
     if os.path.isdir(output):
         return _existing_report(output, config, input)

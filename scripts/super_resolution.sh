@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Super-resolution: images of S px become 2S px (their g x g codes become 2g x 2g codes, sampled in
+# 9 overlapping windows) by a model fine-tuned for it. Train one on the embedded default:
+#   OUTPUT=data/tokens-sr.lmdb ./scripts/preprocess.sh --sr-low-res
+#   DATA_PATH=data/tokens-sr.lmdb SAVE=checkpoints/demo-sr ./scripts/pretrain_single_node.sh \
+#     --tasks t2i:1,sr:1 --load checkpoints/demo --finetune
+# With no arguments: the first images of the embedded default with their captions, by
+# ./checkpoints/demo-sr; PNGs in $OUTPUT_PATH/{caption}/. Extra arguments go to generate_samples.py.
+set -euo pipefail
+
+usage() {
+  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<'HELP'
+
+Environment variables (defaults in brackets):
+  LOAD           checkpoint fine-tuned with --tasks sr [./checkpoints/demo-sr]
+  INPUT_SOURCE   file of text<TAB>image_path lines, or 'interactive' [made from $DATA_DIR/synthetic]
+  NUM_IMAGES     images taken from the embedded default [4]
+  DATA_DIR       where preprocess.sh wrote the embedded default [./data]
+  OUTPUT_PATH    output folder [./samples/super_resolution]
+  BATCH_SIZE     samples per image [1]
+  TEMPERATURE    sampling temperature [1.02]
+  MP_SIZE        tensor-parallel processes, as the checkpoint was saved [1]
+HELP
+}
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+LOAD=${LOAD:-$ROOT/checkpoints/demo-sr}
+DATA_DIR=${DATA_DIR:-$ROOT/data}
+NUM_IMAGES=${NUM_IMAGES:-4}
+OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/super_resolution}
+BATCH_SIZE=${BATCH_SIZE:-1}
+TEMPERATURE=${TEMPERATURE:-1.02}
+MP_SIZE=${MP_SIZE:-1}
+INPUT_SOURCE=${INPUT_SOURCE:-}
+
+[[ -d "$LOAD" ]] || { echo "super_resolution.sh: no checkpoint at $LOAD; fine-tune one as shown" \
+  "in ./scripts/super_resolution.sh --help" >&2; exit 2; }
+mkdir -p "$OUTPUT_PATH"
+if [[ -z "$INPUT_SOURCE" ]]; then
+  [[ -d "$DATA_DIR/synthetic" ]] || { echo "super_resolution.sh: no images in $DATA_DIR/synthetic;" \
+    "run ./scripts/preprocess.sh or set INPUT_SOURCE" >&2; exit 2; }
+  INPUT_SOURCE=$OUTPUT_PATH/inputs.tsv
+  : > "$INPUT_SOURCE"
+  find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | head -n "$NUM_IMAGES" |
+    while read -r image; do
+      caption=$(tr '\t\n' '  ' < "${image%.png}.txt" | sed 's/ *$//')
+      printf '%s\t%s\n' "$caption" "$image" >> "$INPUT_SOURCE"
+    done
+fi
+
+args=(--task super-resolution --load "$LOAD" --input-source "$INPUT_SOURCE"
+      --output-path "$OUTPUT_PATH" --batch-size "$BATCH_SIZE" --temperature "$TEMPERATURE")
+if (( MP_SIZE > 1 )); then
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node "$MP_SIZE" generate_samples.py \
+    "${args[@]}" "$@"
+else
+  "$PY" generate_samples.py "${args[@]}" "$@"
+fi

@@ -1,0 +1,139 @@
+"""Text-to-image sampling throughput with and without the KV cache, printed as JSON.
+
+For each model size and batch size: image tokens/s and images/s of `generate` (the decoding loop
+of text2image, VQ-VAE decoding excluded) on random weights, beside a matmul rate measured in the
+same run, so the figures compare across machines (useful MFU = one forward per generated token /
+matmul FLOP/s; the uncached path spends more FLOPs than that, recomputing its prefix).
+
+A case runs all the image's tokens when that fits in --max-seconds (method "all steps"). Otherwise
+it times the prompt pass plus the first --steps tokens, and scales each later step by the FLOP
+model of megatron_t2i.training.flops (a cached step attends to more keys as the image grows; an
+uncached step recomputes the whole, longer sequence): method "first K steps, extrapolated".
+
+    python bench/generation_throughput.py --quick          # ~2 minutes on 2 CPU cores
+    python bench/generation_throughput.py --dtype bf16     # a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from megatron_t2i.config import model_config  # noqa: E402
+from megatron_t2i.generation.decoding import generate, image_vocab_mask  # noqa: E402
+from megatron_t2i.generation.sampling import SamplingConfig  # noqa: E402
+from megatron_t2i.model.gpt import GPT  # noqa: E402
+from megatron_t2i.tokenizers.layout import TokenLayout  # noqa: E402
+from megatron_t2i.training.flops import matmul_flops, model_flops_per_token  # noqa: E402
+
+# the layouts these sizes are used with: the demo data (preprocess.sh defaults: 64 px images,
+# 16x16 codes of 512, 1000 text ids) and CogView's vocabulary and 32x32 grid for the tutorial size
+LAYOUTS = {"demo": TokenLayout(num_image_codes=512, num_text_tokens=1000, image_grid=16,
+                               max_text_tokens=28, name="demo"),
+           "cogview-tutorial": TokenLayout.cogview()}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_generate(model, layout, batch, num_tokens, use_cache, device):
+    """One `generate` call (a full-length caption prompt, `num_tokens` image codes) -> (seconds
+    in all, seconds of the prompt pass, mean seconds of each later step). The steps are timed
+    inside the call (a hook stamps the end of every model call), not as a difference of runs."""
+    seq = layout.text_to_image(torch.arange(layout.max_text_tokens) % layout.num_text_tokens)
+    prompt = seq.tokens.to(device).expand(batch, -1)
+    positions = seq.position_ids.to(device).expand(batch, -1)
+    generators = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
+    mask = image_vocab_mask(layout, model.config.vocab_size).to(device)
+    stamps = []
+
+    def stamp(*_):
+        synchronize(device)
+        stamps.append(time.perf_counter())
+
+    hook = model.register_forward_hook(stamp)
+    synchronize(device)
+    start = time.perf_counter()
+    try:
+        generate(model, prompt, positions, num_tokens, SamplingConfig(top_k=200), mask,
+                 generators, use_cache=use_cache, vocab_size=layout.vocab_size)
+        synchronize(device)
+    finally:
+        hook.remove()
+    seconds = time.perf_counter() - start
+    per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
+    return seconds, stamps[0] - start, per_step
+
+
+def step_cost(config, prompt_len: int, step: int, use_cache: bool) -> float:
+    """Relative FLOPs of decoding step `step` (0 = the token after the prompt; its prefill aside)."""
+    length = prompt_len + step
+    per_token = model_flops_per_token(config, length, training=False)
+    return per_token * (length if not use_cache else 1)
+
+
+def measure(size, model, batch, use_cache, args, device) -> dict:
+    layout, config = LAYOUTS[size], model.config
+    n = layout.image_tokens
+    prompt_len = layout.max_text_tokens + 3
+    timed_generate(model, layout, batch, 2, use_cache, device)  # warm-up
+    k = min(args.steps, n - 1)
+    _, prompt_pass, per_step = timed_generate(model, layout, batch, 1 + k, use_cache, device)
+    # the timed steps 1..k stand for steps 1..n-1 in proportion to their FLOPs
+    timed = sum(step_cost(config, prompt_len, s, use_cache) for s in range(1, k + 1)) / k
+    rest = sum(step_cost(config, prompt_len, s, use_cache) for s in range(1, n))
+    seconds = prompt_pass + per_step * rest / timed
+    method = f"first {k} steps, extrapolated"
+    if seconds <= args.max_seconds:
+        seconds, method = timed_generate(model, layout, batch, n, use_cache, device)[0], "all steps"
+    tokens_per_s = batch * n / seconds
+    useful = model_flops_per_token(config, prompt_len + n, training=False) * tokens_per_s
+    return {"model_size": size, "parameters": config.num_parameters(), "image_tokens": n,
+            "batch": batch, "kv_cache": use_cache, "method": method,
+            "seconds_per_batch": round(seconds, 3), "image_tokens_per_s": round(tokens_per_s, 1),
+            "images_per_s": round(batch / seconds, 4), "useful_mfu": round(useful / args.rate, 4)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--steps", type=int, default=8, help="timed steps of an extrapolated case")
+    p.add_argument("--max-seconds", type=float, default=60.0,
+                   help="run every step of a case whose estimate is at most this")
+    p.add_argument("--quick", action="store_true", help="3 timed steps, no full runs over 5 s")
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.max_seconds = 3, 5.0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    args.rate = matmul_flops(dtype, device)
+    cases = []
+    with torch.no_grad():
+        for size in args.sizes:
+            config = model_config(size, LAYOUTS[size], hidden_dropout=0.0, attention_dropout=0.0)
+            torch.manual_seed(0)
+            model = GPT(config, device=device, params_dtype=dtype).eval()
+            cases += [measure(size, model, batch, cache, args, device)
+                      for batch in args.batches for cache in (True, False)]
+    speedup = {f"{c['model_size']} batch {c['batch']}": round(u["seconds_per_batch"] /
+                                                               c["seconds_per_batch"], 2)
+               for c, u in zip(cases[::2], cases[1::2])}
+    print(json.dumps({"benchmark": "generation_throughput", "device": str(device),
+                      "dtype": args.dtype, "threads": torch.get_num_threads(),
+                      "matmul_gflops_per_s": round(args.rate / 1e9, 1),
+                      "kv_cache_speedup": speedup, "results": cases}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

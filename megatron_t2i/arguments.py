@@ -277,6 +277,9 @@ def validate(args, outputs=()) -> None:
     for flag in ("top_k", "cfg_scale", "rerank_top", "beam_size", "top"):
         if a.get(flag, 0) < 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 0, got {a[flag]}")
+    source = a.get("input_source")
+    if source and source != "interactive" and not os.path.isfile(source):
+        raise ArgumentError(f"--input-source {source}: no such file (or use 'interactive')")
 
 
 def parse_args(argv=None, groups=GROUPS, description=None, prog=None, outputs=()):

@@ -46,17 +46,17 @@ def sample_codes(ctx, args, prompt: Sequence, uncond: Sequence | None, num_token
     Rounds of at most --max-inference-batch-size rows; `uncond` is CFG's prompt (None: no CFG)."""
     allowed = image_vocab_mask(ctx.layout, ctx.config.vocab_size).to(ctx.device)
     rows, step = [], args.max_inference_batch_size
+    rounds = (len(seeds) + step - 1) // step
     for start in range(0, len(seeds), step):
         chunk = seeds[start:start + step]
-        b = len(chunk)
         generators = [torch.Generator(device=ctx.device).manual_seed(s) for s in chunk]
 
-        def batch(seq):
-            return seq.tokens.to(ctx.device).expand(b, -1), seq.position_ids.to(ctx.device).expand(b, -1)
+        def batch(seq):  # [L] -> [rows, L] on the device
+            return (seq.tokens.to(ctx.device).expand(len(chunk), -1),
+                    seq.position_ids.to(ctx.device).expand(len(chunk), -1))
 
         tokens, positions = batch(prompt)
         uncond_tokens, uncond_positions = batch(uncond) if uncond is not None else (None, None)
-        rounds = (len(seeds) + step - 1) // step
         label = f"{desc} round {start // step + 1}/{rounds}" if rounds > 1 else desc
         rows.append(generate(
             ctx.model, tokens, positions, num_tokens, sampling_config(args), allowed, generators,

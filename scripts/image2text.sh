@@ -20,24 +20,20 @@ Environment variables (defaults in brackets):
   DATA_DIR       where preprocess.sh wrote the embedded default [./data]
   OUTPUT_PATH    output folder [./samples/image2text]
   BEAM_SIZE      beams (1: greedy; 0: sample --batch-size captions) [4]
-  MP_SIZE        tensor-parallel processes, as the checkpoint was saved [1]
+Launching (MP_SIZE, NUM_GPUS, MASTER_PORT): see ./scripts/text2image.sh --help
 HELP
 }
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-PY=${PYTHON:-python3}
 LOAD=${LOAD:-$ROOT/checkpoints/demo}
 DATA_DIR=${DATA_DIR:-$ROOT/data}
 NUM_IMAGES=${NUM_IMAGES:-8}
 OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/image2text}
 BEAM_SIZE=${BEAM_SIZE:-4}
-MP_SIZE=${MP_SIZE:-1}
 INPUT_SOURCE=${INPUT_SOURCE:-}
 
-[[ -d "$LOAD" ]] || { echo "image2text.sh: no checkpoint at $LOAD; train a caption model first:" \
-  "./scripts/pretrain_single_node.sh --tasks t2i:1,i2t:1" >&2; exit 2; }
 mkdir -p "$OUTPUT_PATH"
 if [[ -z "$INPUT_SOURCE" ]]; then
   [[ -d "$DATA_DIR/synthetic" ]] || { echo "image2text.sh: no images in $DATA_DIR/synthetic; run" \
@@ -48,9 +44,5 @@ fi
 
 args=(--task image2text --load "$LOAD" --input-source "$INPUT_SOURCE"
       --output-path "$OUTPUT_PATH" --beam-size "$BEAM_SIZE")
-if (( MP_SIZE > 1 )); then
-  "$PY" -m torch.distributed.run --standalone --nproc_per_node "$MP_SIZE" generate_samples.py \
-    "${args[@]}" "$@"
-else
-  "$PY" generate_samples.py "${args[@]}" "$@"
-fi
+# text2image.sh finds the checkpoint's tensor-parallel size and launches as many processes
+exec "$ROOT/scripts/text2image.sh" "${args[@]}" "$@"

@@ -20,24 +20,20 @@ Environment variables (defaults in brackets):
   DATA_DIR       where preprocess.sh wrote the embedded default [./data]
   OUTPUT_PATH    output folder [./samples/post_selection]
   TOP            images copied per query [1]
-  MP_SIZE        tensor-parallel processes, as the checkpoint was saved [1]
+Launching (MP_SIZE, NUM_GPUS, MASTER_PORT): see ./scripts/text2image.sh --help
 HELP
 }
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-PY=${PYTHON:-python3}
 LOAD=${LOAD:-$ROOT/checkpoints/demo}
 DATA_DIR=${DATA_DIR:-$ROOT/data}
 NUM_QUERIES=${NUM_QUERIES:-4}
 OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/post_selection}
 TOP=${TOP:-1}
-MP_SIZE=${MP_SIZE:-1}
 INPUT_SOURCE=${INPUT_SOURCE:-}
 
-[[ -d "$LOAD" ]] || { echo "post_selection.sh: no checkpoint at $LOAD; train a caption model" \
-  "first: ./scripts/pretrain_single_node.sh --tasks t2i:1,i2t:1" >&2; exit 2; }
 mkdir -p "$OUTPUT_PATH"
 if [[ -z "$INPUT_SOURCE" ]]; then
   [[ -d "$DATA_DIR/synthetic" ]] || { echo "post_selection.sh: no images in $DATA_DIR/synthetic;" \
@@ -55,9 +51,5 @@ fi
 
 args=(--task post-selection --load "$LOAD" --input-source "$INPUT_SOURCE"
       --output-path "$OUTPUT_PATH" --top "$TOP")
-if (( MP_SIZE > 1 )); then
-  "$PY" -m torch.distributed.run --standalone --nproc_per_node "$MP_SIZE" generate_samples.py \
-    "${args[@]}" "$@"
-else
-  "$PY" generate_samples.py "${args[@]}" "$@"
-fi
+# text2image.sh finds the checkpoint's tensor-parallel size and launches as many processes
+exec "$ROOT/scripts/text2image.sh" "${args[@]}" "$@"

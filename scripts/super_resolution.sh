@@ -20,25 +20,21 @@ Environment variables (defaults in brackets):
   OUTPUT_PATH    output folder [./samples/super_resolution]
   BATCH_SIZE     samples per image [1]
   TEMPERATURE    sampling temperature [1.02]
-  MP_SIZE        tensor-parallel processes, as the checkpoint was saved [1]
+Launching (MP_SIZE, NUM_GPUS, MASTER_PORT): see ./scripts/text2image.sh --help
 HELP
 }
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-PY=${PYTHON:-python3}
 LOAD=${LOAD:-$ROOT/checkpoints/demo-sr}
 DATA_DIR=${DATA_DIR:-$ROOT/data}
 NUM_IMAGES=${NUM_IMAGES:-4}
 OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/super_resolution}
 BATCH_SIZE=${BATCH_SIZE:-1}
 TEMPERATURE=${TEMPERATURE:-1.02}
-MP_SIZE=${MP_SIZE:-1}
 INPUT_SOURCE=${INPUT_SOURCE:-}
 
-[[ -d "$LOAD" ]] || { echo "super_resolution.sh: no checkpoint at $LOAD; fine-tune one as shown" \
-  "in ./scripts/super_resolution.sh --help" >&2; exit 2; }
 mkdir -p "$OUTPUT_PATH"
 if [[ -z "$INPUT_SOURCE" ]]; then
   [[ -d "$DATA_DIR/synthetic" ]] || { echo "super_resolution.sh: no images in $DATA_DIR/synthetic;" \
@@ -54,9 +50,5 @@ fi
 
 args=(--task super-resolution --load "$LOAD" --input-source "$INPUT_SOURCE"
       --output-path "$OUTPUT_PATH" --batch-size "$BATCH_SIZE" --temperature "$TEMPERATURE")
-if (( MP_SIZE > 1 )); then
-  "$PY" -m torch.distributed.run --standalone --nproc_per_node "$MP_SIZE" generate_samples.py \
-    "${args[@]}" "$@"
-else
-  "$PY" generate_samples.py "${args[@]}" "$@"
-fi
+# text2image.sh finds the checkpoint's tensor-parallel size and launches as many processes
+exec "$ROOT/scripts/text2image.sh" "${args[@]}" "$@"

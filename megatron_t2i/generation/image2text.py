@@ -80,7 +80,7 @@ def caption_log_likelihood(model, layout, codes: torch.Tensor, texts: list[list[
 def score_captions(ctx, text: str, codes: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """The log-likelihood of `text` given each image of codes [N, grid^2] -> float32 [N]. Called on
     every rank (it runs the model), e.g. by text2image's --rerank-top."""
-    ids = ctx.text_tokenizer.encode(text)
+    ids = ctx.text_tokenizer.encode(text, ctx.layout.max_text_tokens)  # warns once if cut
     return caption_log_likelihood(ctx.model, ctx.layout, torch.as_tensor(codes), [ids] * len(codes),
                                   batch_size)
 

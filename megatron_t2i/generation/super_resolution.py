@@ -142,7 +142,7 @@ def main_super_resolution(args, ctx) -> None:
     for query in io.queries(args, ctx.is_writer, parse):
         started = time.perf_counter()
         text, codes = query.item
-        ids = ctx.text_tokenizer.encode(text)
+        ids = ctx.text_tokenizer.encode(text, layout.max_text_tokens)  # warns once if cut
         seeds = [sample_seed(args.seed, query.index, k) for k in range(args.batch_size)]
         step = args.max_inference_batch_size
         rounds = []

@@ -15,7 +15,7 @@ import sys
 
 from megatron_t2i.config import MODEL_SIZES
 
-GROUPS = ("model", "data", "tokenizers", "training", "distributed", "generation")
+GROUPS = ("model", "data", "tokenizers", "training", "distributed", "generation", "evaluation")
 
 
 class ArgumentError(ValueError):
@@ -222,9 +222,24 @@ def add_generation_args(parser):
                        help="seed of the per-sample random streams (default: %(default)s)")
 
 
+def add_evaluation_args(parser):
+    g = parser.add_argument_group("evaluation", "evaluate.py: caption alignment, diversity, "
+                                                "tokenizer figures, held-out loss")
+    g.add_argument("--num-prompts", type=_positive_int, default=16,
+                   help="held-out captions to generate from (default: %(default)s)")
+    g.add_argument("--samples-per-prompt", type=_positive_int, default=4,
+                   help="images generated per caption (default: %(default)s)")
+    g.add_argument("--images", metavar="DIR",
+                   help="score the images of DIR (listed in DIR/attributes.jsonl) instead of "
+                        "generating; on the embedded default this checks the attribute reader")
+    g.add_argument("--reader-cache", metavar="DIR",
+                   help="where the trained attribute reader is kept (default: attribute_reader/ "
+                        "beside --synthetic-dir)")
+
+
 ADDERS = {"model": add_model_args, "data": add_data_args, "tokenizers": add_tokenizer_args,
           "training": add_training_args, "distributed": add_distributed_args,
-          "generation": add_generation_args}
+          "generation": add_generation_args, "evaluation": add_evaluation_args}
 
 
 def build_parser(groups=GROUPS, description=None, prog=None) -> argparse.ArgumentParser:

@@ -5,8 +5,9 @@ own sshd on port 2222 that accepts only the cluster key made by env/setup_ssh.sh
 in the first namespace with an ip list of both addresses, exactly as on a cluster: hostfile and ssh
 config generated, preflight over ssh, pdsh + DeepSpeed's runner, gloo over the veth interface.
 
-What must hold: pretrain.py's losses on 2 nodes x 1 process equal those of 1 node x 2 processes on
-the same global batches (torchrun, no launcher: an independent reference); killing or stopping a
+What must hold: pretrain.py's losses on 2 nodes x 1 process, through each of the three launchers,
+equal those of 1 node x 2 processes on the same global batches (torchrun, no launcher of ours: an
+independent reference); killing or stopping a
 rank on the second node makes the whole launch fail within a bound and leaves nothing behind; bad
 input gets one-line errors; the container's sshd takes the cluster key and nothing else.
 Runs as root (CI); skipped without root or `ip netns`.
@@ -322,23 +323,34 @@ def test_busy_master_port_is_reported(cluster):
 
 @needs_namespaces
 def test_two_nodes_train_like_one_node(cluster):
-    """pretrain.py, 2 nodes x 1 process through pdsh, ssh and DeepSpeed, against 1 node x 2
-    processes under plain torchrun (no launcher of ours): the same losses, dropout included."""
+    """pretrain.py on 2 nodes x 1 process through each launcher (pdsh + DeepSpeed's runner, mpirun
+    with MPI discovery, torchrun over pdsh) against 1 node x 2 processes under plain torchrun (no
+    launcher of ours): the same losses, dropout included. The four runs go at once."""
     data = write_toy_dataset(str(cluster["tmp"] / "toy.lmdb"), count=48)
     flags = [*PRETRAIN[1:], "--data-path", data, *GLOBAL_BATCH, "--train-iters", "4"]
-    reference = subprocess.Popen(
+    runs = {"one node": subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          PRETRAIN[0], *flags, "--save", str(cluster["tmp"] / "one-node")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    r = run_launcher([*flags, "--save", str(cluster["tmp"] / "two-nodes")],
-                     {**cluster["env"], "PROGRAM": PRETRAIN[0]}, netns=cluster["ns"][0], timeout=240)
-    ref_out = reference.communicate(timeout=240)[0]
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert reference.returncode == 0, ref_out[-3000:]
-    both = losses(r.stdout)
-    assert len(both) == 4 and both == pytest.approx(losses(ref_out), abs=1e-6), (both, ref_out)
-    # pdsh prefixes what each node prints: both nodes ran a launcher.
-    assert re.search(r"^node0: ", r.stdout, re.M) and re.search(r"^node1: ", r.stdout, re.M)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)}
+    # MPI discovery (DeepSpeed's) always takes port 29500; the others get their own.
+    for launcher, port in (("deepspeed", 29510), ("openmpi", 29500), ("torchrun", 29520)):
+        env = {**os.environ, **cluster["env"], "PROGRAM": PRETRAIN[0], "LAUNCHER": launcher,
+               "MASTER_PORT": str(port)}
+        runs[launcher] = subprocess.Popen(
+            ["ip", "netns", "exec", cluster["ns"][0], str(LAUNCH), *flags,
+             "--save", str(cluster["tmp"] / launcher)],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs = {name: run.communicate(timeout=400)[0] for name, run in runs.items()}
+    for name, run in runs.items():
+        assert run.returncode == 0, f"{name}:\n{outputs[name][-3000:]}"
+    reference = losses(outputs["one node"])
+    assert len(reference) == 4
+    for launcher in ("deepspeed", "openmpi", "torchrun"):
+        assert losses(outputs[launcher]) == pytest.approx(reference, abs=1e-6), launcher
+    # pdsh prefixes what each node prints: both nodes ran a per-node launcher.
+    for launcher in ("deepspeed", "torchrun"):
+        assert re.search(r"^node0: ", outputs[launcher], re.M), launcher
+        assert re.search(r"^node1: ", outputs[launcher], re.M), launcher
 
 
 def _pids_of_rank(marker: str, rank: int) -> list[int]:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Two "nodes" on one machine for tests/test_multinode.py: network namespaces joined by a veth pair,
 # with the interface called mt2i0 in both (so GLOO_SOCKET_IFNAME=mt2i0 holds on every node), the
-# addresses 10.77.0.1/24 and 10.77.0.2/24, and in each an sshd on port 2222 with a test-only config:
-# key-only root login, the host key and authorized_keys of env/setup_ssh.sh's SSH_DIR.
+# addresses 10.77.0.1/24 and 10.77.0.2/24, and in each an sshd on port 2222 with a test-only config
+# (key-only root login, the host key and authorized_keys of env/setup_ssh.sh's SSH_DIR) whose
+# sessions see the host names node0 and node1.
 # Processes in the namespaces share this machine's file system and Python, like cluster nodes
 # sharing storage and an image.
 #
@@ -56,7 +57,10 @@ StrictModes no
 PidFile $state/sshd$i.pid
 MaxStartups 100
 EOF
-    ip netns exec "$ns" /usr/sbin/sshd -f "$state/sshd_config$i" -E "$state/sshd$i.log"
+    # Each sshd in a UTS namespace of its own: the node's sessions see the host name node$i, so
+    # tools that tell nodes apart by name (OpenMPI, MPI discovery) see two machines.
+    ip netns exec "$ns" unshare --uts sh -c \
+      "hostname node$i && exec /usr/sbin/sshd -f '$state/sshd_config$i' -E '$state/sshd$i.log'"
   done
   for i in 0 1; do  # wait until both sshds accept connections
     for _ in $(seq 50); do

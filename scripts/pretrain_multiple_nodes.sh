@@ -42,7 +42,8 @@ Environment variables (defaults in brackets):
   PROGRAM              training script, relative to the repository [pretrain.py]
   PYTHON               interpreter, same path on every node [this node's python3]
   MASTER_ADDR          address of rank 0 [the first host's address]
-  MASTER_PORT          its rendezvous port, checked free before launching [29500]
+  MASTER_PORT          its rendezvous port, checked free before launching [29500]; with openmpi
+                       DeepSpeed's MPI discovery in the ranks uses 29500 whatever is set
   DIST_TIMEOUT_MIN     minutes a rank waits in a collective before failing; exported to the ranks
                        as MEGATRON_T2I_DIST_TIMEOUT_MINUTES [10]
   LAUNCH_TIMEOUT       stop the whole launch after this many seconds, 0 for never [0]
@@ -166,7 +167,8 @@ case "$OPTIONS_NCCL" in
   ethernet) SOCKET_IFNAME=${SOCKET_IFNAME:-eth0}
             RANK_ENV+=([NCCL_IB_DISABLE]=1) ;;
   auto)     ;;
-  *)        for pair in $OPTIONS_NCCL; do
+  *)        read -ra pairs <<< "$OPTIONS_NCCL"
+            for pair in "${pairs[@]}"; do
               [[ "$pair" =~ ^([A-Z][A-Z0-9_]*)=([A-Za-z0-9_.,:/^+-]*)$ ]] \
                 || die "OPTIONS_NCCL: '$pair' is not VARIABLE=value (or use ib, ethernet, auto)"
               RANK_ENV[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
@@ -316,6 +318,7 @@ watch_launch() {  # copies the launch's output from stdin to stdout, stops it wh
 }
 
 echo "$ME: $LAUNCHER on ${#HOSTS[@]} nodes ($HOST_LIST), rank 0 at $MASTER_ADDR:$MASTER_PORT" >&2
+rm -f "$RUN_DIR/output"
 mkfifo "$RUN_DIR/output"
 launch_start=$SECONDS
 setsid "${LAUNCH[@]}" > "$RUN_DIR/output" 2>&1 &

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 import generate_samples
+from distributed import run_distributed
 from generation_toy import VQ, make_checkpoint, make_tokenizers
+from megatron_t2i import mpu
 from megatron_t2i.arguments import parse_args
 from megatron_t2i.config import model_config
 from megatron_t2i.data import preprocess as prep
@@ -274,3 +276,20 @@ def test_sr_training_sequences_and_a_forward_over_them(tmp_path):
     mixed = SequenceBuilder(LAYOUT, {"t2i": 1.0, "sr": 1.0})
     assert mixed.length == LAYOUT.seq_length("sr")
     assert parse_args(["--tasks", "t2i:1,sr:1"], groups=("training",)).tasks == {"t2i": 1.0, "sr": 1.0}
+
+
+
+def _tensor_parallel_super_resolution(rank, world_size, folder, codes, seeds):
+    mpu.initialize_model_parallel(world_size, 1)
+    model, _, layout, _ = load_model(folder)
+    return sr.super_resolve(model, layout, [5, 6, 7], codes, SAMPLING, gens(seeds)).numpy()
+
+
+def test_tensor_parallel_equals_one_process(toy, tmp_path):
+    model, _, layout, _ = load_model(toy["ckpt"])
+    tp2 = make_checkpoint(str(tmp_path / "tp2"), toy["tokenizers"], tp=2, state=model.state_dict())
+    codes = torch.randint(0, layout.num_image_codes, (layout.image_tokens,),
+                          generator=torch.Generator().manual_seed(0))
+    want = sr.super_resolve(model, layout, [5, 6, 7], codes, SAMPLING, gens([1, 2]))
+    for got in run_distributed(_tensor_parallel_super_resolution, 2, tp2, codes, [1, 2]):
+        assert np.array_equal(got, want.numpy())

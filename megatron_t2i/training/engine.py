@@ -47,7 +47,8 @@ def init_distributed(backend: str | None = None, timeout_minutes: float | None =
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=minutes),
-                               auto_mpi_discovery="RANK" not in os.environ)
+                               auto_mpi_discovery="RANK" not in os.environ,
+                               distributed_port=int(os.environ.get("MASTER_PORT", "29500")))
 
 
 class DeepSpeedMPU:

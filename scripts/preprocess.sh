@@ -18,11 +18,11 @@ Environment variables (defaults in brackets):
   INPUT             images with captions: folder (.txt beside each image), TSV or JSONL
                     [empty: the embedded default, written to $DATA_DIR/synthetic]
   SYNTHETIC_COUNT   images in the embedded default [2000]
-  IMAGE_SIZE        image side in pixels [64]
+  IMAGE_SIZE        image side in pixels [32: 8x8 codes, quick on a CPU]
   TEXT_TOKENIZER    SentencePiece model; trained from the captions if missing [$DATA_DIR/text.model]
   TEXT_VOCAB_SIZE   text vocabulary when training it [1000]
   IMAGE_TOKENIZER   VQ-VAE checkpoint; trained on the images if missing [$DATA_DIR/vqvae.pt]
-  VQVAE_STEPS       VQ-VAE training steps [tokenizer default]
+  VQVAE_STEPS       VQ-VAE training steps [600]
   OUTPUT            the LMDB data set [$DATA_DIR/tokens.lmdb]
   WORKERS           parallel preprocessing workers [number of cores]
   SEED              random seed [1234]
@@ -34,11 +34,11 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DATA_DIR=${DATA_DIR:-$ROOT/data}
 INPUT=${INPUT:-}
 SYNTHETIC_COUNT=${SYNTHETIC_COUNT:-2000}
-IMAGE_SIZE=${IMAGE_SIZE:-64}
+IMAGE_SIZE=${IMAGE_SIZE:-32}
 TEXT_TOKENIZER=${TEXT_TOKENIZER:-$DATA_DIR/text.model}
 TEXT_VOCAB_SIZE=${TEXT_VOCAB_SIZE:-1000}
 IMAGE_TOKENIZER=${IMAGE_TOKENIZER:-$DATA_DIR/vqvae.pt}
-VQVAE_STEPS=${VQVAE_STEPS:-}
+VQVAE_STEPS=${VQVAE_STEPS:-600}
 OUTPUT=${OUTPUT:-$DATA_DIR/tokens.lmdb}
 WORKERS=${WORKERS:-$(nproc)}
 SEED=${SEED:-1234}

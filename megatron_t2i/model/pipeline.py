@@ -77,9 +77,11 @@ class WordEmbeddingPipe(mpu.VocabParallelEmbedding):
         if tokens.dim() != 2 or tokens.shape != position_ids.shape:
             raise ValueError(f"pipeline model: tokens and position_ids must both be [batch, seq], "
                              f"got {list(tokens.shape)} and {list(position_ids.shape)}")
-        if tokens.shape[1] > self.max_positions:
-            raise ValueError(f"pipeline model: sequence of {tokens.shape[1]} tokens is longer than "
-                             f"max_position_embeddings {self.max_positions}")
+        # as GPT.forward: longer sequences are fine when their position ids restart (super-res.)
+        if tokens.shape[1] > self.max_positions and int(position_ids.max()) >= self.max_positions:
+            raise ValueError(f"pipeline model: sequence of {tokens.shape[1]} tokens has position "
+                             f"ids up to {int(position_ids.max())}, beyond max_position_embeddings "
+                             f"{self.max_positions}")
         return super().forward(tokens), position_ids
 
 

@@ -1,0 +1,252 @@
+"""How good are a checkpoint and its image tokenizer? Figures that need no pretrained network.
+
+    python evaluate.py --load checkpoints/demo --data-path data/tokens --output-path runs/eval
+    python evaluate.py --images data/synthetic --output-path runs/eval_truth   # check the reader
+
+With --load: held-out captions of the embedded default data set (the held-out records of
+--data-path, found by their file names in --synthetic-dir/attributes.jsonl, else fresh examples of
+a seed no data set uses) are drawn --samples-per-prompt times each with text2image; an attribute
+reader (a small CNN trained once on synthetic images, cached under --reader-cache) reads every
+sample, and the report gives
+
+  - caption alignment: the share of named colours, kinds, sizes, positions, counts and
+    backgrounds found, per attribute and overall; beside it the same for the captions' own
+    pictures (clean and through the tokenizer: how far the reader can be trusted) and for samples
+    paired with other prompts' captions (chance level);
+  - diversity of the samples of one prompt;
+  - the image tokenizer's PSNR, SSIM, code usage and perplexity on held-out images;
+  - with --data-path, the held-out token loss split into image and text targets (the split
+    pretrain.py uses: pass the same --seed and --holdout-fraction).
+
+With --images DIR (attributes.jsonl as the synthetic data set writes it): the images are read and
+scored against their captions; on the ground-truth data set this checks the reader itself.
+
+Writes {--output-path}/report.json, report.md and grid.png.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from megatron_t2i.arguments import parse_args
+from megatron_t2i.data.synthetic import make_example, render
+from megatron_t2i.evaluation.metrics import alignment, diversity, heldout_losses, tokenizer_figures
+from megatron_t2i.evaluation.reader import (ReaderConfig, load_or_train, reader_path, reconstruct,
+                                            resize, to_tensor)
+from megatron_t2i.evaluation.report import write_report
+
+PROG = "evaluate.py"
+PROMPT_SEED = 271828      # fresh prompts: a seed no data set is made with by default
+TOKENIZER_IMAGES = 256    # held-out images for the tokenizer figures (at most)
+GRID_ROWS = 16
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+def read_attributes(folder: str) -> list[dict]:
+    """{folder}/attributes.jsonl -> [{"file", "caption", "attributes"}], checked line by line."""
+    path = os.path.join(folder, "attributes.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (a folder written by python -m "
+                                f"megatron_t2i.data.synthetic has one)")
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if not (isinstance(entry["file"], str) and isinstance(entry["caption"], str)
+                        and isinstance(entry["attributes"]["shapes"], list)
+                        and isinstance(entry["attributes"]["background"], str)):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path}:{number}: expected a JSON object with file, caption and "
+                                 f"attributes {{background, shapes}}") from None
+            entries.append(entry)
+    if not entries:
+        raise ValueError(f"{path}: no entries")
+    return entries
+
+
+def trained_seed(synthetic_dir: str) -> int | None:
+    try:
+        with open(os.path.join(synthetic_dir, "dataset.json"), encoding="utf-8") as f:
+            return json.load(f).get("seed")
+    except (OSError, ValueError):
+        return None
+
+
+def held_out_prompts(args, dataset, held: np.ndarray | None, count: int):
+    """-> (up to `count` [{"caption", "attributes"}], where they come from): the held-out records
+    of --data-path matched by file name to --synthetic-dir/attributes.jsonl when all of them are
+    there, else fresh examples of a seed that the synthetic data set was not made with."""
+    reason = "no --data-path"
+    if dataset is not None:
+        path = os.path.join(args.synthetic_dir, "attributes.jsonl")
+        by_file = {e["file"]: e for e in read_attributes(args.synthetic_dir)} \
+            if os.path.isfile(path) else {}
+        keys = [getattr(dataset[int(i)], "key", None) for i in held[:count]]
+        if not keys:
+            reason = "the --data-path split holds nothing out (--holdout-fraction 0?)"
+        elif by_file and all(k in by_file for k in keys):
+            return ([{"caption": by_file[k]["caption"], "attributes": by_file[k]["attributes"]}
+                     for k in keys], f"held-out records of {', '.join(args.data_path)} "
+                                     f"(--seed {args.seed}, --holdout-fraction {args.holdout_fraction})")
+        else:
+            reason = f"the held-out records of --data-path are not listed in {path}"
+    seed = PROMPT_SEED + (trained_seed(args.synthetic_dir) == PROMPT_SEED)
+    examples = (make_example(i, seed) for i in range(count))
+    return ([{"caption": e.caption, "attributes": e.attributes} for e in examples],
+            f"fresh synthetic examples of seed {seed} ({reason})")
+
+
+def renders(prompts: list[dict], size: int) -> torch.Tensor:
+    """The ground-truth pictures of prompts -> [N, 3, size, size] in [0, 1]."""
+    return to_tensor([render(p["attributes"], size) for p in prompts])
+
+
+def reader_for(args, image_size: int, tokenizer, reader):
+    """(reader, where it is cached): the given one, else the cached or newly trained one."""
+    cache = args.reader_cache or os.path.join(os.path.dirname(os.path.abspath(args.synthetic_dir)),
+                                              "attribute_reader")
+    if reader is not None:
+        return reader, None
+    config = ReaderConfig(image_size=image_size)
+    return load_or_train(cache, config, tokenizer), reader_path(cache, config, tokenizer)
+
+
+def shuffled(wanted: list[dict], shift: int) -> list[dict]:
+    """The captions of other images: every attributes dict moved by `shift` places."""
+    return wanted[shift:] + wanted[:shift]
+
+
+def without_per_image(a: dict) -> dict:
+    return {k: v for k, v in a.items() if k != "per_image"}
+
+
+# ---- the two modes -------------------------------------------------------------------------------
+def evaluate_checkpoint(args, reader=None) -> dict:
+    if importlib.util.find_spec("megatron_t2i.generation.text2image") is None:
+        raise ValueError("evaluate.py --load needs text-to-image generation "
+                         "(megatron_t2i/generation/text2image.py), which this installation lacks")
+    text2image = importlib.import_module("megatron_t2i.generation.text2image").text2image
+    from megatron_t2i.data.loader import open_dataset, split_indices
+    from megatron_t2i.generation.loading import build_context
+
+    ctx = build_context(args)
+    tokenizer, k = ctx.image_tokenizer, args.samples_per_prompt
+    size = tokenizer.image_size
+    dataset, held = None, None
+    if args.data_path:
+        dataset, data_layout = open_dataset(args.data_path)
+        ctx.layout.check_compatible(data_layout, f"--data-path {' '.join(args.data_path)}")
+        held = split_indices(len(dataset), args.holdout_fraction, args.seed)[1]
+    examples, source = held_out_prompts(args, dataset, held, max(args.num_prompts, TOKENIZER_IMAGES))
+    prompts = examples[:args.num_prompts]
+    truth = renders(examples, size)                                   # [N, 3, S, S]
+    reader, reader_file = reader_for(args, size, tokenizer, reader)
+
+    # generate: text2image draws --batch-size samples per query
+    gen_args = argparse.Namespace(**{**vars(args), "batch_size": k})
+    samples = []
+    for q, prompt in enumerate(prompts):
+        codes = text2image(ctx, gen_args, prompt["caption"], q)      # [K, grid^2]
+        samples.append(tokenizer.decode_to_tensor(codes))            # [K, 3, S, S]
+    wanted = [p["attributes"] for p in prompts for _ in range(k)]
+    found = reader.read(torch.cat(samples))
+    generated = alignment(found, wanted)
+
+    truth_prompts = truth[:len(prompts)]
+    recon = reconstruct(tokenizer, (truth_prompts * 255).round().byte(), size).float() / 255
+    report = {
+        "source": {"checkpoint": os.path.abspath(args.load), "prompts": source,
+                   "prompt_count": len(prompts), "samples_per_prompt": k, "image_size": size,
+                   "sampling": f"temperature {args.temperature}, top-k {args.top_k}, top-p "
+                               f"{args.top_p}, cfg-scale {args.cfg_scale}, seed {args.seed}",
+                   "reader": reader_file},
+        "alignment": without_per_image(generated),
+        "alignment_other_captions": without_per_image(alignment(found, shuffled(wanted, k))),
+        "reader_check_clean": without_per_image(alignment(reader.read(truth_prompts),
+                                                          [p["attributes"] for p in prompts])),
+        "reader_check_reconstructed": without_per_image(alignment(reader.read(recon),
+                                                                  [p["attributes"] for p in prompts])),
+        "diversity": diversity(samples),
+        "tokenizer": tokenizer_figures(tokenizer, truth),
+        "heldout_loss": heldout_losses(ctx.model, ctx.layout, dataset, held, args.micro_batch_size,
+                                       ctx.device) if dataset is not None and len(held) else None,
+    }
+    ok = generated["per_image"]
+    report["rows"] = [{"caption": p["caption"], "attributes": p["attributes"],
+                       "ok": ok[q * k:(q + 1) * k], "found": found[q * k:(q + 1) * k]}
+                      for q, p in enumerate(prompts)]
+    grid = [{**row, "target": truth[q], "samples": list(samples[q])}
+            for q, row in enumerate(report["rows"][:GRID_ROWS])]
+    return write_report(args.output_path, report, grid)
+
+
+def evaluate_images(args, reader=None) -> dict:
+    from megatron_t2i.data.images import load_rgb
+
+    entries = read_attributes(args.images)
+    images = []
+    for e in entries:
+        try:
+            images.append(load_rgb(os.path.join(args.images, e["file"])))
+        except ValueError as err:
+            raise ValueError(f"{os.path.join(args.images, e['file'])}: {err}") from None
+    size = images[0].size[0]
+    x = torch.cat([resize(to_tensor([im]), size) for im in images])   # [N, 3, S, S]
+    tokenizer = None
+    if args.image_tokenizer:  # a reader that also knows this tokenizer's reconstructions
+        from megatron_t2i.tokenizers.vqvae import ImageTokenizer
+        tokenizer = ImageTokenizer.load(args.image_tokenizer)
+    reader, reader_file = reader_for(args, size, tokenizer, reader)
+    wanted = [e["attributes"] for e in entries]
+    found = reader.read(x)
+    scored = alignment(found, wanted)
+    report = {
+        "source": {"images": os.path.abspath(args.images), "image_count": len(entries),
+                   "image_size": size, "reader": reader_file},
+        "alignment": without_per_image(scored),
+        "alignment_other_captions": without_per_image(alignment(found, shuffled(wanted, 1))),
+        "rows": [{"caption": e["caption"], "attributes": e["attributes"], "ok": [ok],
+                  "found": [f], "file": e["file"]}
+                 for e, ok, f in zip(entries, scored["per_image"], found)],
+    }
+    grid = [{**row, "target": render(row["attributes"], size), "samples": [x[i]]}
+            for i, row in enumerate(report["rows"][:min(GRID_ROWS, args.num_prompts)])]
+    return write_report(args.output_path, report, grid)
+
+
+def main(argv=None, reader=None) -> int:
+    """`reader`: an AttributeReader to use instead of the cached one (tests)."""
+    args = parse_args(argv, groups=("data", "tokenizers", "training", "generation", "evaluation"),
+                      description=__doc__.split("\n")[0], prog=PROG)
+    try:
+        if bool(args.load) == bool(args.images):
+            raise ValueError("give either --load CKPT (generate and evaluate) or --images DIR "
+                             "(score existing images)")
+        paths = (evaluate_checkpoint if args.load else evaluate_images)(args, reader)
+    except (ValueError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    with open(paths["json"], encoding="utf-8") as f:
+        report = json.load(f)
+    a = report["alignment"]
+    print(f"alignment over {a['images']} images: overall {a['overall']:.3f}, colour "
+          f"{a['colour']:.3f}, kind {a['kind']:.3f}, exact {a['exact']:.3f} (other captions: "
+          f"{report['alignment_other_captions']['overall']:.3f}) -> {paths['markdown']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

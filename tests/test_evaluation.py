@@ -1,0 +1,294 @@
+"""Evaluation: the attribute reader on held-out ground truth and on shuffled captions, alignment
+and diversity on hand-made cases, PSNR/SSIM against formulas and a direct window loop, tokenizer
+figures, held-out losses against a plain cross entropy, and evaluate.py end to end."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluate
+from generation_toy import make_checkpoint, make_tokenizers
+from megatron_t2i.data.lmdb_store import write_token_dataset
+from megatron_t2i.data.loader import split_indices
+from megatron_t2i.data.synthetic import make_example, write_dataset
+from megatron_t2i.evaluation import reader as reader_mod
+from megatron_t2i.evaluation.metrics import (alignment, diversity, heldout_losses, psnr, ssim,
+                                             tokenizer_figures)
+from megatron_t2i.evaluation.reader import (READER_SEED, ReaderConfig, load_or_train, load_reader,
+                                            reader_path, save_reader, to_tensor, train_reader)
+from megatron_t2i.generation.loading import load_model, load_tokenizers
+
+torch.set_num_threads(1)
+# a quick reader: clean images only, a few hundred steps (the default adds augmentation and runs
+# longer, for the blur of decoded samples)
+QUICK = ReaderConfig(steps=150, pool_size=1200, augment=False)
+
+
+@pytest.fixture(scope="module")
+def reader():
+    return train_reader(QUICK, progress=False)
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    """200 examples of a seed neither the reader nor any data set here uses."""
+    assert READER_SEED != 4242
+    examples = [make_example(i, 4242) for i in range(200)]
+    return to_tensor([e.image for e in examples]), [e.attributes for e in examples]
+
+
+# ---- the reader ----------------------------------------------------------------------------------
+def test_reader_finds_what_ground_truth_captions_name(reader, held_out):
+    images, wanted = held_out
+    scores = alignment(reader.read(images), wanted)
+    for name in ("colour", "kind", "size", "position", "count", "background"):
+        assert scores[name] >= 0.95, (name, scores)
+    assert scores["exact"] >= 0.9 and scores["images"] == 200
+
+
+def test_images_with_other_captions_score_near_chance(reader, held_out):
+    images, wanted = held_out
+    found = reader.read(images)
+    shuffled = [wanted[(i + 37) % len(wanted)] for i in range(len(wanted))]
+    scores = alignment(found, shuffled)
+    # a named shape's cell holds a shape in about 1.5 of 9 cells, of the named colour 1 time in 8
+    assert scores["colour"] < 0.1 and scores["kind"] < 0.15 and scores["position"] < 0.4
+    assert scores["background"] < 0.45 and scores["exact"] < 0.02
+
+
+def test_reader_output_is_attributes_of_the_synthetic_format(reader, held_out):
+    images, wanted = held_out
+    found = reader.read([Image.fromarray((images[0] * 255).round().byte().permute(1, 2, 0).numpy())])
+    assert found[0]["background"] == wanted[0]["background"]
+    assert {(s["row"], s["col"], s["colour"], s["position"]) for s in found[0]["shapes"]} == \
+        {(s["row"], s["col"], s["colour"], s["position"]) for s in wanted[0]["shapes"]}
+
+
+def test_reader_training_is_deterministic_and_cached(tmp_path, monkeypatch):
+    tiny = ReaderConfig(steps=3, pool_size=40, batch_size=8)
+    a, b = train_reader(tiny, progress=False), train_reader(tiny, progress=False)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    other = train_reader(ReaderConfig(steps=3, pool_size=40, batch_size=8, seed=7), progress=False)
+    assert not torch.equal(other.head.weight, a.head.weight)
+
+    cache = str(tmp_path / "cache")
+    first = load_or_train(cache, tiny, progress=False)
+    path = reader_path(cache, tiny)
+    assert os.path.isfile(path) and os.listdir(cache) == [os.path.basename(path)]  # no temp left
+    assert torch.load(path, weights_only=True)["config"]["steps"] == 3
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again instead of loading the cached reader")
+
+    monkeypatch.setattr(reader_mod, "train_reader", no_training)
+    again = load_or_train(cache, tiny, progress=False)
+    assert torch.equal(again.head.weight, first.head.weight)
+    assert reader_path(cache, ReaderConfig(steps=4)) != path  # another config, another file
+
+
+def test_broken_reader_file_is_one_clear_error(tmp_path, reader):
+    path = str(tmp_path / "reader.pt")
+    save_reader(reader, path)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"reader.pt: cannot read the attribute reader"):
+        load_reader(path)
+    with pytest.raises(FileNotFoundError, match="attribute reader not found"):
+        load_reader(str(tmp_path / "missing.pt"))
+
+
+# ---- alignment and diversity on hand-made cases --------------------------------------------------
+def _shape(colour, kind, size, row, col):
+    return {"colour": colour, "kind": kind, "size": size, "row": row, "col": col,
+            "position": "any"}
+
+
+def test_alignment_counts_each_named_attribute():
+    wanted = [{"background": "gray", "shapes": [_shape("red", "circle", "small", 0, 0),
+                                                _shape("blue", "star", "large", 1, 1)]},
+              {"background": "pink", "shapes": [_shape("green", "cross", "large", 2, 2)]}]
+    found = [{"background": "gray", "shapes": [_shape("red", "square", "small", 0, 0),   # kind wrong
+                                               _shape("blue", "star", "small", 1, 1)]},  # size wrong
+             {"background": "cyan", "shapes": [_shape("green", "cross", "large", 2, 1),  # moved
+                                               _shape("white", "star", "large", 0, 0)]}]
+    a = alignment(found, wanted)
+    # named shapes: 3; position found for 2 of them, colour 2, kind 1, size 1
+    assert (a["position"], a["colour"], a["kind"], a["size"]) == (2 / 3, 2 / 3, 1 / 3, 1 / 3)
+    assert (a["count"], a["background"]) == (1 / 2, 1 / 2)
+    assert a["overall"] == (2 + 2 + 1 + 1 + 1 + 1) / (4 * 3 + 2 + 2)
+    assert a["per_image"] == [False, False] and a["exact"] == 0
+    assert alignment(wanted, wanted)["exact"] == 1.0
+    with pytest.raises(ValueError, match="2 readings for 1 captions"):
+        alignment(found, wanted[:1])
+
+
+def test_diversity_of_identical_samples_is_zero():
+    same = torch.rand(1, 3, 8, 8).expand(4, -1, -1, -1)
+    d = diversity([same, same])
+    assert d["pairwise_distance"] == 0 and d["distinct_pairs"] == 0
+    # samples 0, 0, 1 (all pixels): pair distances 0, 1, 1
+    z, o = torch.zeros(3, 8, 8), torch.ones(3, 8, 8)
+    d = diversity([torch.stack([z, z, o])], threshold=0.5)
+    assert math.isclose(d["pairwise_distance"], 2 / 3) and math.isclose(d["distinct_pairs"], 2 / 3)
+
+
+# ---- PSNR and SSIM -------------------------------------------------------------------------------
+def test_psnr_of_known_differences():
+    a = torch.full((2, 3, 16, 16), 0.5)
+    assert torch.allclose(psnr(a + 0.1, a), torch.tensor(20.0, dtype=torch.float64))  # MSE 0.01
+    assert torch.isinf(psnr(a, a)).all()
+
+
+def test_ssim_identical_images_is_one_and_constant_images_follow_the_formula():
+    x = torch.rand(2, 3, 20, 24)
+    assert torch.allclose(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    # constant images: no variance, SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    a, b, c1 = 0.25, 0.75, 0.01 ** 2  # exact in float32
+    got = ssim(torch.full((1, 3, 12, 12), a), torch.full((1, 3, 12, 12), b))
+    assert math.isclose(got.item(), (2 * a * b + c1) / (a * a + b * b + c1), rel_tol=1e-9)
+
+
+def test_ssim_matches_a_direct_loop_over_windows():
+    """Wang et al.'s formula evaluated window by window with numpy, Gaussian weights sigma 1.5."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 2, 13, 15, generator=gen)
+    y = (x + 0.2 * torch.rand(1, 2, 13, 15, generator=gen)).clamp(0, 1)
+    t = np.arange(11) - 5
+    w = np.exp(-(t[:, None] ** 2 + t[None, :] ** 2) / (2 * 1.5 ** 2))
+    w /= w.sum()
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    values = []
+    for ch in range(2):
+        a, b = x[0, ch].double().numpy(), y[0, ch].double().numpy()
+        for i in range(13 - 10):
+            for j in range(15 - 10):
+                pa, pb = a[i:i + 11, j:j + 11], b[i:i + 11, j:j + 11]
+                ma, mb = (w * pa).sum(), (w * pb).sum()
+                va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
+                cov = (w * (pa - ma) * (pb - mb)).sum()
+                values.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    assert math.isclose(ssim(x, y).item(), float(np.mean(values)), rel_tol=1e-9)
+    assert ssim(x, y).item() < 0.99
+    with pytest.raises(ValueError, match="smaller than the 11x11 window"):
+        ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
+
+
+# ---- a toy checkpoint, its tokenizers and a token data set of the synthetic images -------------
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    tokenizers = make_tokenizers(str(root / "tokenizers"))
+    ckpt = make_checkpoint(str(root / "ckpt"), tokenizers)
+    model, _, layout, stored = load_model(ckpt)
+    text, image = load_tokenizers(layout, None, None, stored=stored)
+    synthetic = write_dataset(str(root / "synthetic"), 12, seed=5, image_size=32, progress=False)
+    entries = [json.loads(line) for line in open(os.path.join(synthetic, "attributes.jsonl"))]
+    codes = image.encode_images([Image.open(os.path.join(synthetic, e["file"])) for e in entries])
+    records = [(text.encode(e["caption"])[:layout.max_text_tokens], c.tolist(), e["file"])
+               for e, c in zip(entries, codes)]
+    tokens = str(root / "tokens")
+    write_token_dataset(tokens, records, layout)
+    return {"root": root, "ckpt": ckpt, "model": model, "layout": layout, "image": image,
+            "synthetic": synthetic, "tokens": tokens, "entries": entries}
+
+
+def test_tokenizer_figures_match_direct_computation(toy):
+    tok = toy["image"]
+    x = to_tensor([make_example(i, 9, 32).image for i in range(20)])
+    figures = tokenizer_figures(tok, x, batch_size=7)
+    codes = tok.encode_images(tok.normalize(x))
+    counts = np.bincount(codes.flatten().numpy(), minlength=tok.codebook_size)
+    p = counts[counts > 0] / counts.sum()
+    assert figures["code_usage"] == (counts > 0).sum() / tok.codebook_size
+    assert math.isclose(figures["perplexity"], float(np.exp(-(p * np.log(p)).sum())), rel_tol=1e-5)
+    y = tok.decode_to_tensor(codes).double()
+    mse = ((y - x.double()) ** 2).mean(dim=(1, 2, 3))
+    assert math.isclose(figures["psnr"], float((10 * torch.log10(1 / mse)).mean()), rel_tol=1e-9)
+    assert 0 < figures["ssim"] < 1 and figures["images"] == 20
+
+
+def test_heldout_losses_are_plain_cross_entropy_split_by_target_kind(toy):
+    from megatron_t2i.data.lmdb_store import TokenDataset
+
+    layout, model = toy["layout"], toy["model"]
+    dataset = TokenDataset(toy["tokens"])
+    indices = np.array([1, 4, 6])
+    got = heldout_losses(model, layout, dataset, indices, batch_size=2, progress=False)
+    sums = {"image": [0.0, 0], "text": [0.0, 0]}
+    for i in indices:
+        record = dataset[int(i)]
+        seq = layout.text_to_image(record.text_ids, record.image_codes)
+        tokens, positions = seq.tokens[None, :-1], seq.position_ids[None, :-1]
+        with torch.no_grad():
+            logits = model(tokens, positions, gather_logits=True)[0]       # [L-1, V]
+        targets, mask = seq.tokens[1:], seq.loss_mask[1:] > 0
+        losses = F.cross_entropy(logits.double(), targets, reduction="none")
+        for t, m, loss in zip(targets.tolist(), mask.tolist(), losses.tolist()):
+            if m:
+                kind = "image" if t < layout.num_image_codes else "text"
+                sums[kind][0] += loss
+                sums[kind][1] += 1
+    assert got["image_targets"] == sums["image"][1] == 3 * layout.image_tokens
+    assert got["text_targets"] == sums["text"][1] > 0
+    assert math.isclose(got["image_loss"], sums["image"][0] / sums["image"][1], rel_tol=1e-5)
+    assert math.isclose(got["text_loss"], sums["text"][0] / sums["text"][1], rel_tol=1e-5)
+
+
+# ---- evaluate.py ---------------------------------------------------------------------------------
+def test_evaluate_images_scores_ground_truth_and_writes_the_report(tmp_path, reader):
+    folder = write_dataset(str(tmp_path / "truth"), 40, seed=11, image_size=64, progress=False)
+    out = str(tmp_path / "report")
+    assert evaluate.main(["--images", folder, "--output-path", out, "--num-prompts", "5"],
+                         reader=reader) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["alignment"]["images"] == 40
+    assert report["alignment"]["colour"] >= 0.95 and report["alignment"]["kind"] >= 0.95
+    assert report["alignment_other_captions"]["colour"] < 0.4
+    assert len(report["rows"]) == 40 and report["grid"] == "grid.png"
+    md = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    assert "## Caption alignment" in md and f"{report['alignment']['colour']:.3f}" in md
+    assert "![examples](grid.png)" in md
+    grid = Image.open(os.path.join(out, "grid.png"))
+    assert grid.size[1] > 5 * 96  # five rows of enlarged images
+    assert sorted(os.listdir(out)) == ["grid.png", "report.json", "report.md"]  # no temp files
+
+
+def test_evaluate_checkpoint_generates_and_reports_every_figure(tmp_path, toy, reader):
+    out = str(tmp_path / "report")
+    argv = ["--load", toy["ckpt"], "--data-path", toy["tokens"], "--synthetic-dir", toy["synthetic"],
+            "--holdout-fraction", "0.25", "--seed", "3", "--num-prompts", "2",
+            "--samples-per-prompt", "3", "--device", "cpu", "--output-path", out]
+    assert evaluate.main(argv, reader=reader) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    held = split_indices(12, 0.25, 3)[1]
+    captions = [toy["entries"][i]["caption"] for i in held[:2]]
+    assert [r["caption"] for r in report["rows"]] == captions
+    assert "held-out records" in report["source"]["prompts"]
+    assert all(len(r["ok"]) == 3 and len(r["found"]) == 3 for r in report["rows"])
+    assert report["alignment"]["images"] == 6
+    assert report["heldout_loss"]["records"] == len(held) and report["heldout_loss"]["image_loss"] > 0
+    t = report["tokenizer"]
+    assert t["images"] == len(held) and 0 < t["code_usage"] <= 1 and t["psnr"] > 0
+    assert report["diversity"]["pairwise_distance"] > 0  # random samples of a random model
+    md = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    for section in ("Caption alignment", "Diversity", "Image tokenizer", "Held-out token loss"):
+        assert f"## {section}" in md
+
+
+def test_bad_invocations_are_one_line_errors(tmp_path, capsys, reader):
+    assert evaluate.main(["--output-path", str(tmp_path)], reader=reader) == 2
+    assert "give either --load CKPT" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert evaluate.main(["--images", str(empty), "--output-path", str(tmp_path)], reader=reader) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "attributes.jsonl: no such file" in err
+    (empty / "attributes.jsonl").write_text('{"file": "a.png"}\n')
+    assert evaluate.main(["--images", str(empty), "--output-path", str(tmp_path)], reader=reader) == 2
+    assert "attributes.jsonl:1: expected a JSON object" in capsys.readouterr().err

@@ -17,8 +17,9 @@ the checkpoint's VQ-VAE and the caption decoded after [ROI1]:
       its own seed as in text2image.
 A caption has at most max_text_tokens ids, as in training; a caption of that length ends there
 (the training template has no room for its end token, so that end is forced and scores 0).
-Captions are printed and appended, as they come, to {out}/captions.tsv (`path<TAB>caption`, the
-format preprocess reads); a run never touches another run's file: it takes captions-1.tsv, ...
+Captions are printed and appended, as they come, to {out}/captions.tsv (`path<TAB>caption` with
+absolute paths: a TSV preprocess reads); a run never touches another run's file: it takes
+captions-1.tsv, ...
 
 Caption likelihood: the sum of log p(token | image, earlier tokens) over the caption's tokens and
 its end token, each distribution renormalised over the caption vocabulary (text ids and [PAD]).
@@ -277,7 +278,7 @@ def main_image2text(args, ctx) -> None:
         label = f"{query.id} " if query.id is not None else ""
         for ids, log_likelihood in captions:
             text = ctx.text_tokenizer.decode(ids)
-            append_row(results, [path, text])
+            append_row(results, [os.path.abspath(path), text])
             print(f"[{query.index}] {label}{path}: {text!r} (log-likelihood {log_likelihood:.2f}, "
                   f"{len(ids) + 1} tokens)", flush=True)
     if ctx.is_writer:

@@ -75,6 +75,7 @@ def fill(model, prompt: torch.Tensor, position_ids: torch.Tensor, given: torch.T
     known = given[0] >= 0                                                     # [N]
     if not torch.equal(given >= 0, known.expand_as(given)):
         raise ValueError("fill: the given positions must be the same in every row")
+    known = known.tolist()  # read on the host once, not one device sync per token
     n, last = given.shape[1], position_ids[:, -1]
     limit = model.config.max_position_embeddings
     if int(position_ids.max()) >= limit or int(last.max()) + n - 1 >= limit:

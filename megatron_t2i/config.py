@@ -20,6 +20,7 @@ class ModelConfig:
     num_attention_heads: int
     vocab_size: int                      # padded: a multiple of 128 x the largest TP size planned
     max_position_embeddings: int
+    num_tokens: int = 0                  # ids in use (<= vocab_size); padding logits are masked
     ffn_hidden_size: int = 0             # 0 means 4 x hidden_size
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
@@ -38,6 +39,9 @@ class ModelConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"model config: num_attention_heads {self.num_attention_heads} does not "
                              f"divide hidden_size {self.hidden_size}")
+        if self.num_tokens > self.vocab_size:
+            raise ValueError(f"model config: num_tokens {self.num_tokens} exceeds vocab_size "
+                             f"{self.vocab_size}")
         if self.ffn_hidden_size == 0:
             object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
 
@@ -97,5 +101,5 @@ def model_config(size: str, layout: TokenLayout | None = None, max_tensor_parall
         else layout.max_positions(task)
     cfg = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                       vocab_size=layout.padded_vocab_size(max_tensor_parallel),
-                      max_position_embeddings=positions)
+                      num_tokens=layout.vocab_size, max_position_embeddings=positions)
     return replace(cfg, **overrides) if overrides else cfg

@@ -182,3 +182,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data):
     assert "stopped by signal, checkpoint saved" in rest
     tag = open(os.path.join(save, "latest")).read()
     assert 3 <= int(tag[5:]) < 100000 and weights(save)
+
+
+def test_tensor_parallel_2_trains_like_one(tmp_path, data):
+    """TP=2 through pretrain.py: the same losses and the same clipped gradient norm as TP=1 (the
+    norm counts each split parameter's shards once and replicated parameters once)."""
+    common = BASE + ["--data-path", data, "--train-iters", "3", "--hidden-dropout", "0",
+                     "--attention-dropout", "0", "--clip-grad", "0.5"]
+    one, two = str(tmp_path / "tp1"), str(tmp_path / "tp2")
+    run([*common, "--save", one], nproc=1)
+    run([*common, "--save", two, "--tensor-model-parallel-size", "2"], nproc=2)
+    m1, m2 = metrics(one), metrics(two)
+    for it in range(1, 4):
+        assert m2[it]["train/loss"] == pytest.approx(m1[it]["train/loss"], abs=1e-5), it
+        assert m2[it]["train/grad_norm"] == pytest.approx(m1[it]["train/grad_norm"], rel=1e-5), it

@@ -67,10 +67,19 @@ class Transformer(nn.Module):
         return self.final_layernorm(x)
 
 
-def lm_logits(hidden, word_embeddings_weight, gather: bool = False):
+def lm_logits(hidden, word_embeddings_weight, gather: bool = False, num_tokens: int = 0):
     """Tied head, no bias: hidden [B, S, h] · Eᵀ with E this rank's vocab rows [V/tp, h]
-    -> logits [B, S, V/tp], or all [B, S, V] when gather (needs an all-gather; the loss does not)."""
+    -> logits [B, S, V/tp], or all [B, S, V] when gather (needs an all-gather; the loss does not).
+
+    num_tokens: ids in use; the logits of the padding rows beyond are -inf, so the padding (which
+    grows with the tensor-parallel size) never takes probability mass: a TP=2 model computes the
+    TP=1 model's losses and samples."""
     logits = F.linear(mpu.copy_to_tensor_model_parallel_region(hidden), word_embeddings_weight)
+    local = word_embeddings_weight.shape[0]
+    start = mpu.get_tensor_model_parallel_rank() * local
+    if 0 < num_tokens < start + local:
+        padding = torch.arange(start, start + local, device=logits.device) >= num_tokens
+        logits = logits.masked_fill(padding, float("-inf"))
     return mpu.gather_from_tensor_model_parallel_region(logits) if gather else logits
 
 
@@ -113,7 +122,8 @@ class GPT(nn.Module):
                              f"{int(position_ids.max())}, beyond max_position_embeddings {limit}")
         hidden = self.transformer(self.word_embeddings(tokens), position_ids, attention_mask,
                                   kv_cache)
-        return lm_logits(hidden, self.word_embeddings.weight, gather_logits)
+        return lm_logits(hidden, self.word_embeddings.weight, gather_logits,
+                         self.config.num_tokens)
 
     def allocate_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         """A KV cache for `batch` sequences of up to `max_len` tokens, on this rank's heads; dtype

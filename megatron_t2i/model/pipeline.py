@@ -71,6 +71,7 @@ class WordEmbeddingPipe(mpu.VocabParallelEmbedding):
         super().__init__(config.vocab_size, config.hidden_size,
                          init_method=normal_init(config.init_std))
         self.max_positions = config.max_position_embeddings
+        self.num_tokens = config.num_tokens
 
     def forward(self, inputs):
         tokens, position_ids = inputs
@@ -87,7 +88,7 @@ class WordEmbeddingPipe(mpu.VocabParallelEmbedding):
 
 def lm_head(word_embeddings: WordEmbeddingPipe, hidden):
     """The last layer (TiedLayerSpec forward_fn): hidden [B, S, h] -> logits [B, S, V/tp]."""
-    return lm_logits(hidden, word_embeddings.weight)
+    return lm_logits(hidden, word_embeddings.weight, num_tokens=word_embeddings.num_tokens)
 
 
 class PositionEmbeddingPipe(nn.Module):

@@ -270,7 +270,7 @@ def test_sr_training_sequences_and_a_forward_over_them(tmp_path):
     batch = collate([seq, build(text, codes, 6, low)])
     torch.manual_seed(0)
     logits = GPT(CONFIG)(batch["tokens"], batch["position_ids"])
-    assert torch.isfinite(logits).all()
+    assert torch.isfinite(logits[..., :LAYOUT.vocab_size]).all()  # (padding rows may be -inf)
     with pytest.raises(ValueError, match="--tasks sr needs low-resolution codes.*--sr-low-res"):
         build(text, codes, sample_seed=5)
     mixed = SequenceBuilder(LAYOUT, {"t2i": 1.0, "sr": 1.0})

@@ -222,7 +222,7 @@ def evaluate_images(args, reader=None) -> dict:
     }
     grid = [{**row, "target": render(row["attributes"], size), "samples": [x[i]]}
             for i, row in enumerate(report["rows"][:min(GRID_ROWS, args.num_prompts)])]
-    return write_report(args.output_path, report, grid)
+    return write_report(args.output_path, report, grid, grid_label="image")
 
 
 def main(argv=None, reader=None) -> int:

@@ -25,7 +25,7 @@ def describe(attributes: dict) -> str:
     """Attributes in short English: 'small red circle top left, large blue star centre; gray
     background' (what the grid shows for captions the default font cannot draw)."""
     shapes = ", ".join(f"{s['size']} {s['colour']} {s['kind']} {s['position']}"
-                       for s in attributes["shapes"])
+                       for s in attributes["shapes"]) or "no shape"
     return f"{shapes}; {attributes['background']} background"
 
 
@@ -52,7 +52,7 @@ def _wrap(text: str, font, width: int, max_lines: int = 4) -> list[str]:
     return lines
 
 
-def grid_image(rows: list[dict]) -> Image.Image:
+def grid_image(rows: list[dict], label: str = "samples") -> Image.Image:
     """rows: [{"caption": str, "attributes": dict, "target": image or None,
     "samples": [image, ...], "ok": [bool per sample]}] -> one RGB image, a row per prompt:
     target | samples (bar under each: green = every check passed) | caption."""
@@ -64,7 +64,7 @@ def grid_image(rows: list[dict]) -> Image.Image:
     grid = Image.new("RGB", (width, header + len(rows) * row_h), BLANK)
     draw = ImageDraw.Draw(grid)
     draw.text((PAD, 4), "target", fill=(0, 0, 0), font=font)
-    draw.text((PAD + TILE + PAD, 4), "samples (bar: green = caption fully found)", fill=(0, 0, 0),
+    draw.text((PAD + TILE + PAD, 4), f"{label} (bar: green = caption fully found)", fill=(0, 0, 0),
               font=font)
     for r, row in enumerate(rows):
         y = header + r * row_h + PAD
@@ -102,8 +102,9 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 ALIGNMENT_KEYS = ("colour", "kind", "size", "position", "count", "background", "overall", "exact")
 
 
-def markdown(report: dict, grid_name: str | None) -> str:
-    """report.json's figures as Markdown."""
+def markdown(report: dict, grid_name: str | None, shown_rows: int = 0) -> str:
+    """report.json's figures as Markdown; the captions of the first `shown_rows` rows (those of
+    the grid) and the rows with failed checks."""
     out = ["# Evaluation", ""]
     src = report["source"]
     out += [f"- {k.replace('_', ' ')}: {_fmt(v)}" for k, v in src.items() if v is not None] + [""]
@@ -144,27 +145,40 @@ def markdown(report: dict, grid_name: str | None) -> str:
                         h["text_targets"], h["records"]]]) + [""]
     if grid_name:
         out += ["## Examples", "", f"![examples]({grid_name})", ""]
-    if report.get("rows"):
+    rows = report.get("rows") or []
+    if shown_rows:
         out += _table(["#", "caption", "passed"],
-                      [[i + 1, r["caption"].replace("|", "/"), f"{sum(r['ok'])}/{len(r['ok'])}"]
-                       for i, r in enumerate(report["rows"])]) + [""]
+                      [[i + 1, _cell(r["caption"]), f"{sum(r['ok'])}/{len(r['ok'])}"]
+                       for i, r in enumerate(rows[:shown_rows])]) + [""]
+    failed = [(i, r, found) for i, r in enumerate(rows) for ok, found in zip(r["ok"], r["found"])
+              if not ok]
+    if failed:
+        out += [f"## Images not fully matching their caption ({len(failed)}, first 20)", ""]
+        out += _table(["#", "caption", "the reader found"],
+                      [[i + 1, _cell(describe(r["attributes"])), _cell(describe(found))]
+                       for i, r, found in failed[:20]]) + [""]
     return "\n".join(out)
 
 
-def write_report(out_dir: str, report: dict, grid_rows: list[dict] | None = None) -> dict:
-    """Write report.json, report.md and (with grid_rows) grid.png into out_dir, each atomically.
-    Returns {"json", "markdown", "grid"} paths."""
+def _cell(text: str) -> str:
+    return text.replace("|", "/")
+
+
+def write_report(out_dir: str, report: dict, grid_rows: list[dict] | None = None,
+                 grid_label: str = "samples") -> dict:
+    """Write report.json, report.md and (with grid_rows, see grid_image) grid.png into out_dir,
+    each atomically. Returns {"json", "markdown", "grid"} paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "report.json"),
              "markdown": os.path.join(out_dir, "report.md"), "grid": None}
     if grid_rows:
         buf = io.BytesIO()
-        grid_image(grid_rows).save(buf, format="PNG")
+        grid_image(grid_rows, grid_label).save(buf, format="PNG")
         paths["grid"] = os.path.join(out_dir, "grid.png")
         write_bytes_atomic(paths["grid"], buf.getvalue())
     report = {"format": FORMAT, **report, "grid": "grid.png" if grid_rows else None}
     write_json_atomic(paths["json"], _finite(report))
-    write_text_atomic(paths["markdown"], markdown(report, report["grid"]))
+    write_text_atomic(paths["markdown"], markdown(report, report["grid"], len(grid_rows or ())))
     return paths
 
 

@@ -44,7 +44,7 @@ from megatron_t2i.evaluation.report import write_report
 
 PROG = "evaluate.py"
 PROMPT_SEED = 271828      # fresh prompts: a seed no data set is made with by default
-TOKENIZER_IMAGES = 256    # held-out images for the tokenizer figures (at most)
+HELD_OUT_IMAGES = 256     # held-out pictures for the tokenizer figures and the reader checks
 GRID_ROWS = 16
 
 
@@ -122,13 +122,16 @@ def reader_for(args, image_size: int, tokenizer, reader):
     return load_or_train(cache, config, tokenizer), reader_path(cache, config, tokenizer)
 
 
-def shuffled(wanted: list[dict], shift: int) -> list[dict]:
-    """The captions of other images: every attributes dict moved by `shift` places."""
-    return wanted[shift:] + wanted[:shift]
-
-
 def without_per_image(a: dict) -> dict:
     return {k: v for k, v in a.items() if k != "per_image"}
+
+
+def other_captions(found: list[dict], wanted: list[dict], shift: int) -> dict | None:
+    """Chance level: the readings scored against the captions `shift` places further on (those
+    of other prompts); None when there are no other prompts."""
+    if len(wanted) <= shift:
+        return None
+    return without_per_image(alignment(found, wanted[shift:] + wanted[:shift]))
 
 
 # ---- the two modes -------------------------------------------------------------------------------
@@ -148,9 +151,10 @@ def evaluate_checkpoint(args, reader=None) -> dict:
         dataset, data_layout = open_dataset(args.data_path)
         ctx.layout.check_compatible(data_layout, f"--data-path {' '.join(args.data_path)}")
         held = split_indices(len(dataset), args.holdout_fraction, args.seed)[1]
-    examples, source = held_out_prompts(args, dataset, held, max(args.num_prompts, TOKENIZER_IMAGES))
+    examples, source = held_out_prompts(args, dataset, held, max(args.num_prompts, HELD_OUT_IMAGES))
     prompts = examples[:args.num_prompts]
     truth = renders(examples, size)                                   # [N, 3, S, S]
+    truth_wanted = [e["attributes"] for e in examples]
     reader, reader_file = reader_for(args, size, tokenizer, reader)
 
     # generate: text2image draws --batch-size samples per query
@@ -163,8 +167,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     found = reader.read(torch.cat(samples))
     generated = alignment(found, wanted)
 
-    truth_prompts = truth[:len(prompts)]
-    recon = reconstruct(tokenizer, (truth_prompts * 255).round().byte(), size).float() / 255
+    recon = reconstruct(tokenizer, (truth * 255).round().byte(), size).float() / 255
     report = {
         "source": {"checkpoint": os.path.abspath(args.load), "prompts": source,
                    "prompt_count": len(prompts), "samples_per_prompt": k, "image_size": size,
@@ -172,11 +175,9 @@ def evaluate_checkpoint(args, reader=None) -> dict:
                                f"{args.top_p}, cfg-scale {args.cfg_scale}, seed {args.seed}",
                    "reader": reader_file},
         "alignment": without_per_image(generated),
-        "alignment_other_captions": without_per_image(alignment(found, shuffled(wanted, k))),
-        "reader_check_clean": without_per_image(alignment(reader.read(truth_prompts),
-                                                          [p["attributes"] for p in prompts])),
-        "reader_check_reconstructed": without_per_image(alignment(reader.read(recon),
-                                                                  [p["attributes"] for p in prompts])),
+        "alignment_other_captions": other_captions(found, wanted, k),
+        "reader_check_clean": without_per_image(alignment(reader.read(truth), truth_wanted)),
+        "reader_check_reconstructed": without_per_image(alignment(reader.read(recon), truth_wanted)),
         "diversity": diversity(samples),
         "tokenizer": tokenizer_figures(tokenizer, truth),
         "heldout_loss": heldout_losses(ctx.model, ctx.layout, dataset, held, args.micro_batch_size,
@@ -215,7 +216,7 @@ def evaluate_images(args, reader=None) -> dict:
         "source": {"images": os.path.abspath(args.images), "image_count": len(entries),
                    "image_size": size, "reader": reader_file},
         "alignment": without_per_image(scored),
-        "alignment_other_captions": without_per_image(alignment(found, shuffled(wanted, 1))),
+        "alignment_other_captions": other_captions(found, wanted, 1),
         "rows": [{"caption": e["caption"], "attributes": e["attributes"], "ok": [ok],
                   "found": [f], "file": e["file"]}
                  for e, ok, f in zip(entries, scored["per_image"], found)],
@@ -241,10 +242,11 @@ def main(argv=None, reader=None) -> int:
         return 130
     with open(paths["json"], encoding="utf-8") as f:
         report = json.load(f)
-    a = report["alignment"]
+    a, chance = report["alignment"], report["alignment_other_captions"]
     print(f"alignment over {a['images']} images: overall {a['overall']:.3f}, colour "
-          f"{a['colour']:.3f}, kind {a['kind']:.3f}, exact {a['exact']:.3f} (other captions: "
-          f"{report['alignment_other_captions']['overall']:.3f}) -> {paths['markdown']}")
+          f"{a['colour']:.3f}, kind {a['kind']:.3f}, exact {a['exact']:.3f}"
+          + (f" (other captions: {chance['overall']:.3f})" if chance else "")
+          + f" -> {paths['markdown']}")
     return 0
 
 

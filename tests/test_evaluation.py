@@ -275,6 +275,8 @@ def test_evaluate_checkpoint_generates_and_reports_every_figure(tmp_path, toy, r
     assert report["heldout_loss"]["records"] == len(held) and report["heldout_loss"]["image_loss"] > 0
     t = report["tokenizer"]
     assert t["images"] == len(held) and 0 < t["code_usage"] <= 1 and t["psnr"] > 0
+    assert report["reader_check_clean"]["images"] == len(held)  # the captions' own pictures
+    assert report["reader_check_clean"]["colour"] >= 0.95
     assert report["diversity"]["pairwise_distance"] > 0  # random samples of a random model
     md = open(os.path.join(out, "report.md"), encoding="utf-8").read()
     for section in ("Caption alignment", "Diversity", "Image tokenizer", "Held-out token loss"):

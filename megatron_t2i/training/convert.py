@@ -434,7 +434,8 @@ def cogview_config(shard: dict, mp: int, source: str,
     try:
         return ModelConfig(
             num_layers=max(layers, default=-1) + 1, hidden_size=hidden, num_attention_heads=heads,
-            vocab_size=rows * mp, max_position_embeddings=shape(
+            vocab_size=rows * mp, num_tokens=min(rows * mp, TokenLayout.cogview().vocab_size),
+            max_position_embeddings=shape(
                 "transformer.position_embeddings.weight")[0],
             ffn_hidden_size=shape("transformer.layers.0.mlp.dense_h_to_4h.weight")[0] * mp,
             sandwich_ln="transformer.layers.0.third_layernorm.weight" in shard)

@@ -117,10 +117,10 @@ def add_tokenizer_args(parser):
     g.add_argument("--image-tokenizer", metavar="FILE.pt", help="VQ-VAE checkpoint")
     g.add_argument("--tensorboard-dir", metavar="DIR", help="write TensorBoard logs here")
     # training the VQ-VAE (tokenizers/train_vqvae.py); the defaults are the demo tokenizer
-    g.add_argument("--vqvae-steps", type=_positive_int, default=1500)
-    g.add_argument("--vqvae-batch-size", type=_positive_int, default=32)
+    g.add_argument("--vqvae-steps", type=_positive_int, default=3000)
+    g.add_argument("--vqvae-batch-size", type=_positive_int, default=4)
     g.add_argument("--vqvae-lr", type=float, default=2e-3)
-    g.add_argument("--vqvae-codebook-size", type=_positive_int, default=512)
+    g.add_argument("--vqvae-codebook-size", type=_positive_int, default=1024)
     g.add_argument("--vqvae-downsample", type=int, choices=(2, 4, 8, 16), default=4,
                    help="pixels per code along a side (default: %(default)s)")
     g.add_argument("--vqvae-channels", type=_positive_int, default=32)

@@ -66,12 +66,19 @@ def evaluate(tokenizer: ImageTokenizer, pixels: torch.Tensor, batch_size: int) -
     return {"psnr": psnr(recon, pixels.float() / 255), "usage": usage, "perplexity": perplexity}
 
 
-def train_vqvae(images, out_path: str, config: VQVAEConfig | None = None, steps: int = 2000,
-                batch_size: int = 32, lr: float = 2e-3, image_size: int | None = None,
+def train_vqvae(images, out_path: str, config: VQVAEConfig | None = None, steps: int = 3000,
+                batch_size: int = 4, lr: float = 2e-3, image_size: int | None = None,
                 seed: int = 1234, tensorboard_dir: str | None = None, progress: bool = True,
                 log_every: int = 50, device="cpu") -> dict:
     """Train a VQ-VAE, save it atomically to `out_path` and return held-out metrics
-    {psnr, usage, perplexity, train_psnr, steps, seconds, path, sha256}."""
+    {psnr, usage, perplexity, train_psnr, steps, seconds, path, sha256}.
+
+    The defaults train the demo tokenizer: on a CPU, many small batches learn far faster per
+    second than few large ones (at 64 px, 3000 steps of 4 images reach ~31 dB PSNR where 600
+    steps of 32 images, 1.6x the compute, reach ~26 dB and lose the colours of small shapes)."""
+    if steps <= 0 or batch_size <= 0 or not lr > 0:
+        raise ValueError(f"train_vqvae: steps, batch_size and lr must be positive, got {steps}, "
+                         f"{batch_size}, {lr}")
     config = config or VQVAEConfig()
     if image_size is not None and image_size != config.image_size:
         config = replace(config, image_size=image_size)

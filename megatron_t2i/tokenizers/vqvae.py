@@ -143,10 +143,7 @@ class EMACodebook(nn.Module):
     Buffers (CogView's names): embed [D, K] the codes, cluster_size [K] the EMA of how many vectors
     each code received, embed_avg [D, K] the EMA of their sum; embed = embed_avg / smoothed size.
     A code that wins no vector for `dead_code_steps` training steps is re-seeded from a random
-    encoder output of the current batch, so the whole codebook stays in use. The outputs are drawn
-    with probability proportional to their squared distance to their code (as in k-means++): on
-    images that are mostly plain background, uniform draws would spend nearly every restarted code
-    on the background again, leaving the rare shape colours to share a few codes.
+    encoder output of the current batch, so the whole codebook stays in use.
     """
 
     def __init__(self, c: VQVAEConfig):
@@ -188,13 +185,13 @@ class EMACodebook(nn.Module):
         codes = self.nearest(flat)
         zq = self.lookup(codes).view_as(z)
         if self.training:
-            self._ema_update(flat, codes, zq.detach().reshape(flat.shape))
+            self._ema_update(flat, codes)
         commitment = F.mse_loss(z, zq.detach())
         zq = z + (zq - z).detach()  # forward: the code; backward: identity into the encoder
         return zq, commitment, codes.view(z.shape[:-1])
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor, zq: torch.Tensor) -> None:
+    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
         onehot = F.one_hot(codes, self.codebook_size).type(flat.dtype)  # [N, K]
         counts = onehot.sum(0)                                           # [K]
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -208,9 +205,7 @@ class EMACodebook(nn.Module):
             self.idle_steps.add_(1).masked_fill_(counts > 0, 0)
             dead = (self.idle_steps >= self.dead_code_steps).nonzero().squeeze(1)
             if dead.numel():
-                error = (flat - zq.float()).pow(2).sum(1)  # [N] squared distance to the code
-                pick = torch.multinomial(error + 1e-12, dead.numel(),
-                                         replacement=dead.numel() > flat.shape[0])
+                pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
                 # restart as a code that has just received exactly this one vector
                 self.embed[:, dead] = flat[pick].t()
                 self.embed_avg[:, dead] = flat[pick].t()

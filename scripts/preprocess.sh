@@ -22,7 +22,7 @@ Environment variables (defaults in brackets):
   TEXT_TOKENIZER    SentencePiece model; trained from the captions if missing [$DATA_DIR/text.model]
   TEXT_VOCAB_SIZE   text vocabulary when training it [1000]
   IMAGE_TOKENIZER   VQ-VAE checkpoint; trained on the images if missing [$DATA_DIR/vqvae.pt]
-  VQVAE_STEPS       VQ-VAE training steps [600]
+  VQVAE_STEPS       VQ-VAE training steps [the tokenizer default]
   OUTPUT            the LMDB data set [$DATA_DIR/tokens.lmdb]
   WORKERS           parallel preprocessing workers [number of cores]
   SEED              random seed [1234]
@@ -38,7 +38,7 @@ IMAGE_SIZE=${IMAGE_SIZE:-32}
 TEXT_TOKENIZER=${TEXT_TOKENIZER:-$DATA_DIR/text.model}
 TEXT_VOCAB_SIZE=${TEXT_VOCAB_SIZE:-1000}
 IMAGE_TOKENIZER=${IMAGE_TOKENIZER:-$DATA_DIR/vqvae.pt}
-VQVAE_STEPS=${VQVAE_STEPS:-600}
+VQVAE_STEPS=${VQVAE_STEPS:-}
 OUTPUT=${OUTPUT:-$DATA_DIR/tokens.lmdb}
 WORKERS=${WORKERS:-$(nproc)}
 SEED=${SEED:-1234}

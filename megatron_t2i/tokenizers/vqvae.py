@@ -382,7 +382,7 @@ class ImageTokenizer:
             chunk = images[i:i + batch_size]
             x = chunk if torch.is_tensor(chunk) else torch.stack([self.prepare(im) for im in chunk])
             out.append(self.model.encode(x.to(self.device).float()).flatten(1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.grid ** 2, dtype=torch.long)
+        return torch.cat([torch.zeros(0, self.grid ** 2, dtype=torch.long)] + out)
 
     @torch.no_grad()
     def decode_to_tensor(self, codes, batch_size: int = 64) -> torch.Tensor:
@@ -391,8 +391,10 @@ class ImageTokenizer:
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.dim() != 2 or codes.shape[1] != self.grid ** 2:
             raise ValueError(f"codes must be [B, {self.grid ** 2}], got {list(codes.shape)}")
-        out = [self.denormalize(self.model.decode(codes[i:i + batch_size].to(self.device))).cpu()
-               for i in range(0, codes.shape[0], batch_size)]
+        s = self.image_size
+        out = [torch.zeros(0, 3, s, s)] + [
+            self.denormalize(self.model.decode(codes[i:i + batch_size].to(self.device))).cpu()
+            for i in range(0, codes.shape[0], batch_size)]
         return torch.cat(out)
 
     def decode_codes(self, codes, batch_size: int = 64) -> list[Image.Image]:

@@ -6,10 +6,9 @@ layout preset. Scripts say `--model-size demo` instead of repeating a dozen flag
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 
-from megatron_t2i.io_utils import dataclass_from_dict, write_json_atomic
+from megatron_t2i.io_utils import dataclass_from_dict, read_json, write_json_atomic
 from megatron_t2i.tokenizers.layout import TokenLayout
 
 
@@ -74,8 +73,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str) -> "ModelConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f), source=path)
+        return cls.from_dict(read_json(path, f"model config {path}"), source=path)
 
 
 # name -> (layers, hidden, heads, layout preset or None)

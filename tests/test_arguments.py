@@ -71,3 +71,12 @@ def test_model_config_json_round_trip(tmp_path):
     assert cfg.vocab_size % 256 == 0
     cfg.save(str(tmp_path / "model.json"))
     assert ModelConfig.load(str(tmp_path / "model.json")) == cfg
+
+
+def test_corrupt_or_missing_config_files_are_one_line_errors(tmp_path):
+    bad = tmp_path / "model.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"model config .*model.json: not valid JSON"):
+        ModelConfig.load(str(bad))
+    with pytest.raises(FileNotFoundError, match=r"model config .*absent.json: no such file"):
+        ModelConfig.load(str(tmp_path / "absent.json"))

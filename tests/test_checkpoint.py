@@ -32,3 +32,13 @@ def test_a_tokenizer_changed_since_preprocessing_is_not_copied(tmp_path):
     stored = store_tokenizers(str(tmp_path / "ck"), meta_for(str(text), str(image), text_sha="0" * 64))
     assert "text" not in stored and "image" in stored
     assert not os.path.exists(tmp_path / "ck" / "tokenizers" / "text.model")
+
+
+def test_a_folder_without_our_jsons_is_named_clearly(tmp_path):
+    import pytest
+
+    from megatron_t2i.training.checkpoint import CheckpointError, read_checkpoint_info
+    (tmp_path / "latest").write_text("iter_0000001")
+    os.mkdir(tmp_path / "iter_0000001")
+    with pytest.raises(CheckpointError, match="missing model_config.json; not a megatron_t2i"):
+        read_checkpoint_info(str(tmp_path))

@@ -16,14 +16,13 @@ difference into one clear error instead of a model silently reading the wrong id
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field, fields
 
 import torch
 
-from megatron_t2i.io_utils import write_json_atomic
+from megatron_t2i.io_utils import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -270,12 +269,9 @@ class TokenLayout:
     @classmethod
     def load(cls, path: str) -> "TokenLayout":
         try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"token layout file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise LayoutMismatchError(f"{path}: not valid JSON ({e})") from None
+            d = read_json(path, f"token layout {path}")
+        except ValueError as e:
+            raise LayoutMismatchError(str(e)) from None
         return cls.from_dict(d, source=path)
 
     def check_compatible(self, other: "TokenLayout", what: str) -> None:

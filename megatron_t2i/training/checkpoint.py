@@ -17,7 +17,6 @@ tensor-parallel tracker) and the data position, so the loss trajectory continues
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 
@@ -26,7 +25,8 @@ import torch.distributed as dist
 
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
-from megatron_t2i.io_utils import write_bytes_atomic, write_json_atomic, write_text_atomic
+from megatron_t2i.io_utils import (read_json, write_bytes_atomic, write_json_atomic,
+                                   write_text_atomic)
 from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
 
 LATEST = "latest"
@@ -139,10 +139,10 @@ def read_checkpoint_info(load_dir: str, tag: str | None = None):
     try:
         config = ModelConfig.load(os.path.join(folder, "model_config.json"))
         layout = TokenLayout.load(os.path.join(folder, "token_layout.json"))
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)
+        meta = read_json(os.path.join(folder, "meta.json"))
     except FileNotFoundError as e:
-        raise CheckpointError(f"{folder}: missing {os.path.basename(e.filename)}; not a "
+        missing = os.path.basename(getattr(e, "path", None) or e.filename or "a file")
+        raise CheckpointError(f"{folder}: missing {missing}; not a "
                               f"megatron_t2i checkpoint (CogView releases need importing first)") \
             from None
     return tag, config, layout, meta

@@ -12,7 +12,6 @@ Everything DeepSpeed-specific at start-up lives here, so the loop only sees `eng
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from datetime import timedelta
@@ -20,6 +19,7 @@ from datetime import timedelta
 import torch
 
 from megatron_t2i import mpu
+from megatron_t2i.io_utils import read_json
 from megatron_t2i.training.lr import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -72,13 +72,7 @@ def load_ds_config(args) -> dict:
     """The DeepSpeed JSON (--deepspeed_config, else scripts/ds_config.json) with the command line
     winning for batch sizes, clipping, precision and ZeRO stage."""
     path = getattr(args, "deepspeed_config", None) or DEFAULT_DS_CONFIG
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--deepspeed_config {path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--deepspeed_config {path}: not valid JSON ({e})") from None
+    cfg = read_json(path, f"--deepspeed_config {path}")
     for key in ("optimizer", "scheduler"):
         if key in cfg:
             raise ValueError(f"--deepspeed_config {path}: remove the '{key}' section; the optimiser "

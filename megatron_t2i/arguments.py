@@ -114,16 +114,24 @@ def add_tokenizer_args(parser):
     g.add_argument("--max-text-tokens", type=_positive_int, default=28,
                    help="text ids kept per caption; longer ones are truncated with a warning "
                         "(default: %(default)s)")
+    g.add_argument("--image-positions", choices=("fixed", "after_text"), default="fixed",
+                   help="position ids of the image after a caption: the same for every caption "
+                        "length (fixed), or numbered on from the text as CogView does (after_text); "
+                        "stored in the data set's layout (default: %(default)s)")
     g.add_argument("--image-tokenizer", metavar="FILE.pt", help="VQ-VAE checkpoint")
     g.add_argument("--tensorboard-dir", metavar="DIR", help="write TensorBoard logs here")
     # training the VQ-VAE (tokenizers/train_vqvae.py); the defaults are the demo tokenizer
-    g.add_argument("--vqvae-steps", type=_positive_int, default=3000)
-    g.add_argument("--vqvae-batch-size", type=_positive_int, default=4)
+    # (36-pixel images: 9x9 codes, one 3x3 block per cell of the synthetic images' grid)
+    g.add_argument("--vqvae-steps", type=_positive_int, default=6000)
+    g.add_argument("--vqvae-batch-size", type=_positive_int, default=8)
     g.add_argument("--vqvae-lr", type=float, default=2e-3)
     g.add_argument("--vqvae-codebook-size", type=_positive_int, default=1024)
     g.add_argument("--vqvae-downsample", type=int, choices=(2, 4, 8, 16), default=4,
                    help="pixels per code along a side (default: %(default)s)")
     g.add_argument("--vqvae-channels", type=_positive_int, default=32)
+    g.add_argument("--vqvae-encoder", choices=("patch", "conv"), default="patch",
+                   help="patch: each code depends on its own patch only; conv: on the pixels "
+                        "around it too, as CogView's (default: %(default)s)")
     g.add_argument("--vqvae-embed-dim", type=_positive_int, default=32)
     g.add_argument("--vqvae-res-blocks", type=int, choices=range(0, 9), metavar="0..8", default=2)
 

@@ -68,7 +68,28 @@ def test_shapes_and_round_trip(downsample):
         model.grid_size(30)
 
 
+@pytest.mark.parametrize("encoder", ["patch", "conv"])
+def test_patch_encoder_codes_depend_on_their_own_patch_only(encoder):
+    """encoder="patch": changing pixels outside a patch never changes its code (a plain
+    background patch is one code wherever the shapes are); the conv encoder sees its
+    neighbours, so the same change reaches the codes beside it."""
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(**{**TINY, "image_size": 32, "encoder": encoder})).eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 32, 32)
+        z = model.enc_b(x)                                    # [1, D, 8, 8]
+        y = x.clone()
+        y[:, :, 12:16, 12:16] += 3.0                           # one patch: code (3, 3)
+        changed = (model.enc_b(y) - z).abs().amax(dim=1)[0] > 0  # [8, 8]
+    if encoder == "patch":
+        assert changed.nonzero().tolist() == [[3, 3]]
+    else:
+        assert changed[3, 3] and changed.sum() > 1
+
+
 def test_bad_config_is_one_clear_error():
+    with pytest.raises(ValueError, match="encoder must be conv or patch"):
+        VQVAEConfig(encoder="resnet")
     with pytest.raises(ValueError, match="downsample must be a power of two"):
         VQVAEConfig(downsample=6)
     with pytest.raises(ValueError, match="mean needs 3 values"):

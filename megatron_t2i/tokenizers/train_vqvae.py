@@ -154,7 +154,8 @@ def main(argv=None) -> int:
             raise ValueError("--image-tokenizer: give the output checkpoint path (.pt)")
         config = VQVAEConfig(hidden_channels=args.vqvae_channels, embed_dim=args.vqvae_embed_dim,
                              codebook_size=args.vqvae_codebook_size, downsample=args.vqvae_downsample,
-                             num_res_blocks=args.vqvae_res_blocks, image_size=args.image_size)
+                             num_res_blocks=args.vqvae_res_blocks, image_size=args.image_size,
+                             encoder=args.vqvae_encoder)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu" and args.vqvae_batch_size <= 8:
             # convs on a few small images gain little from a second thread (~15% alone), but the

@@ -37,6 +37,12 @@ class VQVAEConfig:
     codebook_size: int = 1024
     downsample: int = 4                  # pixels per code along a side (a power of two)
     num_res_blocks: int = 2              # 0: plain conv stacks (CogView's layout)
+    # "conv": strided 4x4 convolutions, so a code also depends on the pixels around its patch
+    # (CogView's); "patch": a code depends on its own downsample x downsample patch only, so a
+    # plain background patch is always the same code, wherever the shapes of the picture are.
+    # Codes that leak what lies below or beside them let an autoregressive model read a shape's
+    # colour from the codes before it instead of from the caption.
+    encoder: str = "conv"
     image_size: int = 64                 # side of the square images the tokenizer is used at
     mean: tuple = (0.5, 0.5, 0.5)        # per-channel pixel normalisation, pixels in [0, 1]
     std: tuple = (0.5, 0.5, 0.5)
@@ -52,6 +58,8 @@ class VQVAEConfig:
         d = self.downsample
         if not isinstance(d, int) or d < 2 or d & (d - 1):
             raise ValueError(f"vqvae config: downsample must be a power of two >= 2 (4, 8, 16), got {d!r}")
+        if self.encoder not in ("conv", "patch"):
+            raise ValueError(f"vqvae config: encoder must be conv or patch, got {self.encoder!r}")
         if self.num_res_blocks < 0 or self.dead_code_steps < 0:
             raise ValueError("vqvae config: num_res_blocks and dead_code_steps must be >= 0")
         for f in ("mean", "std"):
@@ -87,11 +95,12 @@ class VQVAEConfig:
 
 
 class ResBlock(nn.Module):
-    """x + conv1x1(relu(conv3x3(relu(x)))): adds capacity at code resolution without resampling."""
+    """x + conv1x1(relu(convKxK(relu(x)))): adds capacity at code resolution without resampling
+    (K = 3, or 1 to keep every position apart)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, kernel: int = 3):
         super().__init__()
-        self.conv = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1),
+        self.conv = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, kernel, padding=kernel // 2),
                                   nn.ReLU(), nn.Conv2d(channels, channels, 1))
 
     def forward(self, x):
@@ -101,13 +110,18 @@ class ResBlock(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, c: VQVAEConfig):
         super().__init__()
-        layers = []
-        for i in range(int(math.log2(c.downsample))):
-            # kernel 4, stride 2, padding 1 halves the side exactly (256 -> 128 -> 64 -> 32)
-            layers += [nn.Conv2d(c.in_channels if i == 0 else c.hidden_channels, c.hidden_channels,
-                                 4, stride=2, padding=1), nn.ReLU()]
+        layers, kernel = [], 3
+        if c.encoder == "patch":  # one f x f patch -> one vector, then per-position layers only
+            layers += [nn.Conv2d(c.in_channels, c.hidden_channels, c.downsample, stride=c.downsample),
+                       nn.ReLU()]
+            kernel = 1
+        else:
+            for i in range(int(math.log2(c.downsample))):
+                # kernel 4, stride 2, padding 1 halves the side exactly (256 -> 128 -> 64 -> 32)
+                layers += [nn.Conv2d(c.in_channels if i == 0 else c.hidden_channels,
+                                     c.hidden_channels, 4, stride=2, padding=1), nn.ReLU()]
         if c.num_res_blocks:
-            layers += [ResBlock(c.hidden_channels) for _ in range(c.num_res_blocks)] + [nn.ReLU()]
+            layers += [ResBlock(c.hidden_channels, kernel) for _ in range(c.num_res_blocks)] + [nn.ReLU()]
         layers.append(nn.Conv2d(c.hidden_channels, c.embed_dim, 1))
         self.blocks = nn.Sequential(*layers)
 

@@ -68,7 +68,7 @@ def test_image_to_text_marks_end_of_caption():
 
 
 def test_super_resolution_positions_restart_at_roi2():
-    lay = TokenLayout(image_grid=16)
+    lay = TokenLayout(image_grid=16, image_positions="after_text")
     low = torch.randint(0, lay.num_image_codes, (64,))
     high = torch.randint(0, lay.num_image_codes, (256,))
     seq = lay.super_resolution([9], low, high)
@@ -101,7 +101,10 @@ def test_out_of_range_ids_are_errors():
     with pytest.raises(KeyError, match="unknown special token"):
         lay["[NOPE]"]
     with pytest.raises(ValueError, match="image_grid"):
-        TokenLayout(image_grid=12)
+        TokenLayout(image_grid=65)
+    # a grid between two standard sides takes the size token of the next larger one
+    assert TokenLayout(image_grid=12).size_token == TokenLayout(image_grid=16).size_token
+    assert TokenLayout(image_grid=9).size_token != TokenLayout(image_grid=8).size_token
 
 
 def test_json_round_trip_and_mismatch(tmp_path):
@@ -119,3 +122,45 @@ def test_json_round_trip_and_mismatch(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(LayoutMismatchError, match="not a token layout"):
         TokenLayout.load(str(path))
+
+
+def test_fixed_image_positions_do_not_depend_on_the_caption_length(tmp_path):
+    """image_positions="fixed": every code of the grid has one position id whatever the caption's
+    length (t2i, completion, super-resolution prefix); "after_text" numbers on from the text."""
+    fixed, cogview_like = (TokenLayout(image_grid=8, max_text_tokens=10, image_positions=p)
+                           for p in ("fixed", "after_text"))
+    codes = list(range(64))
+    for lay in (fixed, cogview_like):
+        for text in ([5], [5, 6, 7, 8]):
+            seq = lay.text_to_image(text, codes)
+            n_text = len(text)
+            assert seq.position_ids[:1 + n_text].tolist() == list(range(1 + n_text))
+            image_pos = seq.position_ids[seq.image_start:seq.image_start + 64]
+            assert (image_pos.diff() == 1).all()
+            want = 13 if lay is fixed else 3 + n_text  # 1 + max_text_tokens + 2
+            assert image_pos[0].item() == want
+            assert seq.position_ids.max().item() < lay.max_positions("t2i")
+            # the prompt and a completion prompt are prefixes of the training sequence
+            prompt = lay.text_to_image(text)
+            assert prompt.position_ids.tolist() == seq.position_ids[:seq.image_start].tolist()
+            comp = lay.completion(text, codes[:5])
+            assert comp.position_ids.tolist() == seq.position_ids[:seq.image_start + 5].tolist()
+            sr = lay.super_resolution(text, codes[:16], codes)
+            low = sr.position_ids[3 + n_text:3 + n_text + 16]
+            assert low[0].item() == want
+            # the caption direction (image first): its codes have the same ids with fixed positions
+            i2t = lay.image_to_text(codes, text)
+            assert i2t.position_ids[2].item() == (want if lay is fixed else 2)
+            assert (i2t.position_ids.diff() >= 0).all()
+            assert i2t.position_ids.max().item() < lay.max_positions("i2t")
+            assert lay.image_to_text(codes).position_ids.tolist() == i2t.position_ids[:68].tolist()
+    # files written before the field existed were numbered on from the text
+    path = tmp_path / "layout.json"
+    fixed.save(str(path))
+    old = json.loads(path.read_text())
+    del old["image_positions"]
+    path.write_text(json.dumps(old))
+    assert TokenLayout.load(str(path)).image_positions == "after_text"
+    assert TokenLayout.cogview().image_positions == "after_text"
+    with pytest.raises(ValueError, match="image_positions must be one of after_text, fixed"):
+        TokenLayout(image_positions="relative")

@@ -241,13 +241,15 @@ def load_image_tokenizer(path: str, device="cpu") -> ImageTokenizer:
 
 def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_text_tokens: int = 28,
                image_size: int | None = None, workers: int = 0, batch_size: int = 32,
-               progress: bool = True, sr_low_res: bool = False) -> dict:
+               progress: bool = True, sr_low_res: bool = False,
+               image_positions: str = "fixed") -> dict:
     """Tokenize `input` into the data set `output`; returns the report (also in the metadata).
 
     text_tokenizer / image_tokenizer: objects or paths. image_size: pixels per side after
     resize and centre crop (default: the image tokenizer's). workers: processes reading images
     (0: in this process). batch_size: images per VQ-VAE batch and per committed transaction.
-    sr_low_res: also store the codes of each image at half resolution (super-resolution data)."""
+    sr_low_res: also store the codes of each image at half resolution (super-resolution data).
+    image_positions: the layout's numbering of image positions (see TokenLayout)."""
     text_tok = TextTokenizer(text_tokenizer) if isinstance(text_tokenizer, str) else text_tokenizer
     image_tok = (load_image_tokenizer(image_tokenizer) if isinstance(image_tokenizer, str)
                  else image_tokenizer)
@@ -256,10 +258,12 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
         layout = TokenLayout(num_image_codes=image_tok.codebook_size,
                              num_text_tokens=text_tok.vocab_size,
                              image_grid=image_tok.model.grid_size(image_size),
-                             max_text_tokens=max_text_tokens)
+                             max_text_tokens=max_text_tokens, image_positions=image_positions)
     except ValueError as e:
         raise ValueError(f"--image-size {image_size}: {e}") from None
-    # the grid is even (8, 16, 32 or 64), so half the image gives exactly half the grid
+    if sr_low_res and layout.image_grid % 2:
+        raise ValueError(f"--sr-low-res: the code grid of --image-size {image_size} is "
+                         f"{layout.image_grid}x{layout.image_grid}; half an image needs an even grid")
     low_res_grid = layout.image_grid // 2 if sr_low_res else 0
     config = dataset_config(layout, text_tok.sha256, image_tok.sha256, image_size, low_res_grid)
     if os.path.isdir(output):
@@ -379,7 +383,7 @@ def main(argv=None) -> None:
         preprocess(args.input, args.output, args.text_tokenizer,
                    load_image_tokenizer(args.image_tokenizer, device), args.max_text_tokens,
                    args.image_size, args.workers, args.encode_batch_size,
-                   sr_low_res=args.sr_low_res)
+                   sr_low_res=args.sr_low_res, image_positions=args.image_positions)
     except (ValueError, OSError) as e:
         sys.exit(f"preprocess: error: {e}")
     except KeyboardInterrupt:

@@ -33,9 +33,11 @@ SPECIALS = (
      "[SEP]", "[MASK]", "[CLS]", "[ENC]", "[TINY]", "[SMALL]", "[BASE]", "[BIG]"]
     + [f"[POS{i}]" for i in range(9)]
 )
-# The size token names the side of the code grid being generated.
+# The size token names the side of the code grid being generated; a grid between two of these
+# sides (e.g. 12x12 codes of 48-pixel images) takes the token of the next larger one.
 SIZE_TOKENS = {8: "[TINY]", 16: "[SMALL]", 32: "[BASE]", 64: "[BIG]"}
 TASKS = ("t2i", "i2t", "sr", "completion")
+IMAGE_POSITIONS = ("after_text", "fixed")
 
 
 class LayoutMismatchError(ValueError):
@@ -56,6 +58,12 @@ class TokenLayout:
     num_text_tokens: int = 4000     # SentencePiece vocabulary size (T)
     image_grid: int = 16            # side of the code grid of one image (grid**2 codes)
     max_text_tokens: int = 28       # text ids kept in a text->image sequence
+    # Position ids of what follows the text (the image of text->image): "after_text" numbers them
+    # on from the text, as CogView does, so an image code's position id depends on the caption's
+    # length; "fixed" numbers them as if the text had max_text_tokens ids, and starts the caption
+    # direction (image first) at the same ids, so every code of the grid has one position id in
+    # every task and a small model learns where things are much sooner.
+    image_positions: str = "fixed"
     name: str = "custom"
     stats: dict = field(default_factory=lambda: {"truncated_text": 0}, compare=False, repr=False)
 
@@ -63,8 +71,11 @@ class TokenLayout:
         for f in ("num_image_codes", "num_text_tokens", "image_grid", "max_text_tokens"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
                 raise ValueError(f"token layout: {f} must be a positive integer, got {getattr(self, f)!r}")
-        if self.image_grid not in SIZE_TOKENS:
-            raise ValueError(f"token layout: image_grid must be one of {sorted(SIZE_TOKENS)}, "
+        if self.image_positions not in IMAGE_POSITIONS:
+            raise ValueError(f"token layout: image_positions must be one of "
+                             f"{', '.join(IMAGE_POSITIONS)}, got {self.image_positions!r}")
+        if not 1 <= self.image_grid <= max(SIZE_TOKENS):
+            raise ValueError(f"token layout: image_grid must be between 1 and {max(SIZE_TOKENS)}, "
                              f"got {self.image_grid}")
 
     # ---- presets -------------------------------------------------------------------------------
@@ -72,7 +83,7 @@ class TokenLayout:
     def cogview(cls) -> "TokenLayout":
         """Exactly the ids of the released CogView models (58,219 ids, 58,240 rows at TP=1)."""
         return cls(num_image_codes=8192, num_text_tokens=50000, image_grid=32, max_text_tokens=61,
-                   name="cogview")
+                   image_positions="after_text", name="cogview")
 
     # ---- vocabulary ----------------------------------------------------------------------------
     @property
@@ -103,7 +114,7 @@ class TokenLayout:
 
     @property
     def size_token(self) -> int:
-        return self.special(SIZE_TOKENS[self.image_grid])
+        return self.special(SIZE_TOKENS[min(g for g in SIZE_TOKENS if g >= self.image_grid)])
 
     @property
     def image_tokens(self) -> int:
@@ -149,7 +160,12 @@ class TokenLayout:
     def max_positions(self, task: str) -> int:
         if task == "sr":  # position ids restart at 0 at [ROI2]
             return max(self.max_text_tokens + self.image_tokens // 4 + 4, 4 + self.image_tokens)
-        return self.seq_length(task)
+        return self.seq_length(task) + (self._image_first_shift() if task == "i2t" else 0)
+
+    def _image_first_shift(self) -> int:
+        """Added to the position ids of `[size] [BOI1] codes ...` when the image comes first:
+        with fixed positions its codes then have the ids they have after a caption."""
+        return self.max_text_tokens + 1 if self.image_positions == "fixed" else 0
 
     # ---- templates -----------------------------------------------------------------------------
     def _text(self, text_ids, limit: int) -> torch.Tensor:
@@ -162,6 +178,13 @@ class TokenLayout:
                                ids.numel(), limit, n)
             ids = ids[:limit]
         return ids
+
+    def _after_text(self, n: int, text: torch.Tensor) -> torch.Tensor:
+        """Position ids of a sequence of n tokens `[ROI1] text ...` (see image_positions)."""
+        positions = torch.arange(n)
+        if self.image_positions == "fixed":
+            positions[1 + text.numel():] += self.max_text_tokens - text.numel()
+        return positions
 
     def _finish(self, parts, pad_to, image_start, positions=None, loss_from=1, eos_target=False,
                 task="t2i"):
@@ -193,10 +216,11 @@ class TokenLayout:
         head = [[self["[ROI1]"]], text, [self.size_token, self["[BOI1]"]]]
         start = 3 + text.numel()
         if image_codes is None:
-            return self._finish(head, None, start)
+            return self._finish(head, None, start, self._after_text(start, text))
         codes = self.image_codes(image_codes, self.image_tokens)
+        n = start + codes.numel() + 1
         return self._finish(head + [codes, [self["[EOI1]"]]], self.seq_length("t2i") if pad else None,
-                            start)
+                            start, self._after_text(n, text))
 
     def completion(self, text_ids, prefix_codes) -> Sequence:
         """Prompt for "text and part of an image": the t2i prompt followed by the first codes."""
@@ -205,18 +229,22 @@ class TokenLayout:
         if codes.numel() >= self.image_tokens:
             raise ValueError(f"completion keeps {codes.numel()} codes but the image has only "
                              f"{self.image_tokens}")
-        return self._finish([prompt.tokens, codes], None, prompt.image_start)
+        positions = torch.cat([prompt.position_ids,
+                               prompt.position_ids[-1] + 1 + torch.arange(codes.numel())])
+        return self._finish([prompt.tokens, codes], None, prompt.image_start, positions)
 
     def image_to_text(self, image_codes, text_ids=None, pad: bool = True) -> Sequence:
         """`[size] [BOI1] codes [EOI1] [ROI1] text [PAD]...` (the caption direction); without text,
         the captioning prompt ending in [ROI1]."""
         codes = self.image_codes(image_codes, self.image_tokens)
         head = [[self.size_token, self["[BOI1]"]], codes, [self["[EOI1]"], self["[ROI1]"]]]
-        if text_ids is None:
-            return self._finish(head, None, -1)
-        text = self._text(text_ids, self.max_text_tokens)
-        return self._finish(head + [text], self.seq_length("i2t") if pad else None, -1,
-                            eos_target=True)
+        text = self._text(text_ids, self.max_text_tokens) if text_ids is not None else None
+        n = codes.numel() + 4 + (text.numel() if text is not None else 0)
+        positions = torch.arange(n) + self._image_first_shift()
+        if text is None:
+            return self._finish(head, None, -1, positions)
+        return self._finish(head + [text], self.seq_length("i2t") if pad else None, -1, positions,
+                            eos_target=True, task="i2t")
 
     def super_resolution(self, text_ids, low_codes, high_codes=None, pad: bool = True) -> Sequence:
         """`[ROI1] text [size] [BOI1] low [EOI1] [ROI2] [POS0] [size] [BOI2] high`: a (grid/2)^2
@@ -231,7 +259,7 @@ class TokenLayout:
         if high_codes is not None:
             parts.append(self.image_codes(high_codes, self.image_tokens))
         n = n_prefix + 4 + (self.image_tokens if high_codes is not None else 0)
-        positions = torch.cat([torch.arange(n_prefix), torch.arange(n - n_prefix)])
+        positions = torch.cat([self._after_text(n_prefix, text), torch.arange(n - n_prefix)])
         pad_to = self.seq_length("sr") if (pad and high_codes is not None) else None
         return self._finish(parts, pad_to, n_prefix + 4, positions=positions, task="sr")
 
@@ -261,6 +289,7 @@ class TokenLayout:
         if d.get("specials") != list(SPECIALS):
             raise LayoutMismatchError(f"{source}: special tokens differ from this version's")
         known = {f.name for f in fields(cls) if f.compare}
+        d = {"image_positions": "after_text", **d}  # files written before the field existed
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: str) -> None:

@@ -1,6 +1,6 @@
 """How good are a checkpoint and its image tokenizer? Figures that need no pretrained network.
 
-    python evaluate.py --load checkpoints/demo --data-path data/tokens --output-path runs/eval
+    python evaluate.py --load checkpoints/demo --data-path data/tokens.lmdb --rerank-top 1
     python evaluate.py --images data/synthetic --output-path runs/eval_truth   # check the reader
 
 With --load: held-out captions of the embedded default data set (the held-out records of
@@ -13,6 +13,8 @@ sample, and the report gives
     backgrounds found, per attribute and overall; beside it the same for the captions' own
     pictures (clean and through the tokenizer: how far the reader can be trusted) and for samples
     paired with other prompts' captions (chance level);
+  - with --rerank-top K, the same for the best K samples of each prompt by caption score
+    (text2image's --rerank-top; the grid then shows each prompt's samples best first);
   - diversity of the samples of one prompt;
   - the image tokenizer's PSNR, SSIM, code usage and perplexity on held-out images;
   - with --data-path, the held-out token loss split into image and text targets (the split
@@ -139,12 +141,15 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     if importlib.util.find_spec("megatron_t2i.generation.text2image") is None:
         raise ValueError("evaluate.py --load needs text-to-image generation "
                          "(megatron_t2i/generation/text2image.py), which this installation lacks")
-    text2image = importlib.import_module("megatron_t2i.generation.text2image").text2image
+    t2i = importlib.import_module("megatron_t2i.generation.text2image")
+    text2image, rerank = t2i.text2image, t2i.rerank
     from megatron_t2i.data.loader import open_dataset, split_indices
     from megatron_t2i.generation.loading import build_context
 
     ctx = build_context(args)
     tokenizer, k = ctx.image_tokenizer, args.samples_per_prompt
+    if args.rerank_top > k:
+        raise ValueError(f"--rerank-top {args.rerank_top} exceeds --samples-per-prompt {k}")
     size = tokenizer.image_size
     dataset, held = None, None
     if args.data_path:
@@ -162,10 +167,13 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     samples = []
     for q, prompt in enumerate(prompts):
         codes = text2image(ctx, gen_args, prompt["caption"], q)      # [K, grid^2]
+        if args.rerank_top:  # best first by the caption score, as text2image --rerank-top
+            codes = rerank(ctx, argparse.Namespace(rerank_top=k), prompt["caption"], codes)[0]
         samples.append(tokenizer.decode_to_tensor(codes))            # [K, 3, S, S]
     wanted = [p["attributes"] for p in prompts for _ in range(k)]
     found = reader.read(torch.cat(samples))
     generated = alignment(found, wanted)
+    best = [i for i in range(len(found)) if i % k < args.rerank_top]
 
     recon = reconstruct(tokenizer, (truth * 255).round().byte(), size).float() / 255
     report = {
@@ -173,8 +181,13 @@ def evaluate_checkpoint(args, reader=None) -> dict:
                    "prompt_count": len(prompts), "samples_per_prompt": k, "image_size": size,
                    "sampling": f"temperature {args.temperature}, top-k {args.top_k}, top-p "
                                f"{args.top_p}, cfg-scale {args.cfg_scale}, seed {args.seed}",
+                   "reranked": f"best {args.rerank_top} of {k} by caption score"
+                               if args.rerank_top else None,
                    "reader": reader_file},
         "alignment": without_per_image(generated),
+        "alignment_reranked": without_per_image(alignment([found[i] for i in best],
+                                                          [wanted[i] for i in best]))
+        if best else None,
         "alignment_other_captions": other_captions(found, wanted, k),
         "reader_check_clean": without_per_image(alignment(reader.read(truth), truth_wanted)),
         "reader_check_reconstructed": without_per_image(alignment(reader.read(recon), truth_wanted)),

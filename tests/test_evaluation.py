@@ -283,6 +283,30 @@ def test_evaluate_checkpoint_generates_and_reports_every_figure(tmp_path, toy, r
         assert f"## {section}" in md
 
 
+def test_evaluate_rerank_orders_the_same_samples_and_scores_the_best(tmp_path, capsys, toy, reader):
+    argv = ["--load", toy["ckpt"], "--data-path", toy["tokens"], "--synthetic-dir", toy["synthetic"],
+            "--holdout-fraction", "0.25", "--seed", "3", "--num-prompts", "3",
+            "--samples-per-prompt", "3", "--device", "cpu"]
+    reports = {}
+    for name, extra in (("plain", []), ("ranked", ["--rerank-top", "2"])):
+        out = str(tmp_path / name)
+        assert evaluate.main(argv + extra + ["--output-path", out], reader=reader) == 0
+        reports[name] = json.load(open(os.path.join(out, "report.json")))
+    plain, ranked = reports["plain"], reports["ranked"]
+    assert plain["alignment_reranked"] is None
+    for p, r in zip(plain["rows"], ranked["rows"]):  # the same samples (per-sample seeds), reordered
+        assert sorted(map(json.dumps, p["found"])) == sorted(map(json.dumps, r["found"]))
+    best = alignment([f for r in ranked["rows"] for f in r["found"][:2]],
+                     [r["attributes"] for r in ranked["rows"] for _ in range(2)])
+    assert ranked["alignment_reranked"]["images"] == 6
+    assert ranked["alignment_reranked"]["overall"] == best["overall"]
+    assert ranked["source"]["reranked"] == "best 2 of 3 by caption score"
+    assert "reranked: best 2 of 3" in open(os.path.join(tmp_path, "ranked", "report.md")).read()
+    assert evaluate.main(argv + ["--rerank-top", "4", "--output-path", str(tmp_path / "x")],
+                         reader=reader) == 2
+    assert "--rerank-top 4 exceeds --samples-per-prompt 3" in capsys.readouterr().err
+
+
 def test_bad_invocations_are_one_line_errors(tmp_path, capsys, reader):
     assert evaluate.main(["--output-path", str(tmp_path)], reader=reader) == 2
     assert "give either --load CKPT" in capsys.readouterr().err

@@ -111,7 +111,8 @@ def markdown(report: dict, grid_name: str | None, shown_rows: int = 0) -> str:
 
     scored = "given images" if "images" in src else "generated samples"
     alignments = {name: report[key] for name, key in (
-        (scored, "alignment"), (f"{scored} vs other captions (chance)", "alignment_other_captions"),
+        (scored, "alignment"), (f"{scored}, reranked: {src.get('reranked')}", "alignment_reranked"),
+        (f"{scored} vs other captions (chance)", "alignment_other_captions"),
         ("ground truth (reader check)", "reader_check_clean"),
         ("ground truth through the tokenizer", "reader_check_reconstructed")) if report.get(key)}
     if alignments:

@@ -86,12 +86,14 @@ def _positions_of_new_tokens(next_positions, position_ids, num_tokens: int) -> t
     return positions.expand(b, num_tokens)
 
 
-def _check_positions(model, *positions: torch.Tensor) -> None:
+def _check_positions(model, *positions: torch.Tensor, what: str = "generate") -> None:
     limit = model.config.max_position_embeddings
     for p in positions:
         if p.numel() and (p.min() < 0 or p.max() >= limit):
-            raise ValueError(f"generate: position ids {p.min().item()}..{p.max().item()} fall outside "
-                             f"the model's {limit} positions (prompt + tokens to generate too long)")
+            raise ValueError(f"{what}: position ids {p.min().item()}..{p.max().item()} fall outside "
+                             f"the model's {limit} positions (a sequence too long, or a task the "
+                             f"model was not trained for: its positions come from pretrain.py "
+                             f"--tasks)")
 
 
 @torch.no_grad()
@@ -174,6 +176,7 @@ def score(model, tokens: torch.Tensor, position_ids: torch.Tensor, target_mask: 
     embedding's padding rows beyond are excluded too. Each TP rank keeps its own vocabulary slice:
     the vocab-parallel cross entropy never gathers the full logits.
     """
+    _check_positions(model, position_ids, what="score")
     logits = model(tokens[:, :-1], position_ids[:, :-1], attention_mask).float()  # [B, L-1, V/tp]
     rows = logits.shape[-1]
     start = mpu.get_tensor_model_parallel_rank() * rows  # this rank's slice of the vocabulary

@@ -7,7 +7,7 @@
                                  files with pipeline parallelism
         model_config.json        ModelConfig
         token_layout.json        TokenLayout
-        meta.json                iteration and the parallel layout it was saved with
+        meta.json                iteration (of train_iters) and the parallel layout it was saved with
 
 A save writes into `iter_XXXXXXX.partial/`, renames it to `iter_XXXXXXX/` once every rank has
 finished, and only then replaces `latest`. A crash at any point leaves `latest` naming a complete
@@ -108,8 +108,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, save_dir: str, iteration: int, model_config: ModelConfig,
-                    layout: TokenLayout, client_state: dict) -> str:
-    """Save on every rank (collective); returns the published folder."""
+                    layout: TokenLayout, client_state: dict, train_iters: int | None = None) -> str:
+    """Save on every rank (collective); returns the published folder. meta.json records the
+    --train-iters of the run, so a launcher can tell a finished run from an interrupted one."""
     tag = tag_for(iteration)
     final = os.path.join(save_dir, tag)
     partial_tag = f"{tag}.partial"
@@ -123,6 +124,7 @@ def save_checkpoint(engine, save_dir: str, iteration: int, model_config: ModelCo
     if _rank() == 0:
         publish_checkpoint(save_dir, tag, model_config, layout, {
             "iteration": iteration,
+            "train_iters": train_iters,
             "tensor_model_parallel_size": mpu.get_tensor_model_parallel_world_size(),
             "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
             "data_parallel_size": mpu.get_data_parallel_world_size(),

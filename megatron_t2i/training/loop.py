@@ -227,7 +227,7 @@ class Trainer:
 
     def save(self) -> None:
         save_checkpoint(self.engine, self.args.save, self.iteration, self.config, self.layout,
-                        {"data": self.train.sampler.state_dict()})
+                        {"data": self.train.sampler.state_dict()}, self.args.train_iters)
         if self.is_logger:
             logger.info("saved checkpoint iteration %d to %s", self.iteration, self.args.save)
 

@@ -17,8 +17,8 @@ Environment variables (defaults in brackets):
   DATA_DIR          where everything is written [./data]
   INPUT             images with captions: folder (.txt beside each image), TSV or JSONL
                     [empty: the embedded default, written to $DATA_DIR/synthetic]
-  SYNTHETIC_COUNT   images in the embedded default [2000]
-  IMAGE_SIZE        image side in pixels [32: 8x8 codes, quick on a CPU]
+  SYNTHETIC_COUNT   images in the embedded default [10000]
+  IMAGE_SIZE        image side in pixels [36: 9x9 codes, 3x3 per cell of the shapes' grid]
   TEXT_TOKENIZER    SentencePiece model; trained from the captions if missing [$DATA_DIR/text.model]
   TEXT_VOCAB_SIZE   text vocabulary when training it [1000]
   IMAGE_TOKENIZER   VQ-VAE checkpoint; trained on the images if missing [$DATA_DIR/vqvae.pt]
@@ -33,8 +33,8 @@ fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DATA_DIR=${DATA_DIR:-$ROOT/data}
 INPUT=${INPUT:-}
-SYNTHETIC_COUNT=${SYNTHETIC_COUNT:-2000}
-IMAGE_SIZE=${IMAGE_SIZE:-32}
+SYNTHETIC_COUNT=${SYNTHETIC_COUNT:-10000}
+IMAGE_SIZE=${IMAGE_SIZE:-36}
 TEXT_TOKENIZER=${TEXT_TOKENIZER:-$DATA_DIR/text.model}
 TEXT_VOCAB_SIZE=${TEXT_VOCAB_SIZE:-1000}
 IMAGE_TOKENIZER=${IMAGE_TOKENIZER:-$DATA_DIR/vqvae.pt}

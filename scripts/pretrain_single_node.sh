@@ -22,9 +22,12 @@ Environment variables (defaults in brackets):
   DATA_DIR             where preprocess.sh writes [./data]
   SAVE                 checkpoint folder; TensorBoard logs go to $SAVE/tensorboard [./checkpoints/demo]
   DS_CONFIG            DeepSpeed JSON [scripts/ds_config.json]
+  TASKS                training tasks and weights: text->image and the caption direction
+                       image->text in one model [t2i:3,i2t:1]
   TRAIN_ITERS          optimiser steps [1500]
   MICRO_BATCH_SIZE     sequences per process per micro-batch [8]
-  LR                   peak learning rate [1e-3]
+  LR                   peak learning rate [2e-3]
+  DROPOUT              hidden and attention dropout [0: the demo is far from overfitting]
   MASTER_PORT          rendezvous port [29500]
   LAUNCHER             torchrun or deepspeed [torchrun]
 EOF
@@ -41,9 +44,11 @@ MODEL_SIZE=${MODEL_SIZE:-demo}
 MP_SIZE=${MP_SIZE:-1}
 PP_SIZE=${PP_SIZE:-1}
 DS_CONFIG=${DS_CONFIG:-$ROOT/scripts/ds_config.json}
+TASKS=${TASKS:-t2i:3,i2t:1}
 TRAIN_ITERS=${TRAIN_ITERS:-1500}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-8}
-LR=${LR:-1e-3}
+LR=${LR:-2e-3}
+DROPOUT=${DROPOUT:-0}
 MASTER_PORT=${MASTER_PORT:-29500}
 LAUNCHER=${LAUNCHER:-torchrun}
 
@@ -75,7 +80,8 @@ fi
 args=(--model-size "$MODEL_SIZE" --data-path "$DATA_PATH" --save "$SAVE"
       --tensor-model-parallel-size "$MP_SIZE" --pipeline-model-parallel-size "$PP_SIZE"
       --deepspeed_config "$DS_CONFIG" --distributed-backend "$backend"
-      --train-iters "$TRAIN_ITERS" --micro-batch-size "$MICRO_BATCH_SIZE" --lr "$LR"
+      --tasks "$TASKS" --train-iters "$TRAIN_ITERS" --micro-batch-size "$MICRO_BATCH_SIZE" --lr "$LR"
+      --hidden-dropout "$DROPOUT" --attention-dropout "$DROPOUT"
       --save-interval 250 --eval-interval 250 --log-interval 25)
 
 echo "== training $MODEL_SIZE on $NUM_GPUS_PER_WORKER $( ((gpus > 0)) && echo GPU || echo CPU) process(es)" \

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The whole pipeline on the embedded default, from a fresh clone, on a laptop CPU:
+#   1. data       make the captioned images, train both tokenizers, write the LMDB (preprocess.sh)
+#   2. pretrain   the demo model, text->image and its caption direction image->text together
+#   3. evaluate   draw samples for held-out captions, rerank them by caption score, read every
+#                 sample with the attribute reader -> report.md, report.json, grid.png
+#   4. samples    text2image.sh for two new captions, best 2 of 8 by caption score
+# and print the figures and where everything is. A stage whose output exists is skipped, so an
+# interrupted quickstart resumes where it stopped (training from its newest checkpoint).
+set -euo pipefail
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<'EOF'
+
+Environment variables (defaults in brackets); the data and training defaults are those of
+./scripts/preprocess.sh and ./scripts/pretrain_single_node.sh (see their --help):
+  DATA_DIR         data, tokenizers, LMDB [./data]
+  SAVE             checkpoints and TensorBoard logs [./checkpoints/demo]
+  OUTPUT_PATH      evaluation report and samples [./samples/quickstart]
+  NUM_PROMPTS      held-out captions evaluated [64]
+  SAMPLES          samples per caption, RERANK_TOP of them kept by caption score [4, 1]
+EOF
+  exit 0
+fi
+(( $# == 0 )) || { echo "quickstart.sh: takes no arguments (settings come from the environment;" \
+                        "see --help)" >&2; exit 2; }
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+export DATA_DIR=${DATA_DIR:-$ROOT/data}
+export SAVE=${SAVE:-$ROOT/checkpoints/demo}
+OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/quickstart}
+NUM_PROMPTS=${NUM_PROMPTS:-64}
+SAMPLES=${SAMPLES:-4}
+RERANK_TOP=${RERANK_TOP:-1}
+LMDB=$DATA_DIR/tokens.lmdb
+EVAL=$OUTPUT_PATH/eval
+
+start=$(date +%s)
+stage() { printf '\n==== quickstart %s (%dm%02ds)\n' "$1" $(( ($(date +%s) - start) / 60 )) \
+                  $(( ($(date +%s) - start) % 60 )); }
+
+# 1. data ------------------------------------------------------------------------------------------
+if [[ -f "$LMDB/layout.json" ]]; then
+  stage "1/4 data: $LMDB exists, skipped"
+else
+  stage "1/4 data: embedded default -> tokenizers -> $LMDB"
+  OUTPUT=$LMDB "$ROOT/scripts/preprocess.sh"
+fi
+
+# 2. pretrain --------------------------------------------------------------------------------------
+# Finished when the newest checkpoint reached the --train-iters of its run (or $TRAIN_ITERS).
+reached=$("$PY" - "$SAVE" "${TRAIN_ITERS:-}" <<'EOF' 2>/dev/null || true
+import json, os, sys
+save, wanted = sys.argv[1], sys.argv[2]
+with open(os.path.join(save, "latest")) as f:
+    meta = json.load(open(os.path.join(save, f.read().strip(), "meta.json")))
+if meta["iteration"] >= int(wanted or meta["train_iters"]):
+    print(meta["iteration"])
+EOF
+)
+if [[ -n "$reached" ]]; then
+  stage "2/4 pretrain: $SAVE is trained (iteration $reached), skipped"
+else
+  stage "2/4 pretrain: demo model, text->image and image->text -> $SAVE (resumes from its newest checkpoint)"
+  "$ROOT/scripts/pretrain_single_node.sh"
+fi
+
+# 3. evaluate --------------------------------------------------------------------------------------
+if [[ -f "$EVAL/report.json" && "$EVAL/report.json" -nt "$SAVE/latest" ]]; then
+  stage "3/4 evaluate: $EVAL/report.json is newer than the checkpoint, skipped"
+else
+  stage "3/4 evaluate: $NUM_PROMPTS held-out captions x $SAMPLES samples, best $RERANK_TOP by caption score"
+  "$PY" evaluate.py --load "$SAVE" --data-path "$LMDB" --synthetic-dir "$DATA_DIR/synthetic" \
+    --num-prompts "$NUM_PROMPTS" --samples-per-prompt "$SAMPLES" --rerank-top "$RERANK_TOP" \
+    --output-path "$EVAL"
+fi
+
+# 4. samples ---------------------------------------------------------------------------------------
+SAMPLES_DIR=$OUTPUT_PATH/text2image
+if [[ -d "$SAMPLES_DIR" && "$SAMPLES_DIR" -nt "$SAVE/latest" ]]; then
+  stage "4/4 samples: $SAMPLES_DIR exists, skipped"
+else
+  stage "4/4 samples: two new captions -> $SAMPLES_DIR"
+  rm -rf "$SAMPLES_DIR"
+  mkdir -p "$OUTPUT_PATH"
+  printf '%s\n' "a large red circle in the centre on a gray background" \
+    "a small yellow star at the top left and a big blue square at the bottom right on a pink background" \
+    > "$OUTPUT_PATH/captions.txt"
+  "$ROOT/scripts/text2image.sh" --load "$SAVE" --input-source "$OUTPUT_PATH/captions.txt" \
+    --batch-size 8 --rerank-top 2 --output-path "$SAMPLES_DIR"
+fi
+
+stage "done"
+"$PY" - "$EVAL/report.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+a, best, tok = r["alignment"], r.get("alignment_reranked") or r["alignment"], r["tokenizer"]
+def row(name, value, target, unit=""):
+    mark = "ok" if value >= target else "below target"
+    print(f"  {name:<44} {value:8.3f}{unit:<3} (target {target}{unit}: {mark})")
+print(f"figures on {a['images']} samples of {r['source']['prompt_count']} held-out captions "
+      f"({r['source'].get('reranked') or 'all samples'}):")
+row("colour alignment, best by caption score", best["colour"], 0.9)
+row("shape alignment, best by caption score", best["kind"], 0.8)
+row("VQ-VAE PSNR on held-out images", tok["psnr"], 28, " dB")
+print(f"  all samples: colour {a['colour']:.3f}, shape {a['kind']:.3f}, position {a['position']:.3f}, "
+      f"exact {a['exact']:.3f}; chance (other captions): colour "
+      f"{(r.get('alignment_other_captions') or {}).get('colour', float('nan')):.3f}")
+EOF
+cat <<EOF
+
+  grid of samples  : $EVAL/grid.png   (one row per held-out caption: truth | samples, best first)
+  report           : $EVAL/report.md  (and report.json)
+  new samples      : $SAMPLES_DIR
+  checkpoints      : $SAVE   (latest: $(cat "$SAVE/latest" 2>/dev/null || echo none))
+  TensorBoard      : tensorboard --logdir $SAVE/tensorboard
+  data, tokenizers : $DATA_DIR   (tokenizer training: tensorboard --logdir $DATA_DIR/runs/vqvae)
+next: ./scripts/text2image.sh --input-source interactive, ./scripts/image2text.sh,
+      ./scripts/post_selection.sh (all on $SAVE by default)
+EOF

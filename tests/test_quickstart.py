@@ -17,8 +17,15 @@ def free_port() -> int:
 
 
 def run(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh"), *args], cwd=ROOT,
+    return subprocess.run([str(ROOT / "scripts" / "quickstart.sh"), *args], cwd=ROOT,
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=1200)
+
+
+def test_every_script_is_executable():
+    """The README runs them as ./scripts/NAME.sh."""
+    scripts = sorted((ROOT / "scripts").glob("*.sh"))
+    assert scripts and all(os.access(p, os.X_OK) for p in scripts), \
+        [p.name for p in scripts if not os.access(p, os.X_OK)]
 
 
 def stage_lines(out: str) -> list[str]:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Super-resolution: images of S px become 2S px (their g x g codes become 2g x 2g codes, sampled in
-# 9 overlapping windows) by a model fine-tuned for it. Train one on the embedded default:
-#   OUTPUT=data/tokens-sr.lmdb ./scripts/preprocess.sh --sr-low-res
-#   DATA_PATH=data/tokens-sr.lmdb SAVE=checkpoints/demo-sr ./scripts/pretrain_single_node.sh \
-#     --tasks t2i:1,sr:1 --load checkpoints/demo --finetune
-# With no arguments: the first images of the embedded default with their captions, by
-# ./checkpoints/demo-sr; PNGs in $OUTPUT_PATH/{caption}/. Extra arguments go to generate_samples.py.
+# 9 overlapping windows) by a model trained for it. Train one on the embedded default at 32 px
+# (half an image needs an even code grid; the demo's 36 px give 9x9):
+#   DATA_DIR=data-sr IMAGE_SIZE=32 ./scripts/preprocess.sh --sr-low-res
+#   DATA_DIR=data-sr SAVE=checkpoints/demo-sr ./scripts/pretrain_single_node.sh --tasks t2i:1,sr:1
+# With no arguments: the first images of $DATA_DIR/synthetic (DATA_DIR=data-sr for the above) with
+# their captions, by ./checkpoints/demo-sr; PNGs in $OUTPUT_PATH/{caption}/. Extra arguments go to generate_samples.py.
 set -euo pipefail
 
 usage() {

@@ -39,7 +39,8 @@ if [[ -z "$INPUT_SOURCE" ]]; then
   [[ -d "$DATA_DIR/synthetic" ]] || { echo "image2text.sh: no images in $DATA_DIR/synthetic; run" \
     "./scripts/preprocess.sh or set INPUT_SOURCE" >&2; exit 2; }
   INPUT_SOURCE=$OUTPUT_PATH/inputs.txt
-  find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | head -n "$NUM_IMAGES" > "$INPUT_SOURCE"
+  # sed reads to the end: head would stop early and, under pipefail, fail the script (SIGPIPE)
+  find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | sed -n "1,${NUM_IMAGES}p" > "$INPUT_SOURCE"
 fi
 
 args=(--task image2text --load "$LOAD" --input-source "$INPUT_SOURCE"

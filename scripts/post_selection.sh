@@ -39,7 +39,7 @@ if [[ -z "$INPUT_SOURCE" ]]; then
   [[ -d "$DATA_DIR/synthetic" ]] || { echo "post_selection.sh: no images in $DATA_DIR/synthetic;" \
     "run ./scripts/preprocess.sh or set INPUT_SOURCE" >&2; exit 2; }
   INPUT_SOURCE=$OUTPUT_PATH/queries.tsv
-  mapfile -t images < <(find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | head -n $((4 * NUM_QUERIES)))
+  mapfile -t images < <(find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | sed -n "1,$((4 * NUM_QUERIES))p")
   : > "$INPUT_SOURCE"
   for ((q = 0; 4 * q < ${#images[@]} && q < NUM_QUERIES; q++)); do
     candidates=("${images[@]:$((4 * q)):4}")

@@ -41,7 +41,7 @@ if [[ -z "$INPUT_SOURCE" ]]; then
     "run ./scripts/preprocess.sh or set INPUT_SOURCE" >&2; exit 2; }
   INPUT_SOURCE=$OUTPUT_PATH/inputs.tsv
   : > "$INPUT_SOURCE"
-  find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | head -n "$NUM_IMAGES" |
+  find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | sed -n "1,${NUM_IMAGES}p" |
     while read -r image; do
       caption=$(tr '\t\n' '  ' < "${image%.png}.txt" | sed 's/ *$//')
       printf '%s\t%s\n' "$caption" "$image" >> "$INPUT_SOURCE"

@@ -67,3 +67,19 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
 
     bad = run(env, "--train-iters", "5")
     assert bad.returncode == 2 and "takes no arguments" in bad.stderr
+
+
+def test_default_inputs_from_a_large_folder_reach_the_generator(tmp_path):
+    """image2text.sh / super_resolution.sh / post_selection.sh pick the first images of a large
+    synthetic folder: under pipefail a `| head` used to kill them silently (SIGPIPE, exit 141)."""
+    synthetic = tmp_path / "data" / "synthetic"
+    synthetic.mkdir(parents=True)
+    for i in range(5000):  # far more sorted names than a pipe buffer holds
+        (synthetic / f"{i:06d}_a_long_enough_name.png").touch()
+        (synthetic / f"{i:06d}_a_long_enough_name.txt").write_text("a caption")
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "LOAD": str(tmp_path / "none"),
+           "OUTPUT_PATH": str(tmp_path / "out")}
+    for script in ("image2text.sh", "super_resolution.sh", "post_selection.sh"):
+        r = subprocess.run([str(ROOT / "scripts" / script)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "no checkpoint in" in r.stderr, (script, r.returncode, r.stderr)

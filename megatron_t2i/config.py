@@ -87,9 +87,10 @@ LAYOUT_PRESETS = {"cogview": TokenLayout.cogview}
 
 
 def model_config(size: str, layout: TokenLayout | None = None, max_tensor_parallel: int = 1,
-                 task: str = "t2i", **overrides) -> ModelConfig:
+                 task: str = "all", **overrides) -> ModelConfig:
     """The config of a named size for `layout` (vocabulary and positions). Sizes tied to a released
-    model use their own layout preset when none is given."""
+    model use their own layout preset when none is given. task: the positions of one task
+    (t2i, i2t, sr), or "all" of them."""
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; known sizes: {', '.join(MODEL_SIZES)}")
     layers, hidden, heads, preset = MODEL_SIZES[size]

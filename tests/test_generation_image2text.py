@@ -89,6 +89,7 @@ def prompt(codes):
 # ---- caption likelihood ------------------------------------------------------------------------
 
 def test_caption_likelihood_equals_a_plain_forward(untrained):
+    assert LAYOUT.image_positions == "fixed"
     codes, _ = held_out(4)
     texts = [[], [1, 2, 3], [5] * LAYOUT.max_text_tokens, [7, 9]]  # empty, short, at the limit
     got = caption_log_likelihood(untrained, LAYOUT, codes, texts, batch_size=3)
@@ -100,7 +101,9 @@ def test_caption_likelihood_equals_a_plain_forward(untrained):
         tokens = torch.tensor([LAYOUT.size_token, LAYOUT["[BOI1]"], *c.tolist(), LAYOUT["[EOI1]"],
                                LAYOUT["[ROI1]"], *ids] + ([PAD] if ended else []))
         with torch.no_grad():
-            logits = untrained(tokens[None, :-1], torch.arange(len(tokens) - 1)[None])[0].float()
+            # fixed image positions: [size] [BOI1] codes start at their text->image ids
+            positions = torch.arange(len(tokens) - 1) + LAYOUT.max_text_tokens + 1
+            logits = untrained(tokens[None, :-1], positions[None])[0].float()
         logp = logits.masked_fill(~ALLOWED, float("-inf")).log_softmax(-1)
         first = LAYOUT.image_tokens + 4  # index of the first caption token (or its end)
         want = sum(logp[i - 1, tokens[i]] for i in range(first, len(tokens)))

@@ -35,7 +35,7 @@ def stage_lines(out: str) -> list[str]:
 def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
     env = {"DATA_DIR": str(tmp_path / "data"), "SAVE": str(tmp_path / "ckpt"),
            "OUTPUT_PATH": str(tmp_path / "out"), "SYNTHETIC_COUNT": "150", "VQVAE_STEPS": "20",
-           "TEXT_VOCAB_SIZE": "300", "MODEL_SIZE": "tiny", "TRAIN_ITERS": "4",
+           "TEXT_VOCAB_SIZE": "400", "MODEL_SIZE": "tiny", "TRAIN_ITERS": "4",
            "MICRO_BATCH_SIZE": "2", "NUM_PROMPTS": "3", "SAMPLES": "2", "RERANK_TOP": "1",
            "NUM_GPUS_PER_WORKER": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     first = run(env)

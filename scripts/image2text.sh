@@ -27,6 +27,7 @@ HELP
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+source "$ROOT/scripts/lib/synthetic.sh"
 LOAD=${LOAD:-$ROOT/checkpoints/demo}
 DATA_DIR=${DATA_DIR:-$ROOT/data}
 NUM_IMAGES=${NUM_IMAGES:-8}
@@ -36,11 +37,8 @@ INPUT_SOURCE=${INPUT_SOURCE:-}
 
 mkdir -p "$OUTPUT_PATH"
 if [[ -z "$INPUT_SOURCE" ]]; then
-  [[ -d "$DATA_DIR/synthetic" ]] || { echo "image2text.sh: no images in $DATA_DIR/synthetic; run" \
-    "./scripts/preprocess.sh or set INPUT_SOURCE" >&2; exit 2; }
   INPUT_SOURCE=$OUTPUT_PATH/inputs.txt
-  # sed reads to the end: head would stop early and, under pipefail, fail the script (SIGPIPE)
-  find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | sed -n "1,${NUM_IMAGES}p" > "$INPUT_SOURCE"
+  first_synthetic_images image2text.sh "$DATA_DIR/synthetic" "$NUM_IMAGES" > "$INPUT_SOURCE"
 fi
 
 args=(--task image2text --load "$LOAD" --input-source "$INPUT_SOURCE"

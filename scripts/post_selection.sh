@@ -27,6 +27,7 @@ HELP
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+source "$ROOT/scripts/lib/synthetic.sh"
 LOAD=${LOAD:-$ROOT/checkpoints/demo}
 DATA_DIR=${DATA_DIR:-$ROOT/data}
 NUM_QUERIES=${NUM_QUERIES:-4}
@@ -36,15 +37,15 @@ INPUT_SOURCE=${INPUT_SOURCE:-}
 
 mkdir -p "$OUTPUT_PATH"
 if [[ -z "$INPUT_SOURCE" ]]; then
-  [[ -d "$DATA_DIR/synthetic" ]] || { echo "post_selection.sh: no images in $DATA_DIR/synthetic;" \
-    "run ./scripts/preprocess.sh or set INPUT_SOURCE" >&2; exit 2; }
   INPUT_SOURCE=$OUTPUT_PATH/queries.tsv
-  mapfile -t images < <(find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | sed -n "1,$((4 * NUM_QUERIES))p")
+  images_list=$(first_synthetic_images post_selection.sh "$DATA_DIR/synthetic" $((4 * NUM_QUERIES)))
+  images=()
+  [[ -z "$images_list" ]] || mapfile -t images <<< "$images_list"
   : > "$INPUT_SOURCE"
   for ((q = 0; 4 * q < ${#images[@]} && q < NUM_QUERIES; q++)); do
     candidates=("${images[@]:$((4 * q)):4}")
     truth=${candidates[$((q % ${#candidates[@]}))]}   # the captioned image, at a varying place
-    printf '%s\t%s\n' "$(tr '\t\n' '  ' < "${truth%.png}.txt" | sed 's/ *$//')" \
+    printf '%s\t%s\n' "$(caption_of "$truth")" \
       "$(IFS=$'\t'; echo "${candidates[*]}")" >> "$INPUT_SOURCE"
   done
 fi

@@ -27,6 +27,7 @@ HELP
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+source "$ROOT/scripts/lib/synthetic.sh"
 LOAD=${LOAD:-$ROOT/checkpoints/demo-sr}
 DATA_DIR=${DATA_DIR:-$ROOT/data}
 NUM_IMAGES=${NUM_IMAGES:-4}
@@ -37,15 +38,11 @@ INPUT_SOURCE=${INPUT_SOURCE:-}
 
 mkdir -p "$OUTPUT_PATH"
 if [[ -z "$INPUT_SOURCE" ]]; then
-  [[ -d "$DATA_DIR/synthetic" ]] || { echo "super_resolution.sh: no images in $DATA_DIR/synthetic;" \
-    "run ./scripts/preprocess.sh or set INPUT_SOURCE" >&2; exit 2; }
   INPUT_SOURCE=$OUTPUT_PATH/inputs.tsv
-  : > "$INPUT_SOURCE"
-  find "$DATA_DIR/synthetic" -maxdepth 1 -name '*.png' | sort | sed -n "1,${NUM_IMAGES}p" |
-    while read -r image; do
-      caption=$(tr '\t\n' '  ' < "${image%.png}.txt" | sed 's/ *$//')
-      printf '%s\t%s\n' "$caption" "$image" >> "$INPUT_SOURCE"
-    done
+  images_list=$(first_synthetic_images super_resolution.sh "$DATA_DIR/synthetic" "$NUM_IMAGES")
+  while read -r image; do
+    [[ -n "$image" ]] && printf '%s\t%s\n' "$(caption_of "$image")" "$image"
+  done <<< "$images_list" > "$INPUT_SOURCE"
 fi
 
 args=(--task super-resolution --load "$LOAD" --input-source "$INPUT_SOURCE"

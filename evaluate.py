@@ -168,7 +168,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     for q, prompt in enumerate(prompts):
         codes = text2image(ctx, gen_args, prompt["caption"], q)      # [K, grid^2]
         if args.rerank_top:  # best first by the caption score, as text2image --rerank-top
-            codes = rerank(ctx, argparse.Namespace(rerank_top=k), prompt["caption"], codes)[0]
+            codes = rerank(ctx, prompt["caption"], codes, k)[0]
         samples.append(tokenizer.decode_to_tensor(codes))            # [K, 3, S, S]
     wanted = [p["attributes"] for p in prompts for _ in range(k)]
     found = reader.read(torch.cat(samples))

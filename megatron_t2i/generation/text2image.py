@@ -89,16 +89,16 @@ def complete(ctx, args, text: str, codes, query_index: int, keep_rows: int) -> t
     return torch.cat([kept.expand(len(seeds), -1), rest], dim=1)
 
 
-def rerank(ctx, args, text: str, codes: torch.Tensor):
-    """The --rerank-top best of `codes` [N, grid^2] by caption score -> (codes [K, grid^2],
-    scores [K]), best first. On every rank (scoring runs the model)."""
+def rerank(ctx, text: str, codes: torch.Tensor, top: int):
+    """The `top` best of `codes` [N, grid^2] by caption score -> (codes [top, grid^2],
+    scores [top]), best first. On every rank (scoring runs the model)."""
     if importlib.util.find_spec("megatron_t2i.generation.image2text") is None:
         raise ValueError("--rerank-top needs post-selection (megatron_t2i/generation/"
                          "image2text.py), which this installation lacks")
     from megatron_t2i.generation.image2text import score_captions
 
     scores = torch.as_tensor(score_captions(ctx, text, codes)).float().cpu()
-    order = scores.argsort(descending=True)[:args.rerank_top]
+    order = scores.argsort(descending=True)[:top]
     return codes[order], scores[order]
 
 
@@ -132,7 +132,7 @@ def main_text2image(args, ctx) -> None:
         codes = text2image(ctx, args, query.item, query.index)
         scores = None
         if args.rerank_top:
-            codes, scores = rerank(ctx, args, query.item, codes)
+            codes, scores = rerank(ctx, query.item, codes, args.rerank_top)
         finish_query(ctx, args, query, query.item, codes, started,
                      args.batch_size * ctx.layout.image_tokens, scores)
 
@@ -161,7 +161,7 @@ def main_completion(args, ctx) -> None:
         completed = complete(ctx, args, text, codes, query.index, keep_rows)
         scores = None
         if args.rerank_top:
-            completed, scores = rerank(ctx, args, text, completed)
+            completed, scores = rerank(ctx, text, completed, args.rerank_top)
         # the debug grid starts with the original image (as the tokenizer reconstructs it)
         original = ctx.image_tokenizer.decode_codes(torch.tensor([codes])) \
             if ctx.is_writer and args.debug else []

@@ -307,6 +307,35 @@ def test_evaluate_rerank_orders_the_same_samples_and_scores_the_best(tmp_path, c
     assert "--rerank-top 4 exceeds --samples-per-prompt 3" in capsys.readouterr().err
 
 
+class MeanReader:
+    """Reads nothing but tells the samples apart: each reading carries the image's mean pixel."""
+
+    def read(self, images):
+        return [{"background": "gray", "shapes": [], "mean": round(float(x.mean()), 6)}
+                for x in images]
+
+
+def test_evaluate_rerank_puts_the_highest_caption_score_first(tmp_path, toy, monkeypatch):
+    """With caption scores that grow with the sample's index, the reranked rows hold the samples
+    in reverse drawing order: the order comes from the scores, not from generation."""
+    from megatron_t2i.generation import image2text
+
+    argv = ["--load", toy["ckpt"], "--data-path", toy["tokens"], "--synthetic-dir", toy["synthetic"],
+            "--holdout-fraction", "0.25", "--seed", "3", "--num-prompts", "2",
+            "--samples-per-prompt", "3", "--device", "cpu"]
+    out = {}
+    for name, extra in (("plain", []), ("ranked", ["--rerank-top", "1"])):
+        assert evaluate.main(argv + extra + ["--output-path", str(tmp_path / name)],
+                             reader=MeanReader()) == 0
+        out[name] = json.load(open(tmp_path / name / "report.json"))["rows"]
+        monkeypatch.setattr(image2text, "score_captions",
+                            lambda ctx, text, codes: torch.arange(len(codes), dtype=torch.float32))
+    for p, r in zip(out["plain"], out["ranked"]):
+        means = [f["mean"] for f in p["found"]]
+        assert len(set(means)) == 3  # the toy's samples differ
+        assert [f["mean"] for f in r["found"]] == means[::-1]
+
+
 def test_bad_invocations_are_one_line_errors(tmp_path, capsys, reader):
     assert evaluate.main(["--output-path", str(tmp_path)], reader=reader) == 2
     assert "give either --load CKPT" in capsys.readouterr().err

@@ -111,7 +111,7 @@ def add_tokenizer_args(parser):
     g.add_argument("--text-tokenizer", metavar="FILE.model", help="SentencePiece model")
     g.add_argument("--text-vocab-size", type=_positive_int, default=1000,
                    help="text vocabulary size when training a tokenizer (default: %(default)s)")
-    g.add_argument("--max-text-tokens", type=_positive_int, default=28,
+    g.add_argument("--max-text-tokens", type=_positive_int, default=40,
                    help="text ids kept per caption; longer ones are truncated with a warning "
                         "(default: %(default)s)")
     g.add_argument("--image-positions", choices=("fixed", "after_text"), default="fixed",

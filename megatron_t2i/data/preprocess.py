@@ -239,7 +239,7 @@ def load_image_tokenizer(path: str, device="cpu") -> ImageTokenizer:
             raise ours from None
 
 
-def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_text_tokens: int = 28,
+def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_text_tokens: int = 40,
                image_size: int | None = None, workers: int = 0, batch_size: int = 32,
                progress: bool = True, sr_low_res: bool = False,
                image_positions: str = "fixed") -> dict:

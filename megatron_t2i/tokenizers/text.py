@@ -26,6 +26,10 @@ import sentencepiece as spm
 
 logger = logging.getLogger(__name__)
 
+# CJK punctuation, kana, ideographs (with extension A and compatibility ideographs)
+_CJK = re.compile(r"([\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+_PIECE_BREAK = "\t"  # SentencePiece never builds a piece across it; captions are single lines
+
 
 def _captions(source: Iterable[str] | str) -> list[str]:
     """Non-empty caption lines from strings, a file (one caption per line) or a folder of .txt
@@ -74,7 +78,8 @@ def train_text_tokenizer(captions: Iterable[str] | str, model_prefix: str, vocab
         # num_threads is pinned: the model file records it, and the file's sha256 must not depend
         # on the machine that trained it.
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model,
+            sentence_iterator=(_CJK.sub(_PIECE_BREAK + r"\1" + _PIECE_BREAK, line) for line in lines),
+            pretokenization_delimiter=_PIECE_BREAK, model_writer=model,
             model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False,
             normalization_rule_name="nfkc", byte_fallback=True, character_coverage=character_coverage,
             unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,

@@ -39,7 +39,8 @@ import torch
 
 from megatron_t2i.arguments import parse_args
 from megatron_t2i.data.synthetic import make_example, render
-from megatron_t2i.evaluation.metrics import alignment, diversity, heldout_losses, tokenizer_figures
+from megatron_t2i.evaluation.metrics import (alignment, alignment_by_caption, diversity,
+                                             heldout_losses, tokenizer_figures)
 from megatron_t2i.evaluation.reader import (ReaderConfig, load_or_train, reader_path, reconstruct,
                                             resize, to_tensor)
 from megatron_t2i.evaluation.report import write_report
@@ -174,6 +175,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     found = reader.read(torch.cat(samples))
     generated = alignment(found, wanted)
     best = [i for i in range(len(found)) if i % k < args.rerank_top]
+    shown = best or list(range(len(found)))  # the samples the headline figures are about
 
     recon = reconstruct(tokenizer, (truth * 255).round().byte(), size).float() / 255
     report = {
@@ -188,6 +190,8 @@ def evaluate_checkpoint(args, reader=None) -> dict:
         "alignment_reranked": without_per_image(alignment([found[i] for i in best],
                                                           [wanted[i] for i in best]))
         if best else None,
+        "alignment_by_caption": alignment_by_caption([found[i] for i in shown],
+                                                     [wanted[i] for i in shown]),
         "alignment_other_captions": other_captions(found, wanted, k),
         "reader_check_clean": without_per_image(alignment(reader.read(truth), truth_wanted)),
         "reader_check_reconstructed": without_per_image(alignment(reader.read(recon), truth_wanted)),

@@ -17,8 +17,8 @@ from megatron_t2i.data.lmdb_store import write_token_dataset
 from megatron_t2i.data.loader import split_indices
 from megatron_t2i.data.synthetic import make_example, write_dataset
 from megatron_t2i.evaluation import reader as reader_mod
-from megatron_t2i.evaluation.metrics import (alignment, diversity, heldout_losses, psnr, ssim,
-                                             tokenizer_figures)
+from megatron_t2i.evaluation.metrics import (alignment, alignment_by_caption, diversity,
+                                             heldout_losses, psnr, ssim, tokenizer_figures)
 from megatron_t2i.evaluation.reader import (READER_SEED, ReaderConfig, load_or_train, load_reader,
                                             reader_path, save_reader, to_tensor, train_reader)
 from megatron_t2i.generation.loading import load_model, load_tokenizers
@@ -126,6 +126,19 @@ def test_alignment_counts_each_named_attribute():
     assert alignment(wanted, wanted)["exact"] == 1.0
     with pytest.raises(ValueError, match="2 readings for 1 captions"):
         alignment(found, wanted[:1])
+
+
+def test_alignment_by_caption_splits_by_language_and_shape_count():
+    one = {"background": "gray", "language": "en", "shapes": [_shape("red", "circle", "small", 0, 0)]}
+    two = {"background": "gray", "language": "zh", "shapes": [_shape("red", "circle", "small", 0, 0),
+                                                              _shape("blue", "star", "large", 1, 1)]}
+    wrong = {"background": "gray", "shapes": [_shape("blue", "circle", "small", 0, 0)]}
+    groups = alignment_by_caption([one, wrong, wrong], [one, one, two])
+    assert list(groups) == ["en, 1 shape", "zh, 2 shapes"]
+    assert groups["en, 1 shape"]["colour"] == 0.5 and groups["en, 1 shape"]["images"] == 2
+    assert groups["zh, 2 shapes"]["position"] == 0.5 and groups["zh, 2 shapes"]["colour"] == 0
+    assert "per_image" not in groups["en, 1 shape"]
+    assert list(alignment_by_caption([wrong], [wrong])) == ["1 shape"]  # no language named
 
 
 def test_diversity_of_identical_samples_is_zero():
@@ -281,6 +294,8 @@ def test_evaluate_checkpoint_generates_and_reports_every_figure(tmp_path, toy, r
     md = open(os.path.join(out, "report.md"), encoding="utf-8").read()
     for section in ("Caption alignment", "Diversity", "Image tokenizer", "Held-out token loss"):
         assert f"## {section}" in md
+    assert sum(a["images"] for a in report["alignment_by_caption"].values()) == 6
+    assert "### By kind of caption" in md
 
 
 def test_evaluate_rerank_orders_the_same_samples_and_scores_the_best(tmp_path, capsys, toy, reader):

@@ -66,6 +66,25 @@ def alignment(found: list[dict], wanted: list[dict]) -> dict:
     return out
 
 
+def alignment_by_caption(found: list[dict], wanted: list[dict]) -> dict[str, dict]:
+    """alignment() of each kind of caption: {"en, 1 shape": {...}, "zh, 2 shapes": {...}, ...}
+    (language from the attributes when they name it), without per-image results."""
+    groups: dict[str, tuple[list, list]] = {}
+    for f, w in zip(found, wanted):
+        n = len(w["shapes"])
+        name = f"{w['language']}, " if "language" in w else ""
+        name += f"{n} shape{'s' if n != 1 else ''}"
+        groups.setdefault(name, ([], []))
+        groups[name][0].append(f)
+        groups[name][1].append(w)
+    out = {}
+    for name in sorted(groups):
+        a = alignment(*groups[name])
+        del a["per_image"]
+        out[name] = a
+    return out
+
+
 # ---- diversity -----------------------------------------------------------------------------------
 def pairwise_distances(samples: torch.Tensor) -> torch.Tensor:
     """[K, 3, H, W] -> RMS pixel distance of every unordered pair [K*(K-1)/2]."""

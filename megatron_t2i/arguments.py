@@ -72,10 +72,12 @@ def add_model_args(parser):
     g.add_argument("--num-attention-heads", type=_positive_int, help="override the size's heads")
     g.add_argument("--hidden-dropout", type=_fraction, default=0.1)
     g.add_argument("--attention-dropout", type=_fraction, default=0.1)
-    g.add_argument("--no-sandwich-ln", dest="sandwich_ln", action="store_false",
-                   help="disable the extra LayerNorms after attention and MLP")
-    g.add_argument("--no-pb-relax", dest="pb_relax", action="store_false",
-                   help="disable precision-bottleneck relaxation of attention and LayerNorm")
+    g.add_argument("--sandwich-ln", action=argparse.BooleanOptionalAction,
+                   help="extra LayerNorms after attention and MLP (default: the size's; "
+                        "CogView's sizes have them, demo not)")
+    g.add_argument("--pb-relax", action=argparse.BooleanOptionalAction,
+                   help="precision-bottleneck relaxation of attention and LayerNorm "
+                        "(default: the size's, as --sandwich-ln)")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute layer activations in the backward pass to save memory")
 
@@ -266,7 +268,7 @@ def validate(args, outputs=()) -> None:
     written, not read, so they need not exist."""
     a = vars(args)
     if "model_size" in a:
-        layers, hidden, heads, _ = MODEL_SIZES[args.model_size]
+        layers, hidden, heads = MODEL_SIZES[args.model_size][:3]
         hidden = args.hidden_size or hidden
         heads = args.num_attention_heads or heads
         if hidden % heads:

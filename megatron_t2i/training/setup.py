@@ -26,8 +26,9 @@ def build_config(args, layout):
     overrides = {k: v for k, v in {
         "num_layers": args.num_layers, "hidden_size": args.hidden_size,
         "num_attention_heads": args.num_attention_heads}.items() if v}
+    overrides.update({k: v for k, v in {"sandwich_ln": args.sandwich_ln,
+                                        "pb_relax": args.pb_relax}.items() if v is not None})
     overrides.update(hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-                     sandwich_ln=args.sandwich_ln, pb_relax=args.pb_relax,
                      checkpoint_activations=args.checkpoint_activations)
     positions = max(layout.max_positions(t) for t in args.tasks)
     return model_config(args.model_size, layout, args.tensor_model_parallel_size,

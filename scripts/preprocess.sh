@@ -18,7 +18,9 @@ Environment variables (defaults in brackets):
   INPUT             images with captions: folder (.txt beside each image), TSV or JSONL
                     [empty: the embedded default, written to $DATA_DIR/synthetic]
   SYNTHETIC_COUNT   images in the embedded default [10000]
-  IMAGE_SIZE        image side in pixels [36: 9x9 codes, 3x3 per cell of the shapes' grid]
+  IMAGE_SIZE        image side in pixels [36]
+  VQVAE_DOWNSAMPLE  pixels per code along a side when training the VQ-VAE [4: 36 pixels -> 9x9
+                    codes, 3x3 per cell of the shapes' grid]
   TEXT_TOKENIZER    SentencePiece model; trained from the captions if missing [$DATA_DIR/text.model]
   TEXT_VOCAB_SIZE   text vocabulary when training it [1000]
   IMAGE_TOKENIZER   VQ-VAE checkpoint; trained on the images if missing [$DATA_DIR/vqvae.pt]
@@ -35,6 +37,7 @@ DATA_DIR=${DATA_DIR:-$ROOT/data}
 INPUT=${INPUT:-}
 SYNTHETIC_COUNT=${SYNTHETIC_COUNT:-10000}
 IMAGE_SIZE=${IMAGE_SIZE:-36}
+VQVAE_DOWNSAMPLE=${VQVAE_DOWNSAMPLE:-4}
 TEXT_TOKENIZER=${TEXT_TOKENIZER:-$DATA_DIR/text.model}
 TEXT_VOCAB_SIZE=${TEXT_VOCAB_SIZE:-1000}
 IMAGE_TOKENIZER=${IMAGE_TOKENIZER:-$DATA_DIR/vqvae.pt}
@@ -70,8 +73,8 @@ if [[ -f "$IMAGE_TOKENIZER" ]]; then
 else
   stage "image tokenizer: training the VQ-VAE -> $IMAGE_TOKENIZER"
   "$PY" -m megatron_t2i.tokenizers.train_vqvae --input "$INPUT" --image-tokenizer "$IMAGE_TOKENIZER" \
-    --image-size "$IMAGE_SIZE" --seed "$SEED" --tensorboard-dir "$DATA_DIR/runs/vqvae" \
-    ${VQVAE_STEPS:+--vqvae-steps "$VQVAE_STEPS"}
+    --image-size "$IMAGE_SIZE" --vqvae-downsample "$VQVAE_DOWNSAMPLE" --seed "$SEED" \
+    --tensorboard-dir "$DATA_DIR/runs/vqvae" ${VQVAE_STEPS:+--vqvae-steps "$VQVAE_STEPS"}
 fi
 
 stage "tokenizing into LMDB -> $OUTPUT"

@@ -19,7 +19,8 @@ Environment variables (defaults in brackets); the data and training defaults are
   SAVE             checkpoints and TensorBoard logs [./checkpoints/demo]
   OUTPUT_PATH      evaluation report and samples [./samples/quickstart]
   NUM_PROMPTS      held-out captions evaluated [64]
-  SAMPLES          samples per caption, RERANK_TOP of them kept by caption score [4, 1]
+  SAMPLES          samples per caption, RERANK_TOP of them kept by caption score [8, 1]
+  CFG_SCALE        classifier-free guidance of the samples (0: none) [0]
 EOF
   exit 0
 fi
@@ -33,8 +34,9 @@ export DATA_DIR=${DATA_DIR:-$ROOT/data}
 export SAVE=${SAVE:-$ROOT/checkpoints/demo}
 OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/quickstart}
 NUM_PROMPTS=${NUM_PROMPTS:-64}
-SAMPLES=${SAMPLES:-4}
+SAMPLES=${SAMPLES:-8}
 RERANK_TOP=${RERANK_TOP:-1}
+CFG_SCALE=${CFG_SCALE:-0}
 LMDB=$DATA_DIR/tokens.lmdb
 EVAL=$OUTPUT_PATH/eval
 
@@ -75,7 +77,7 @@ else
   stage "3/4 evaluate: $NUM_PROMPTS held-out captions x $SAMPLES samples, best $RERANK_TOP by caption score"
   "$PY" evaluate.py --load "$SAVE" --data-path "$LMDB" --synthetic-dir "$DATA_DIR/synthetic" \
     --num-prompts "$NUM_PROMPTS" --samples-per-prompt "$SAMPLES" --rerank-top "$RERANK_TOP" \
-    --output-path "$EVAL"
+    --cfg-scale "$CFG_SCALE" --output-path "$EVAL"
 fi
 
 # 4. samples ---------------------------------------------------------------------------------------
@@ -90,7 +92,7 @@ else
     "a small yellow star at the top left and a big blue square at the bottom right on a pink background" \
     > "$OUTPUT_PATH/captions.txt"
   "$ROOT/scripts/text2image.sh" --load "$SAVE" --input-source "$OUTPUT_PATH/captions.txt" \
-    --batch-size 8 --rerank-top 2 --output-path "$SAMPLES_DIR"
+    --batch-size 8 --rerank-top 2 --cfg-scale "$CFG_SCALE" --output-path "$SAMPLES_DIR"
 fi
 
 stage "done"

@@ -40,7 +40,7 @@ import torch
 from megatron_t2i.arguments import parse_args
 from megatron_t2i.data.synthetic import make_example, render
 from megatron_t2i.evaluation.metrics import (alignment, alignment_by_caption, diversity,
-                                             heldout_losses, tokenizer_figures)
+                                             heldout_losses, tokenizer_figures, without_per_image)
 from megatron_t2i.evaluation.reader import (ReaderConfig, load_or_train, reader_path, reconstruct,
                                             resize, to_tensor)
 from megatron_t2i.evaluation.report import write_report
@@ -123,10 +123,6 @@ def reader_for(args, image_size: int, tokenizer, reader):
         return reader, None
     config = ReaderConfig(image_size=image_size)
     return load_or_train(cache, config, tokenizer), reader_path(cache, config, tokenizer)
-
-
-def without_per_image(a: dict) -> dict:
-    return {k: v for k, v in a.items() if k != "per_image"}
 
 
 def other_captions(found: list[dict], wanted: list[dict], shift: int) -> dict | None:

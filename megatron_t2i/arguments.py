@@ -14,6 +14,7 @@ import os
 import sys
 
 from megatron_t2i.config import MODEL_SIZES
+from megatron_t2i.tokenizers.layout import IMAGE_POSITIONS
 
 GROUPS = ("model", "data", "tokenizers", "training", "distributed", "generation", "evaluation")
 
@@ -116,7 +117,7 @@ def add_tokenizer_args(parser):
     g.add_argument("--max-text-tokens", type=_positive_int, default=40,
                    help="text ids kept per caption; longer ones are truncated with a warning "
                         "(default: %(default)s)")
-    g.add_argument("--image-positions", choices=("fixed", "after_text"), default="fixed",
+    g.add_argument("--image-positions", choices=IMAGE_POSITIONS, default="fixed",
                    help="position ids of the image after a caption: the same for every caption "
                         "length (fixed), or numbered on from the text as CogView does (after_text); "
                         "stored in the data set's layout (default: %(default)s)")

@@ -55,11 +55,10 @@ fi
 # 2. pretrain --------------------------------------------------------------------------------------
 # Finished when the newest checkpoint reached the --train-iters of its run (or $TRAIN_ITERS).
 reached=$("$PY" - "$SAVE" "${TRAIN_ITERS:-}" <<'EOF' 2>/dev/null || true
-import json, os, sys
-save, wanted = sys.argv[1], sys.argv[2]
-with open(os.path.join(save, "latest")) as f:
-    meta = json.load(open(os.path.join(save, f.read().strip(), "meta.json")))
-if meta["iteration"] >= int(wanted or meta["train_iters"]):
+import sys
+from megatron_t2i.training.convert import read_info
+meta = read_info(sys.argv[1])[3]  # meta.json of the newest checkpoint
+if meta["iteration"] >= int(sys.argv[2] or meta["train_iters"]):
     print(meta["iteration"])
 EOF
 )

@@ -66,23 +66,22 @@ def alignment(found: list[dict], wanted: list[dict]) -> dict:
     return out
 
 
+def without_per_image(a: dict) -> dict:
+    """An alignment() result without its per-image list (what reports keep)."""
+    return {k: v for k, v in a.items() if k != "per_image"}
+
+
 def alignment_by_caption(found: list[dict], wanted: list[dict]) -> dict[str, dict]:
     """alignment() of each kind of caption: {"en, 1 shape": {...}, "zh, 2 shapes": {...}, ...}
     (language from the attributes when they name it), without per-image results."""
     groups: dict[str, tuple[list, list]] = {}
     for f, w in zip(found, wanted):
         n = len(w["shapes"])
-        name = f"{w['language']}, " if "language" in w else ""
-        name += f"{n} shape{'s' if n != 1 else ''}"
-        groups.setdefault(name, ([], []))
-        groups[name][0].append(f)
-        groups[name][1].append(w)
-    out = {}
-    for name in sorted(groups):
-        a = alignment(*groups[name])
-        del a["per_image"]
-        out[name] = a
-    return out
+        name = (f"{w['language']}, " if "language" in w else "") + f"{n} shape{'s' * (n != 1)}"
+        group = groups.setdefault(name, ([], []))
+        group[0].append(f)
+        group[1].append(w)
+    return {name: without_per_image(alignment(*groups[name])) for name in sorted(groups)}
 
 
 # ---- diversity -----------------------------------------------------------------------------------

@@ -127,10 +127,8 @@ def markdown(report: dict, grid_name: str | None, shown_rows: int = 0) -> str:
                       [[name] + [a.get(k) for k in ALIGNMENT_KEYS] + [a.get("images")]
                        for name, a in alignments.items()]) + [""]
     if report.get("alignment_by_caption"):
-        which = f"best {report['source']['reranked'].split(' ')[1]} per prompt" \
-            if report["source"].get("reranked") else "every sample"
         out += ["### By kind of caption", "", f"The same figures per language and number of shapes "
-                f"({which}).", ""]
+                f"({src.get('reranked') or 'every sample'}).", ""]
         out += _table(["captions"] + list(ALIGNMENT_KEYS) + ["n"],
                       [[name] + [a.get(k) for k in ALIGNMENT_KEYS] + [a.get("images")]
                        for name, a in report["alignment_by_caption"].items()]) + [""]

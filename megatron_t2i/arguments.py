@@ -151,7 +151,9 @@ def add_training_args(parser):
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--txt-loss-scale", type=float, default=1.0,
-                   help="weight of the loss at text positions (CogView's tutorial used 5)")
+                   help="weight of the caption's targets in text->image and super-resolution "
+                        "sequences (CogView's tutorial used 5); the caption direction's text "
+                        "keeps weight 1")
     g.add_argument("--save", metavar="DIR", help="checkpoint folder")
     g.add_argument("--load", metavar="DIR", help="checkpoint to resume from")
     g.add_argument("--save-interval", type=_positive_int, default=500)

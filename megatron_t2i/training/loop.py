@@ -73,10 +73,13 @@ class Batches:
         return {k: v.to(self.device, non_blocking=True) for k, v in collate(seqs).items()}
 
 
-def loss_weights(batch, num_image_codes: int, txt_loss_scale: float) -> torch.Tensor:
-    """Loss mask with text (non-image) targets weighted by --txt-loss-scale."""
-    is_image = batch["labels"] < num_image_codes
-    scale = torch.where(is_image, 1.0, txt_loss_scale)
+def loss_weights(batch, layout, txt_loss_scale: float) -> torch.Tensor:
+    """Loss mask with the text targets of caption-first sequences (text->image, super-resolution:
+    those starting with [ROI1]) weighted by --txt-loss-scale. In the caption direction the text is
+    what the model is trained to write, so its targets keep weight 1."""
+    is_image = batch["labels"] < layout.num_image_codes
+    caption_first = batch["tokens"][:, :1] == layout["[ROI1]"]            # [B, 1]
+    scale = torch.where(is_image | ~caption_first, 1.0, txt_loss_scale)
     return batch["loss_mask"] * scale
 
 
@@ -152,7 +155,7 @@ class Trainer:
         batch over ranks and accumulation steps gives the same gradient."""
         gas = self.args.gradient_accumulation_steps
         batches = [self.train.next() for _ in range(gas)]
-        weights = [loss_weights(b, self.layout.num_image_codes, self.args.txt_loss_scale)
+        weights = [loss_weights(b, self.layout, self.args.txt_loss_scale)
                    for b in batches]
         total = _all_reduce_dp(torch.stack([w.sum() for w in weights]).sum().double())
         scale = gas * mpu.get_data_parallel_world_size() / total.clamp_min(1e-12).item()

@@ -13,6 +13,9 @@ sample, and the report gives
     backgrounds found, per attribute and overall; beside it the same for the captions' own
     pictures (clean and through the tokenizer: how far the reader can be trusted) and for samples
     paired with other prompts' captions (chance level);
+  - binding: the swap test of megatron_t2i/evaluation/binding.py on the held-out two-shape
+    pictures (does the model prefer the true caption to the one with the two shapes' colours or
+    kinds swapped, in both directions, split by the order the caption names the shapes);
   - with --rerank-top K, the same for the best K samples of each prompt by caption score
     (text2image's --rerank-top; the grid then shows each prompt's samples best first);
   - diversity of the samples of one prompt;
@@ -39,6 +42,7 @@ import torch
 
 from megatron_t2i.arguments import parse_args
 from megatron_t2i.data.synthetic import make_example, render
+from megatron_t2i.evaluation.binding import swap_test
 from megatron_t2i.evaluation.metrics import (alignment, alignment_by_caption, diversity,
                                              heldout_losses, tokenizer_figures, without_per_image)
 from megatron_t2i.evaluation.reader import (ReaderConfig, load_or_train, reader_path, reconstruct,
@@ -140,6 +144,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
                          "(megatron_t2i/generation/text2image.py), which this installation lacks")
     t2i = importlib.import_module("megatron_t2i.generation.text2image")
     text2image, rerank = t2i.text2image, t2i.rerank
+    from megatron_t2i.generation.image2text import caption_log_likelihood
     from megatron_t2i.data.loader import open_dataset, split_indices
     from megatron_t2i.generation.loading import build_context
 
@@ -174,6 +179,12 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     shown = best or list(range(len(found)))  # the samples the headline figures are about
 
     recon = reconstruct(tokenizer, (truth * 255).round().byte(), size).float() / 255
+    batch = args.micro_batch_size
+    binding = swap_test(
+        examples, tokenizer.encode_images(tokenizer.normalize(truth)),
+        lambda text: ctx.text_tokenizer.encode(text, ctx.layout.max_text_tokens),
+        lambda codes, texts: t2i.image_log_likelihood(ctx.model, ctx.layout, codes, texts, batch),
+        lambda codes, texts: caption_log_likelihood(ctx.model, ctx.layout, codes, texts, batch))
     report = {
         "source": {"checkpoint": os.path.abspath(args.load), "prompts": source,
                    "prompt_count": len(prompts), "samples_per_prompt": k, "image_size": size,
@@ -189,6 +200,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
         "alignment_by_caption": alignment_by_caption([found[i] for i in shown],
                                                      [wanted[i] for i in shown]),
         "alignment_other_captions": other_captions(found, wanted, k),
+        "binding": binding,
         "reader_check_clean": without_per_image(alignment(reader.read(truth), truth_wanted)),
         "reader_check_reconstructed": without_per_image(alignment(reader.read(recon), truth_wanted)),
         "diversity": diversity(samples),

@@ -17,6 +17,7 @@ from megatron_t2i.data.lmdb_store import write_token_dataset
 from megatron_t2i.data.loader import split_indices
 from megatron_t2i.data.synthetic import make_example, write_dataset
 from megatron_t2i.evaluation import reader as reader_mod
+from megatron_t2i.evaluation.binding import swap_test, swapped_caption
 from megatron_t2i.evaluation.metrics import (alignment, alignment_by_caption, diversity,
                                              heldout_losses, psnr, ssim, tokenizer_figures)
 from megatron_t2i.evaluation.reader import (READER_SEED, ReaderConfig, load_or_train, load_reader,
@@ -192,6 +193,70 @@ def test_ssim_matches_a_direct_loop_over_windows():
         ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
 
 
+# ---- the swap test -------------------------------------------------------------------------------
+def two_shapes(first_cell, second_cell, language="en", colours=("yellow", "blue")):
+    shapes = [{"colour": colours[0], "kind": "star", "size": "small", "row": first_cell[0],
+               "col": first_cell[1]},
+              {"colour": colours[1], "kind": "square", "size": "large", "row": second_cell[0],
+               "col": second_cell[1]}]
+    return {"background": "gray", "language": language, "shapes": shapes}
+
+
+def test_swapped_caption_exchanges_the_two_shapes_words():
+    en = two_shapes((0, 0), (2, 2))
+    caption = "a small yellow star at the top left and a large blue square in the bottom right"
+    assert swapped_caption(caption, en, "colour") == \
+        "a small blue star at the top left and a large yellow square in the bottom right"
+    assert swapped_caption(caption, en, "kind") == \
+        "a small yellow square at the top left and a large blue star in the bottom right"
+    zh = two_shapes((0, 0), (2, 2), "zh")
+    assert swapped_caption("一个黄色的小星形在左上角，右下角有一个大的蓝色正方形", zh, "colour") == \
+        "一个蓝色的小星形在左上角，右下角有一个大的黄色正方形"
+    same = two_shapes((0, 0), (2, 2), colours=("red", "red"))
+    assert swapped_caption("a red star and a red square", same, "colour") is None
+    assert swapped_caption("a yellow star, a yellow square and a blue square", en, "colour") is None
+    one = {**en, "shapes": en["shapes"][:1]}
+    assert swapped_caption("a small yellow star at the top left", one, "colour") is None
+
+
+def test_swap_test_tells_binding_by_order_from_binding_by_content():
+    """Fake scorers with a known rule: one binds the first colour named to the first cell in
+    reading order, the other to the shape the caption names it with."""
+    examples = []
+    for i, cells in enumerate([((0, 0), (2, 2)), ((2, 1), (0, 2)), ((1, 0), (1, 2)),
+                               ((2, 2), (0, 0)), ((0, 1), (1, 1))]):
+        colours = (["red", "green", "purple", "black", "white"][i], "blue")
+        attributes = two_shapes(*cells, colours=colours)
+        caption = f"a small {colours[0]} star at x and a large {colours[1]} square at y"
+        examples.append({"caption": caption, "attributes": attributes})
+    codes = torch.arange(len(examples))[:, None]  # the example's index, as its "picture"
+
+    def first_named_colour(text):
+        return next(w for w in text.split() if w in ("red", "green", "purple", "black", "white",
+                                                     "blue"))
+
+    def by_content(codes, texts):   # the true caption's first colour is the star's
+        return torch.tensor([float(first_named_colour(t) == examples[int(c)]["attributes"]
+                                   ["shapes"][0]["colour"]) for c, t in zip(codes[:, 0], texts)])
+
+    def by_order(codes, texts):     # the first colour named belongs to the first cell
+        out = []
+        for c, t in zip(codes[:, 0], texts):
+            shapes = examples[int(c)]["attributes"]["shapes"]
+            first_cell = min(shapes, key=lambda s: (s["row"], s["col"]))
+            out.append(float(first_named_colour(t) == first_cell["colour"]))
+        return torch.tensor(out)
+
+    result = swap_test(examples, codes, lambda t: t, by_order, by_content)["colour"]
+    assert result["pairs"] == {"named in reading order": 3, "named in reverse": 2}
+    assert result["text->image"] == {"named in reading order": 1.0, "named in reverse": 0.0}
+    assert result["image->text"] == {"named in reading order": 1.0, "named in reverse": 1.0}
+    # swapping the kinds leaves the colour the scorers look at: a tie, which is no win
+    kinds = swap_test(examples, codes, lambda t: t, by_order, by_content)["kind"]
+    assert kinds["pairs"] == result["pairs"]
+    assert kinds["text->image"] == {"named in reading order": 0.0, "named in reverse": 0.0}
+
+
 # ---- a toy checkpoint, its tokenizers and a token data set of the synthetic images -------------
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
@@ -296,6 +361,11 @@ def test_evaluate_checkpoint_generates_and_reports_every_figure(tmp_path, toy, r
         assert f"## {section}" in md
     assert sum(a["images"] for a in report["alignment_by_caption"].values()) == 6
     assert "### By kind of caption" in md
+    # the swap test ran on the held-out two-shape pictures whose colours differ
+    two = [e for e in (toy["entries"][i] for i in held) if len(e["attributes"]["shapes"]) == 2
+           and len({s["colour"] for s in e["attributes"]["shapes"]}) == 2]
+    assert sum(report["binding"]["colour"]["pairs"].values()) == len(two)
+    assert "## Binding (swap test)" in md
 
 
 def test_evaluate_rerank_orders_the_same_samples_and_scores_the_best(tmp_path, capsys, toy, reader):

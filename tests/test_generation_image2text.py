@@ -21,6 +21,7 @@ from megatron_t2i.generation.image2text import (beam_search, caption_log_likelih
                                                 score_captions)
 from megatron_t2i.generation.loading import GenerationContext, load_model, load_tokenizers
 from megatron_t2i.generation.sampling import SamplingConfig
+from megatron_t2i.generation.text2image import image_log_likelihood
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.tokenizers.layout import TokenLayout
 
@@ -106,6 +107,27 @@ def test_caption_likelihood_equals_a_plain_forward(untrained):
             logits = untrained(tokens[None, :-1], positions[None])[0].float()
         logp = logits.masked_fill(~ALLOWED, float("-inf")).log_softmax(-1)
         first = LAYOUT.image_tokens + 4  # index of the first caption token (or its end)
+        want = sum(logp[i - 1, tokens[i]] for i in range(first, len(tokens)))
+        assert value.item() == pytest.approx(float(want), abs=1e-4)
+
+
+def test_image_likelihood_equals_a_plain_forward(untrained):
+    """The other direction (evaluation's swap test): log p(image | caption), only the codes
+    scored, each renormalised over the image codes; captions of different lengths in a batch."""
+    codes, _ = held_out(4)
+    texts = [[], [1, 2, 3], [5] * LAYOUT.max_text_tokens, [7, 9]]
+    got = image_log_likelihood(untrained, LAYOUT, codes, texts, batch_size=3)
+    image_ids = torch.arange(CONFIG.vocab_size) < LAYOUT.num_image_codes
+    for c, text, value in zip(codes, texts, got):
+        tokens = torch.tensor([LAYOUT["[ROI1]"], *[LAYOUT.text_offset + t for t in text],
+                               LAYOUT.size_token, LAYOUT["[BOI1]"], *c.tolist()])
+        # fixed image positions: [size] sits at max_text_tokens + 1 whatever the caption's length
+        positions = torch.cat([torch.arange(len(text) + 1),
+                               torch.arange(2 + c.numel()) + LAYOUT.max_text_tokens + 1])
+        with torch.no_grad():
+            logits = untrained(tokens[None, :-1], positions[None, :-1])[0].float()
+        logp = logits.masked_fill(~image_ids, float("-inf")).log_softmax(-1)
+        first = len(text) + 3  # index of the first code
         want = sum(logp[i - 1, tokens[i]] for i in range(first, len(tokens)))
         assert value.item() == pytest.approx(float(want), abs=1e-4)
 

@@ -11,6 +11,7 @@ import os
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from megatron_t2i.evaluation.binding import DIRECTIONS, ORDERS
 from megatron_t2i.io_utils import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 FORMAT = "megatron_t2i.evaluation/1"
@@ -132,6 +133,21 @@ def markdown(report: dict, grid_name: str | None, shown_rows: int = 0) -> str:
         out += _table(["captions"] + list(ALIGNMENT_KEYS) + ["n"],
                       [[name] + [a.get(k) for k in ALIGNMENT_KEYS] + [a.get("images")]
                        for name, a in report["alignment_by_caption"].items()]) + [""]
+    if report.get("binding"):
+        out += ["## Binding (swap test)", "",
+                "Held-out two-shape pictures whose shapes differ in the attribute: share of pairs "
+                "where the model finds the picture more likely with its own caption than with the "
+                "two shapes' words swapped (text->image: log p(picture | caption); image->text: "
+                "log p(caption | picture)). Chance 0.5. Split by whether the caption names first "
+                "the shape whose cell comes first row by row: binding by order instead of by "
+                "content scores near 1 there and near 0 in reverse.", ""]
+        rows = [[f"{attribute}, {direction}"] + [r[direction][o] for o in ORDERS]
+                for attribute, r in report["binding"].items() for direction in DIRECTIONS
+                if direction in r]
+        pairs = {a: r["pairs"] for a, r in report["binding"].items()}
+        out += _table(["attribute, direction", *ORDERS], rows) + [""]
+        out += ["Pairs: " + "; ".join(f"{a} {', '.join(f'{n} {o}' for o, n in p.items())}"
+                                      for a, p in pairs.items()), ""]
     if report.get("diversity"):
         d = report["diversity"]
         out += ["## Diversity", "",

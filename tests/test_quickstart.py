@@ -50,6 +50,11 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
     assert report["source"]["reranked"] == "best 1 of 2 by caption score" and best["images"] == 3
     printed = re.search(r"colour alignment, best by caption score\s+([0-9.]+)", first.stdout)
     assert printed and float(printed.group(1)) == round(best["colour"], 3)
+    swap = {o: "n/a" if v is None else f"{v:.2f}"  # None: no held-out pair named in that order
+            for o, v in report["binding"]["colour"]["text->image"].items()}
+    assert set(swap.values()) != {"n/a"}  # 150 images hold some two-shape pictures out
+    assert f"{swap['named in reading order']} when the caption names the shapes in reading " \
+           f"order, {swap['named in reverse']} in reverse" in first.stdout
     printed = re.search(r"VQ-VAE PSNR on held-out images\s+([0-9.]+)", first.stdout)
     assert printed and float(printed.group(1)) == round(report["tokenizer"]["psnr"], 3)
     assert (out / "eval" / "grid.png").stat().st_size > 0

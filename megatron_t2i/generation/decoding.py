@@ -163,6 +163,27 @@ def generate(model, prompt: torch.Tensor, position_ids: torch.Tensor, num_tokens
 
 
 @torch.no_grad()
+def score_sequences(model, seqs, targets, allowed: torch.Tensor, vocab_size: int,
+                    batch_size: int = 8) -> torch.Tensor:
+    """score() over training-template sequences of one padded length (layout templates with
+    pad=True), in rounds of batch_size -> float32 [N] (CPU). targets(tokens [b, L], loss_mask
+    [b, L]) -> bool [b, L] marks what is scored; each round drops the columns after its last
+    target (trailing pads, which nothing before them attends to)."""
+    device = model.word_embeddings.weight.device
+    allowed = allowed.to(device)
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        part = seqs[start:start + batch_size]
+        tokens = torch.stack([s.tokens for s in part])                # [b, L]
+        positions = torch.stack([s.position_ids for s in part])
+        mask = targets(tokens, torch.stack([s.loss_mask for s in part]))
+        length = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1
+        out.append(score(model, tokens[:, :length].to(device), positions[:, :length].to(device),
+                         mask[:, :length].to(device), allowed, vocab_size=vocab_size).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
 def score(model, tokens: torch.Tensor, position_ids: torch.Tensor, target_mask: torch.Tensor,
           allowed: torch.Tensor | None = None, attention_mask=None,
           vocab_size: int | None = None) -> torch.Tensor:

@@ -43,7 +43,7 @@ import torch
 
 from megatron_t2i.data.images import load_rgb
 from megatron_t2i.generation import io
-from megatron_t2i.generation.decoding import _Stream, generate, score, text_vocab_mask
+from megatron_t2i.generation.decoding import _Stream, generate, score_sequences, text_vocab_mask
 from megatron_t2i.generation.text2image import sample_seed, sampling_config
 
 
@@ -55,27 +55,21 @@ def caption_vocab_mask(layout, vocab_size: int) -> torch.Tensor:
     return text_vocab_mask(layout, vocab_size, extra=(layout["[PAD]"],))
 
 
-@torch.no_grad()
 def caption_log_likelihood(model, layout, codes: torch.Tensor, texts: list[list[int]],
                            batch_size: int = 8) -> torch.Tensor:
     """log p(text_i | image_i) for codes [N, grid^2] and N captions of text ids -> float32 [N]
     (CPU). The sequences are the training template's; only the caption's tokens and its end
     token are targets. Runs in rounds of batch_size images."""
-    device = model.word_embeddings.weight.device
-    allowed = caption_vocab_mask(layout, model.config.vocab_size).to(device)
     caption_start = layout.image_tokens + 4  # after [size] [BOI1] codes [EOI1] [ROI1]
-    out = []
-    for start in range(0, len(texts), batch_size):
-        seqs = [layout.image_to_text(c, t) for c, t in
-                zip(codes[start:start + batch_size], texts[start:start + batch_size])]
-        tokens = torch.stack([s.tokens for s in seqs])            # [b, L]
-        positions = torch.stack([s.position_ids for s in seqs])
-        targets = torch.stack([s.loss_mask for s in seqs])
-        targets[:, :caption_start] = 0                             # the image is given, not scored
-        length = int(targets.nonzero()[:, 1].max()) + 1            # nothing after the last target
-        out.append(score(model, tokens[:, :length].to(device), positions[:, :length].to(device),
-                         targets[:, :length].to(device), allowed, vocab_size=layout.vocab_size).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+
+    def targets(tokens, loss_mask):
+        mask = loss_mask > 0
+        mask[:, :caption_start] = False  # the image is given, not scored
+        return mask
+
+    seqs = [layout.image_to_text(c, t) for c, t in zip(codes, texts)]
+    return score_sequences(model, seqs, targets, caption_vocab_mask(layout, model.config.vocab_size),
+                           layout.vocab_size, batch_size)
 
 
 def score_captions(ctx, text: str, codes: torch.Tensor, batch_size: int = 8) -> torch.Tensor:

@@ -25,34 +25,20 @@ import torch
 
 from megatron_t2i.data.images import load_rgb
 from megatron_t2i.generation import io
-from megatron_t2i.generation.decoding import generate, image_vocab_mask, score
+from megatron_t2i.generation.decoding import generate, image_vocab_mask, score_sequences
 from megatron_t2i.generation.sampling import SamplingConfig
 from megatron_t2i.tokenizers.layout import Sequence
 
 
-@torch.no_grad()
 def image_log_likelihood(model, layout, codes: torch.Tensor, texts: list[list[int]],
                          batch_size: int = 8) -> torch.Tensor:
     """log p(image_i | text_i) for codes [N, grid^2] and N captions of text ids -> float32 [N]
     (CPU): the training template, only the image codes as targets, each normalised over the
     codes (as sampling draws them). Runs in rounds of batch_size images."""
-    device = model.word_embeddings.weight.device
-    allowed = image_vocab_mask(layout, model.config.vocab_size).to(device)
-    out = []
-    for start in range(0, len(texts), batch_size):
-        seqs = [layout.text_to_image(t, c, pad=False) for t, c in
-                zip(texts[start:start + batch_size], codes[start:start + batch_size])]
-        length = max(s.tokens.numel() for s in seqs)
-        tokens = torch.full((len(seqs), length), layout["[PAD]"], dtype=torch.long)
-        positions = torch.zeros_like(tokens)
-        targets = torch.zeros_like(tokens, dtype=torch.bool)
-        for row, s in enumerate(seqs):  # pads at the end (position 0): causal, nothing sees them
-            n = s.tokens.numel()
-            tokens[row, :n], positions[row, :n] = s.tokens, s.position_ids
-            targets[row, s.image_start:s.image_start + layout.image_tokens] = True
-        out.append(score(model, tokens.to(device), positions.to(device), targets.to(device),
-                         allowed, vocab_size=layout.vocab_size).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    seqs = [layout.text_to_image(t, c) for t, c in zip(texts, codes)]
+    return score_sequences(model, seqs, lambda tokens, _: tokens < layout.num_image_codes,
+                           image_vocab_mask(layout, model.config.vocab_size), layout.vocab_size,
+                           batch_size)
 
 
 def sample_seed(seed: int, query_index: int, sample_index: int) -> int:

@@ -82,12 +82,13 @@ def read_attributes(folder: str) -> list[dict]:
     return entries
 
 
-def trained_seed(synthetic_dir: str) -> int | None:
+def synthetic_meta(synthetic_dir: str) -> dict:
+    """The parameters of the embedded default data set at synthetic_dir ({} if none)."""
     try:
         with open(os.path.join(synthetic_dir, "dataset.json"), encoding="utf-8") as f:
-            return json.load(f).get("seed")
+            return json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 def held_out_prompts(args, dataset, held: np.ndarray | None, count: int):
@@ -108,8 +109,10 @@ def held_out_prompts(args, dataset, held: np.ndarray | None, count: int):
                                      f"(--seed {args.seed}, --holdout-fraction {args.holdout_fraction})")
         else:
             reason = f"the held-out records of --data-path are not listed in {path}"
-    seed = PROMPT_SEED + (trained_seed(args.synthetic_dir) == PROMPT_SEED)
-    examples = (make_example(i, seed) for i in range(count))
+    meta = synthetic_meta(args.synthetic_dir)
+    seed = PROMPT_SEED + (meta.get("seed") == PROMPT_SEED)
+    examples = (make_example(i, seed, caption_order=meta.get("caption_order", "reading"))
+                for i in range(count))
     return ([{"caption": e.caption, "attributes": e.attributes} for e in examples],
             f"fresh synthetic examples of seed {seed} ({reason})")
 

@@ -97,6 +97,9 @@ def add_data_args(parser):
                    help="images in the embedded default data set (default: %(default)s)")
     g.add_argument("--chinese-fraction", type=_fraction, default=0.2,
                    help="share of Chinese captions in the embedded default (default: %(default)s)")
+    g.add_argument("--caption-order", choices=("reading", "random"), default="reading",
+                   help="the embedded default's captions name their shapes in reading order, or in "
+                        "any order (harder: see megatron_t2i/data/synthetic.py) (default: %(default)s)")
     g.add_argument("--image-size", type=_positive_int, default=64,
                    help="image side in pixels after resize and centre crop (default: %(default)s)")
     g.add_argument("--workers", type=_positive_int, default=max(1, min(8, os.cpu_count() or 1)),

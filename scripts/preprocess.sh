@@ -18,6 +18,8 @@ Environment variables (defaults in brackets):
   INPUT             images with captions: folder (.txt beside each image), TSV or JSONL
                     [empty: the embedded default, written to $DATA_DIR/synthetic]
   SYNTHETIC_COUNT   images in the embedded default [10000]
+  CAPTION_ORDER     the embedded default names its shapes in reading order, or in any order
+                    (harder for the demo model: see megatron_t2i/data/synthetic.py) [reading]
   IMAGE_SIZE        image side in pixels [36]
   VQVAE_DOWNSAMPLE  pixels per code along a side when training the VQ-VAE [4: 36 pixels -> 9x9
                     codes, 3x3 per cell of the shapes' grid]
@@ -36,6 +38,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DATA_DIR=${DATA_DIR:-$ROOT/data}
 INPUT=${INPUT:-}
 SYNTHETIC_COUNT=${SYNTHETIC_COUNT:-10000}
+CAPTION_ORDER=${CAPTION_ORDER:-reading}
 IMAGE_SIZE=${IMAGE_SIZE:-36}
 VQVAE_DOWNSAMPLE=${VQVAE_DOWNSAMPLE:-4}
 TEXT_TOKENIZER=${TEXT_TOKENIZER:-$DATA_DIR/text.model}
@@ -56,7 +59,7 @@ if [[ -z "$INPUT" ]]; then
   INPUT=$DATA_DIR/synthetic
   stage "embedded default data set: $SYNTHETIC_COUNT images -> $INPUT"
   "$PY" -m megatron_t2i.data.synthetic --synthetic-dir "$INPUT" --synthetic-count "$SYNTHETIC_COUNT" \
-    --image-size "$IMAGE_SIZE" --seed "$SEED"
+    --image-size "$IMAGE_SIZE" --caption-order "$CAPTION_ORDER" --seed "$SEED"
 fi
 [[ -e "$INPUT" ]] || { echo "preprocess.sh: INPUT $INPUT does not exist" >&2; exit 2; }
 

@@ -111,7 +111,7 @@ print(f"  all samples: colour {a['colour']:.3f}, shape {a['kind']:.3f}, position
       f"exact {a['exact']:.3f}; chance (other captions): colour "
       f"{(r.get('alignment_other_captions') or {}).get('colour', float('nan')):.3f}")
 swap = ((r.get("binding") or {}).get("colour") or {}).get("text->image") or {}
-share = {o: f"{v:.2f}" if isinstance(v, float) else "n/a" for o, v in swap.items()}
+share = {o: f"{v:.2f}" if isinstance(v, float) and v == v else "n/a" for o, v in swap.items()}
 if any(v != "n/a" for v in share.values()):  # held-out two-shape pictures of unlike colours
     print(f"  colour binding (swap test, report section Binding; chance 0.5): "
           f"{share['named in reading order']} when the caption names the shapes in reading "

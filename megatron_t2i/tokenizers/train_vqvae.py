@@ -149,7 +149,8 @@ def main(argv=None) -> int:
         if not args.input:  # the embedded default: the synthetic data set, written if missing
             from megatron_t2i.data.synthetic import write_dataset
             args.input = write_dataset(args.synthetic_dir, args.synthetic_count, args.seed,
-                                       args.image_size, args.chinese_fraction)
+                                       args.image_size, args.chinese_fraction,
+                                       args.caption_order)
         if not args.image_tokenizer:
             raise ValueError("--image-tokenizer: give the output checkpoint path (.pt)")
         config = VQVAEConfig(hidden_channels=args.vqvae_channels, embed_dim=args.vqvae_embed_dim,

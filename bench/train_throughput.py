@@ -24,7 +24,7 @@ from megatron_t2i import mpu  # noqa: E402
 from megatron_t2i.arguments import parse_args  # noqa: E402
 from megatron_t2i.data.lmdb_store import write_token_dataset  # noqa: E402
 from megatron_t2i.tokenizers.layout import TokenLayout  # noqa: E402
-from megatron_t2i.training.flops import FORMULA, model_flops_per_token  # noqa: E402
+from megatron_t2i.training.flops import FORMULA  # noqa: E402
 from megatron_t2i.training.setup import prepare  # noqa: E402
 
 
@@ -49,16 +49,17 @@ def measure(size: str, data: str, dtype: str, micro_batch: int, warmup: int, ste
         trainer.train_step()
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     sync()
+    trainer.work = [0, 0.0]  # tokens fed and their model FLOPs, counted by train_step
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
     sync()
     seconds = (time.perf_counter() - start) / steps
-    tokens = trainer.global_batch * trainer.seq_length
-    flops = model_flops_per_token(trainer.config, trainer.seq_length) * tokens / seconds
+    tokens = trainer.work[0] / steps
+    flops = trainer.work[1] / steps / seconds
     mpu.destroy_model_parallel()
     return {"model_size": size, "dtype": dtype, "parameters": trainer.config.num_parameters(),
-            "seq_length": trainer.seq_length, "micro_batch": micro_batch,
+            "seq_length": int(tokens) // micro_batch, "micro_batch": micro_batch,
             "seconds_per_step": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
             "model_tflops_per_s": round(flops / 1e12, 4),
             "matmul_tflops_per_s": round(trainer.matmul_rate / 1e12, 4),

@@ -24,7 +24,7 @@ Environment variables (defaults in brackets):
   DS_CONFIG            DeepSpeed JSON [scripts/ds_config.json]
   TASKS                training tasks and weights: text->image and the caption direction
                        image->text in one model [t2i:3,i2t:1]
-  TRAIN_ITERS          optimiser steps [5500: about 21 minutes on 2 CPU cores]
+  TRAIN_ITERS          optimiser steps [4500: about 20 minutes on 2 CPU cores]
   MICRO_BATCH_SIZE     sequences per process per micro-batch [8]
   LR                   peak learning rate [2e-3]
   DROPOUT              hidden and attention dropout [0: the demo is far from overfitting]
@@ -47,7 +47,7 @@ MP_SIZE=${MP_SIZE:-1}
 PP_SIZE=${PP_SIZE:-1}
 DS_CONFIG=${DS_CONFIG:-$ROOT/scripts/ds_config.json}
 TASKS=${TASKS:-t2i:3,i2t:1}
-TRAIN_ITERS=${TRAIN_ITERS:-5500}
+TRAIN_ITERS=${TRAIN_ITERS:-4500}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-8}
 LR=${LR:-2e-3}
 DROPOUT=${DROPOUT:-0}

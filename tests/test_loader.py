@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_t2i.data.loader import ResumableSampler, SequenceBuilder, collate, split_indices
+from megatron_t2i.data.loader import (ResumableSampler, SequenceBuilder, collate, split_indices,
+                                      trim_padding)
 from megatron_t2i.tokenizers.layout import TokenLayout
 
 
@@ -55,6 +56,46 @@ def test_sequence_builder_mixes_tasks_and_drops_text():
     batch = collate(seqs[:3])
     assert batch["tokens"].shape == (3, build.length - 1)
     assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
+
+
+def test_trimmed_batches_give_the_same_loss_and_gradients():
+    """trim_padding drops the columns after the longest sequence; for a causal model the loss and
+    its gradients are those of the padded batch."""
+    from megatron_t2i.config import ModelConfig
+    from megatron_t2i.model.gpt import GPT, language_model_loss
+    lay = TokenLayout(num_image_codes=64, num_text_tokens=50, max_text_tokens=12, image_grid=3)
+    build = SequenceBuilder(lay, {"t2i": 1.0, "i2t": 1.0}, text_dropout=0.0)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [build(torch.randint(0, 50, (n,), generator=gen).tolist(),
+                  torch.randint(0, 64, (lay.image_tokens,), generator=gen), seed)
+            for seed, n in enumerate((3, 7, 5, 2))]
+    full = collate(seqs)
+    trimmed = trim_padding(full)
+    real = max(int((s.tokens != lay["[PAD]"]).sum()) for s in seqs)  # the longest sequence
+    kept = trimmed["tokens"].shape[1]  # (+1 where a caption's end, a [PAD], is a target)
+    assert real - 1 <= kept < full["tokens"].shape[1] and trimmed["tokens"].shape[0] == 4
+    assert (full["tokens"][:, kept:] == lay["[PAD]"]).all() and (full["loss_mask"][:, kept:] == 0).all()
+    assert (trimmed["loss_mask"][:, -1] != 0).any()  # nothing more could go
+    for k in full:
+        assert torch.equal(trimmed[k], full[k][:, :kept])
+
+    config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
+                         vocab_size=lay.padded_vocab_size(), num_tokens=lay.vocab_size,
+                         max_position_embeddings=lay.max_positions("i2t"), hidden_dropout=0.0,
+                         attention_dropout=0.0)
+    model = GPT(config, seed=1)
+    losses, grads = [], []
+    for batch in (full, trimmed):
+        model.zero_grad()
+        logits = model(batch["tokens"], batch["position_ids"])
+        loss = language_model_loss(logits, batch["labels"], batch["loss_mask"])[0]
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    no_target = trim_padding({**full, "loss_mask": torch.zeros_like(full["loss_mask"])})
+    assert no_target["tokens"].shape == (4, 1)  # never an empty batch
 
 
 def test_bad_task_weights():

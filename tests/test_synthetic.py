@@ -116,6 +116,29 @@ def test_captions_name_every_attribute_bound_to_its_shape():
             assert " and " in text or "，" in text
 
 
+def test_captions_name_the_shapes_in_reading_order_by_default_or_in_any_order():
+    drawn_first_named_first = {"reading": set(), "random": set()}
+    for order, seen in drawn_first_named_first.items():
+        for index in range(300):
+            ex = make_example(index, seed=2, chinese_fraction=0.5, caption_order=order)
+            shapes = ex.attributes["shapes"]
+            if len(shapes) != 2:
+                continue
+            zh = ex.attributes["language"] == "zh"
+            where = [ex.caption.index(synthetic.ZH[s["position"]] if zh else s["position"])
+                     for s in shapes]
+            assert where[0] < where[1], ex.caption  # "shapes" lists them in the caption's order
+            seen.add((shapes[0]["row"], shapes[0]["col"]) < (shapes[1]["row"], shapes[1]["col"]))
+    assert drawn_first_named_first == {"reading": {True}, "random": {True, False}}
+    for index in range(30):  # the caption order changes the caption, never the picture
+        a, b = (make_example(index, seed=2, caption_order=o) for o in ("reading", "random"))
+        assert a.image.tobytes() == b.image.tobytes()
+        key = lambda s: (s["row"], s["col"])  # noqa: E731
+        assert sorted(a.attributes["shapes"], key=key) == sorted(b.attributes["shapes"], key=key)
+    with pytest.raises(ValueError, match="caption_order must be one of reading, random"):
+        make_example(0, caption_order="alphabetical")
+
+
 def test_chinese_captions_appear_at_the_configured_fraction():
     def zh_count(fraction, n=500):
         examples = [make_example(i, seed=5, chinese_fraction=fraction) for i in range(n)]
@@ -152,7 +175,8 @@ def test_write_dataset_is_complete_idempotent_and_refuses_other_data(tmp_path, m
         with Image.open(out / f"{index:06d}.png") as im:
             assert im.tobytes() == ex.image.tobytes()
     meta = json.loads((out / "dataset.json").read_text())
-    assert (meta["seed"], meta["count"], meta["image_size"], meta["chinese_fraction"]) == (7, 12, 32, 0.2)
+    assert (meta["seed"], meta["count"], meta["image_size"], meta["chinese_fraction"],
+            meta["caption_order"]) == (7, 12, 32, 0.2, "reading")
     assert "format" in meta
 
     # the same parameters: returned as is, nothing regenerated
@@ -163,8 +187,9 @@ def test_write_dataset_is_complete_idempotent_and_refuses_other_data(tmp_path, m
     monkeypatch.undo()
 
     # different parameters, or a folder of someone else's files: a clear error, nothing deleted
-    with pytest.raises(ValueError, match="already holds other data"):
-        write_dataset(str(out), 13, seed=7, image_size=32, progress=False)
+    for other in ({"count": 13}, {"count": 12, "caption_order": "random"}):
+        with pytest.raises(ValueError, match="already holds other data"):
+            write_dataset(str(out), seed=7, image_size=32, progress=False, **other)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
@@ -195,10 +220,11 @@ def test_write_dataset_failure_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     synthetic.main(["--synthetic-dir", str(out), "--synthetic-count", "4", "--seed", "3",
-                    "--image-size", "24", "--chinese-fraction", "0.5"])
+                    "--image-size", "24", "--chinese-fraction", "0.5", "--caption-order", "random"])
     assert str(out) in capsys.readouterr().out
     meta = json.loads((out / "dataset.json").read_text())
-    assert (meta["count"], meta["seed"], meta["image_size"], meta["chinese_fraction"]) == (4, 3, 24, 0.5)
+    assert (meta["count"], meta["seed"], meta["image_size"], meta["chinese_fraction"],
+            meta["caption_order"]) == (4, 3, 24, 0.5, "random")
     with pytest.raises(SystemExit) as e:
         synthetic.main(["--synthetic-dir", str(out), "--synthetic-count", "5"])
     assert "already holds other data" in str(e.value.code) and "\n" not in str(e.value.code)

@@ -119,6 +119,17 @@ def collate(sequences) -> dict[str, torch.Tensor]:
             "loss_mask": loss_mask[:, 1:]}
 
 
+def trim_padding(batch: dict[str, torch.Tensor], length: int | None = None) -> dict[str, torch.Tensor]:
+    """The batch cut to `length` columns, by default to its last column in which a row has a
+    target (dropping the padding after the longest sequence). Exact for causal attention: a
+    position never sees the ones after it, and those columns carry no loss. Not for the pipeline
+    engine, which wants one shape throughout."""
+    if length is None:
+        has_target = (batch["loss_mask"] != 0).any(dim=0)                  # [L-1]
+        length = int(has_target.nonzero().max()) + 1 if has_target.any() else 1
+    return {k: v[:, :length] for k, v in batch.items()}
+
+
 def open_dataset(paths: list[str]):
     """One data set over --data-path: LMDB folders written by preprocess, or CogView .bin files.
     All must share a token layout; returns (dataset, layout)."""

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_t2i import mpu
-from megatron_t2i.data.loader import ResumableSampler, SequenceBuilder, collate
+from megatron_t2i.data.loader import ResumableSampler, SequenceBuilder, collate, trim_padding
 from megatron_t2i.training.checkpoint import save_checkpoint
 from megatron_t2i.training.engine import loss_scale
 from megatron_t2i.training.flops import model_flops_per_token
@@ -56,11 +56,12 @@ def _all_reduce_dp(t: torch.Tensor) -> torch.Tensor:
 
 
 class Batches:
-    """Micro-batches of one data-parallel rank, on the model's device."""
+    """Micro-batches of one data-parallel rank, on the model's device; with `trim`, cut after
+    the longest sequence (see trim_padding)."""
 
     def __init__(self, dataset, indices, builder: SequenceBuilder, micro_batch: int, seed: int,
-                 device, consumed: int = 0):
-        self.dataset, self.builder, self.device = dataset, builder, device
+                 device, consumed: int = 0, trim: bool = False):
+        self.dataset, self.builder, self.device, self.trim = dataset, builder, device, trim
         self.sampler = ResumableSampler(indices, micro_batch, mpu.get_data_parallel_rank(),
                                         mpu.get_data_parallel_world_size(), seed, consumed)
 
@@ -70,7 +71,15 @@ class Batches:
             record = self.dataset[index]
             seqs.append(self.builder(record.text_ids, record.image_codes, sample_seed,
                                      record.low_codes))
-        return {k: v.to(self.device, non_blocking=True) for k, v in collate(seqs).items()}
+        batch = collate(seqs)
+        if self.trim:
+            # one length on every data-parallel replica: their dropout then draws as many random
+            # numbers, so their RNG states stay equal (a checkpoint keeps one, see checkpoint.py)
+            length = torch.tensor([trim_padding(batch)["tokens"].shape[1]], device=self.device)
+            if dist.is_initialized() and mpu.get_data_parallel_world_size() > 1:
+                dist.all_reduce(length, op=dist.ReduceOp.MAX, group=mpu.get_data_parallel_group())
+            batch = trim_padding(batch, int(length))
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
 def loss_weights(batch, layout, txt_loss_scale: float) -> torch.Tensor:
@@ -134,17 +143,16 @@ class Trainer:
         self.iteration = start_iteration
         self.device = engine.device
         builder = SequenceBuilder(layout, args.tasks, args.text_dropout)
-        self.seq_length = builder.length - 1
+        self.pipeline_loss = getattr(engine.module, "loss_fn", None) \
+            if mpu.get_pipeline_model_parallel_world_size() > 1 else None
+        self.trim = self.pipeline_loss is None  # the pipeline engine wants fixed shapes
         self.train = Batches(dataset, train_idx, builder, args.micro_batch_size, args.seed,
-                             self.device, consumed)
+                             self.device, consumed, self.trim)
         self.eval_idx, self.dataset = eval_idx, dataset
         self.eval_builder = SequenceBuilder(layout, args.tasks, 0.0)
         self.stop = StopSignal()
         self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
-        self.global_batch = (args.micro_batch_size * args.gradient_accumulation_steps
-                             * mpu.get_data_parallel_world_size())
-        self.pipeline_loss = getattr(engine.module, "loss_fn", None) \
-            if mpu.get_pipeline_model_parallel_world_size() > 1 else None
+        self.work = [0, 0.0]  # tokens fed and their model FLOPs on this replica, since the last log
 
     # ---- one optimiser step ------------------------------------------------------------------
     def train_step(self):
@@ -155,6 +163,10 @@ class Trainer:
         batch over ranks and accumulation steps gives the same gradient."""
         gas = self.args.gradient_accumulation_steps
         batches = [self.train.next() for _ in range(gas)]
+        for b in batches:
+            self.work[0] += b["tokens"].numel()
+            self.work[1] += model_flops_per_token(self.config, b["tokens"].shape[1]) \
+                * b["tokens"].numel()
         weights = [loss_weights(b, self.layout, self.args.txt_loss_scale)
                    for b in batches]
         total = _all_reduce_dp(torch.stack([w.sum() for w in weights]).sum().double())
@@ -201,7 +213,7 @@ class Trainer:
     def evaluate(self) -> dict:
         self.engine.eval()
         batches = Batches(self.dataset, self.eval_idx, self.eval_builder, self.args.micro_batch_size,
-                          self.args.seed, self.device)
+                          self.args.seed, self.device, trim=self.trim)
         parts = torch.zeros(4, dtype=torch.float64, device=self.device)
         if self.pipeline_loss is not None:
             data = [batches.next() for _ in range(self.args.eval_iters)]
@@ -237,9 +249,9 @@ class Trainer:
     def run(self) -> str:
         """Train to --train-iters; returns 'done' or 'stopped' (signal)."""
         args = self.args
-        flops_per_iter = model_flops_per_token(self.config, self.seq_length) \
-            * self.seq_length * self.global_batch
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        # per device: this replica's work x replicas / devices (replicas train equal shapes)
+        share = mpu.get_data_parallel_world_size() / (dist.get_world_size()
+                                                        if dist.is_initialized() else 1)
         window = {"loss": 0.0, "parts": torch.zeros(4, dtype=torch.float64), "n": 0}
         start_iter, t_start, t_window = self.iteration, time.time(), time.time()
         while self.iteration < args.train_iters:
@@ -251,7 +263,7 @@ class Trainer:
                 now = time.time()
                 per_iter = (now - t_window) / window["n"]
                 p = window["parts"]
-                flops = flops_per_iter / per_iter / world
+                flops = self.work[1] * share / (now - t_window)
                 values = {
                     "train/loss": window["loss"] / window["n"],
                     "train/image_loss": (p[0] / p[1].clamp_min(1)).item(),
@@ -260,7 +272,8 @@ class Trainer:
                     "train/loss_scale": loss_scale(self.engine),
                     "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                     "train/skipped_steps": float(self.engine.skipped_steps),
-                    "speed/tokens_per_s": self.global_batch * self.seq_length / per_iter,
+                    "speed/tokens_per_s": self.work[0] * mpu.get_data_parallel_world_size()
+                                          / (now - t_window),
                     "speed/mfu": flops / self.matmul_rate,
                 }
                 self.log(values)
@@ -276,6 +289,7 @@ class Trainer:
                         self.engine.skipped_steps, values["speed/tokens_per_s"],
                         values["speed/mfu"], per_iter, _hms(eta))
                 window = {"loss": 0.0, "parts": torch.zeros(4, dtype=torch.float64), "n": 0}
+                self.work = [0, 0.0]
                 t_window = time.time()
             if self.eval_idx.size and args.eval_iters and (
                     self.iteration % args.eval_interval == 0 or self.iteration == args.train_iters):

@@ -19,7 +19,7 @@ Environment variables (defaults in brackets); the data and training defaults are
   SAVE             checkpoints and TensorBoard logs [./checkpoints/demo]
   OUTPUT_PATH      evaluation report and samples [./samples/quickstart]
   NUM_PROMPTS      held-out captions evaluated [64]
-  SAMPLES          samples per caption, RERANK_TOP of them kept by caption score [8, 1]
+  SAMPLES          samples per caption, RERANK_TOP of them kept by caption score [16, 1]
   CFG_SCALE        classifier-free guidance of the samples (0: none) [0]
 EOF
   exit 0
@@ -34,7 +34,7 @@ export DATA_DIR=${DATA_DIR:-$ROOT/data}
 export SAVE=${SAVE:-$ROOT/checkpoints/demo}
 OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/quickstart}
 NUM_PROMPTS=${NUM_PROMPTS:-64}
-SAMPLES=${SAMPLES:-8}
+SAMPLES=${SAMPLES:-16}
 RERANK_TOP=${RERANK_TOP:-1}
 CFG_SCALE=${CFG_SCALE:-0}
 LMDB=$DATA_DIR/tokens.lmdb

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from megatron_t2i.arguments import parse_args
-from megatron_t2i.data.synthetic import make_example, render
+from megatron_t2i.data.synthetic import make_example, read_meta, render
 from megatron_t2i.evaluation.binding import swap_test
 from megatron_t2i.evaluation.metrics import (alignment, alignment_by_caption, diversity,
                                              heldout_losses, tokenizer_figures, without_per_image)
@@ -82,15 +82,6 @@ def read_attributes(folder: str) -> list[dict]:
     return entries
 
 
-def synthetic_meta(synthetic_dir: str) -> dict:
-    """The parameters of the embedded default data set at synthetic_dir ({} if none)."""
-    try:
-        with open(os.path.join(synthetic_dir, "dataset.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
 def held_out_prompts(args, dataset, held: np.ndarray | None, count: int):
     """-> (up to `count` [{"caption", "attributes"}], where they come from): the held-out records
     of --data-path matched by file name to --synthetic-dir/attributes.jsonl when all of them are
@@ -109,7 +100,7 @@ def held_out_prompts(args, dataset, held: np.ndarray | None, count: int):
                                      f"(--seed {args.seed}, --holdout-fraction {args.holdout_fraction})")
         else:
             reason = f"the held-out records of --data-path are not listed in {path}"
-    meta = synthetic_meta(args.synthetic_dir)
+    meta = read_meta(args.synthetic_dir) or {}
     seed = PROMPT_SEED + (meta.get("seed") == PROMPT_SEED)
     examples = (make_example(i, seed, caption_order=meta.get("caption_order", "reading"))
                 for i in range(count))

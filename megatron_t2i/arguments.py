@@ -14,6 +14,7 @@ import os
 import sys
 
 from megatron_t2i.config import MODEL_SIZES
+from megatron_t2i.data.synthetic import CAPTION_ORDERS
 from megatron_t2i.tokenizers.layout import IMAGE_POSITIONS
 
 GROUPS = ("model", "data", "tokenizers", "training", "distributed", "generation", "evaluation")
@@ -97,7 +98,7 @@ def add_data_args(parser):
                    help="images in the embedded default data set (default: %(default)s)")
     g.add_argument("--chinese-fraction", type=_fraction, default=0.2,
                    help="share of Chinese captions in the embedded default (default: %(default)s)")
-    g.add_argument("--caption-order", choices=("reading", "random"), default="reading",
+    g.add_argument("--caption-order", choices=CAPTION_ORDERS, default="reading",
                    help="the embedded default's captions name their shapes in reading order, or in "
                         "any order (harder: see megatron_t2i/data/synthetic.py) (default: %(default)s)")
     g.add_argument("--image-size", type=_positive_int, default=64,

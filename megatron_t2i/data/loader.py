@@ -119,14 +119,19 @@ def collate(sequences) -> dict[str, torch.Tensor]:
             "loss_mask": loss_mask[:, 1:]}
 
 
+def target_length(target_mask: torch.Tensor) -> int:
+    """Columns up to the last one in which a row of target_mask [B, L] has a target (at least 1).
+    Cutting a batch there drops only trailing padding: exact for causal attention, since a
+    position never sees the ones after it and those columns carry no loss."""
+    has_target = (target_mask != 0).any(dim=0)                              # [L]
+    return int(has_target.nonzero().max()) + 1 if has_target.any() else 1
+
+
 def trim_padding(batch: dict[str, torch.Tensor], length: int | None = None) -> dict[str, torch.Tensor]:
-    """The batch cut to `length` columns, by default to its last column in which a row has a
-    target (dropping the padding after the longest sequence). Exact for causal attention: a
-    position never sees the ones after it, and those columns carry no loss. Not for the pipeline
-    engine, which wants one shape throughout."""
-    if length is None:
-        has_target = (batch["loss_mask"] != 0).any(dim=0)                  # [L-1]
-        length = int(has_target.nonzero().max()) + 1 if has_target.any() else 1
+    """The batch cut to `length` columns, by default to target_length of its loss mask (the
+    padding after the longest sequence goes). Not for the pipeline engine, which wants one shape
+    throughout."""
+    length = target_length(batch["loss_mask"]) if length is None else length
     return {k: v[:, :length] for k, v in batch.items()}
 
 

@@ -186,7 +186,8 @@ def make_example(index: int, seed: int = 0, image_size: int = 64,
 
 
 # ---- writing a data set --------------------------------------------------------------------------
-def _read_meta(path: str) -> dict | None:
+def read_meta(path: str) -> dict | None:
+    """The parameters (dataset.json) of the data set written at path, None if there is none."""
     try:
         with open(os.path.join(path, "dataset.json"), encoding="utf-8") as f:
             return json.load(f)
@@ -214,7 +215,7 @@ def write_dataset(out_dir: str, count: int, seed: int = 0, image_size: int = 64,
         """out_dir if it already holds this data set; raises if it holds something else."""
         if not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
             return None
-        found = _read_meta(out_dir)
+        found = read_meta(out_dir)
         if found != meta:
             raise ValueError(f"synthetic: {out_dir} already holds other data "
                              f"({'dataset.json ' + json.dumps(found) if found else 'no readable dataset.json'}); "

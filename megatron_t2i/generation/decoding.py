@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_t2i import mpu
+from megatron_t2i.data.loader import target_length
 from megatron_t2i.generation.sampling import SamplingConfig, classifier_free_guidance, sample
 
 Allowed = torch.Tensor | Callable[[int], torch.Tensor] | None
@@ -177,7 +178,7 @@ def score_sequences(model, seqs, targets, allowed: torch.Tensor, vocab_size: int
         tokens = torch.stack([s.tokens for s in part])                # [b, L]
         positions = torch.stack([s.position_ids for s in part])
         mask = targets(tokens, torch.stack([s.loss_mask for s in part]))
-        length = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1
+        length = target_length(mask)
         out.append(score(model, tokens[:, :length].to(device), positions[:, :length].to(device),
                          mask[:, :length].to(device), allowed, vocab_size=vocab_size).cpu())
     return torch.cat(out) if out else torch.zeros(0)

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_t2i import mpu
-from megatron_t2i.data.loader import ResumableSampler, SequenceBuilder, collate, trim_padding
+from megatron_t2i.data.loader import (ResumableSampler, SequenceBuilder, collate, target_length,
+                                      trim_padding)
 from megatron_t2i.training.checkpoint import save_checkpoint
 from megatron_t2i.training.engine import loss_scale
 from megatron_t2i.training.flops import model_flops_per_token
@@ -75,7 +76,7 @@ class Batches:
         if self.trim:
             # one length on every data-parallel replica: their dropout then draws as many random
             # numbers, so their RNG states stay equal (a checkpoint keeps one, see checkpoint.py)
-            length = torch.tensor([trim_padding(batch)["tokens"].shape[1]], device=self.device)
+            length = torch.tensor([target_length(batch["loss_mask"])], device=self.device)
             if dist.is_initialized() and mpu.get_data_parallel_world_size() > 1:
                 dist.all_reduce(length, op=dist.ReduceOp.MAX, group=mpu.get_data_parallel_group())
             batch = trim_padding(batch, int(length))

@@ -18,6 +18,9 @@ from megatron_t2i.data.synthetic import CAPTION_ORDERS
 from megatron_t2i.tokenizers.layout import IMAGE_POSITIONS
 
 GROUPS = ("model", "data", "tokenizers", "training", "distributed", "generation", "evaluation")
+# A query's samples are all drawn before the next query is read, and with --rerank-top held
+# until the best are chosen: more than this is better asked for as the same query repeated.
+MAX_SAMPLES_PER_QUERY = 1024
 
 
 class ArgumentError(ValueError):
@@ -169,6 +172,16 @@ def add_training_args(parser):
                    help="ZeRO stage (default: the DeepSpeed JSON's, else 0; at most 1 with PP)")
     g.add_argument("--finetune", action="store_true",
                    help="with --load: take the weights only (fresh optimiser, schedule, data)")
+    g.add_argument("--resume-fallback", action="store_true",
+                   help="when the newest checkpoint is damaged (its files differ from its "
+                        "manifest), resume from the newest intact one before it")
+    g.add_argument("--keep-checkpoints", type=int, default=3, metavar="N",
+                   help="keep the newest N checkpoints and the best by held-out loss, remove "
+                        "older ones after each save (0: keep all) (default: %(default)s)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle checkpoint files fully: only for files whose origin you trust "
+                        "(by default only tensors and plain data are read; a pickle could run "
+                        "code)")
     g.add_argument("--tasks", type=_task_weights, default={"t2i": 1.0}, metavar="TASK:W,...",
                    help="training tasks and their weights, e.g. t2i:1,i2t:0.5 (default: t2i)")
     g.add_argument("--text-dropout", type=_fraction, default=0.0,
@@ -197,7 +210,8 @@ def add_generation_args(parser):
     g.add_argument("--input-source", default="interactive",
                    help="'interactive' or a file with one query per line")
     g.add_argument("--output-path", default="samples")
-    g.add_argument("--batch-size", type=_positive_int, default=4, help="samples per query")
+    g.add_argument("--batch-size", type=_positive_int, default=4,
+                   help=f"samples per query, at most {MAX_SAMPLES_PER_QUERY} (default: %(default)s)")
     g.add_argument("--max-inference-batch-size", type=_positive_int, default=8)
     g.add_argument("--temperature", type=float,
                    help="default: 1.0, and 1.02 for --task super-resolution")
@@ -306,9 +320,14 @@ def validate(args, outputs=()) -> None:
     if a.get("clip_model") and not a.get("clip_checkpoint"):
         raise ArgumentError("--clip-model needs --clip-checkpoint FILE (weights are never "
                             "downloaded)")
-    for flag in ("top_k", "cfg_scale", "rerank_top", "beam_size", "top"):
+    for flag in ("top_k", "cfg_scale", "rerank_top", "beam_size", "top", "keep_checkpoints"):
         if a.get(flag, 0) < 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 0, got {a[flag]}")
+    if a.get("batch_size", 0) > MAX_SAMPLES_PER_QUERY:
+        raise ArgumentError(f"--batch-size {args.batch_size}: at most {MAX_SAMPLES_PER_QUERY} "
+                            f"samples per query (they are all drawn before the next query is "
+                            f"read, and with --rerank-top kept until the best are chosen); for "
+                            f"more, list the query several times: each line has its own seeds")
     source = a.get("input_source")
     if source and source != "interactive" and not os.path.isfile(source):
         raise ArgumentError(f"--input-source {source}: no such file (or use 'interactive')")

@@ -73,7 +73,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str) -> "ModelConfig":
-        return cls.from_dict(read_json(path, f"model config {path}"), source=path)
+        return cls.from_dict(read_json(path, f"model config {path}", expect=dict), source=path)
 
 
 # name -> (layers, hidden, heads, layout preset or None, CogView's sandwich LN and PB-relax).

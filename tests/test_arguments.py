@@ -25,6 +25,8 @@ def error_of(argv, **kw):
     (["--top-p", "1.5"], "--top-p must be in [0, 1)"),
     (["--micro-batch-size", "0"], "expected a positive integer"),
     (["--pipeline-model-parallel-size", "8", "--model-size", "tiny"], "exceeds the 2 layers"),
+    (["--batch-size", "100000"], "--batch-size 100000: at most 1024 samples per query"),
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0"),
 ])
 def test_bad_flags_give_one_line_errors(argv, message, capsys):
     error_of(argv)
@@ -80,3 +82,13 @@ def test_corrupt_or_missing_config_files_are_one_line_errors(tmp_path):
         ModelConfig.load(str(bad))
     with pytest.raises(FileNotFoundError, match=r"model config .*absent.json: no such file"):
         ModelConfig.load(str(tmp_path / "absent.json"))
+
+
+def test_a_deepspeed_config_that_is_not_an_object_is_one_line(tmp_path):
+    from megatron_t2i.training.engine import load_ds_config
+    path = tmp_path / "ds.json"
+    path.write_text("[1, 2]")
+    args = parse_args(["--deepspeed_config", str(path)], groups=("training", "distributed"))
+    with pytest.raises(ValueError, match=f"--deepspeed_config {path}: expected a JSON object "
+                                         r"\{...\}, found a JSON list"):
+        load_ds_config(args)

@@ -98,7 +98,7 @@ def test_broken_reader_file_is_one_clear_error(tmp_path, reader):
     save_reader(reader, path)
     with open(path, "r+b") as f:
         f.truncate(100)
-    with pytest.raises(ValueError, match=r"reader.pt: cannot read the attribute reader"):
+    with pytest.raises(ValueError, match=r"reader.pt: not a readable torch file"):
         load_reader(path)
     with pytest.raises(FileNotFoundError, match="attribute reader not found"):
         load_reader(str(tmp_path / "missing.pt"))

@@ -88,9 +88,24 @@ def test_file_queries_with_id_skip_bad_lines(tmp_path):
 def test_missing_or_binary_query_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="--input-source .*nope.txt: no such file"):
         list(io.read_lines(str(tmp_path / "nope.txt")))
-    (tmp_path / "bin").write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(ValueError, match="not UTF-8"):
-        list(io.read_lines(str(tmp_path / "bin")))
+    (tmp_path / "mixed").write_bytes(b"\xff\xfe\x00bad\na red circle\n\xc3(\nblue\n")
+    log = pyio.StringIO()
+    assert list(io.read_lines(str(tmp_path / "mixed"), log=log)) == [(2, "a red circle"),
+                                                                      (4, "blue")]
+    assert log.getvalue().splitlines() == [
+        f"skipped line 1 of {tmp_path / 'mixed'}: not UTF-8 text (byte 0xff at position 0; "
+        f"1 such line(s) so far)",
+        f"skipped line 3 of {tmp_path / 'mixed'}: not UTF-8 text (byte 0xc3 at position 0; "
+        f"2 such line(s) so far)"]
+
+
+def test_interactive_skips_a_line_that_is_not_utf8_and_answers_the_next():
+    class Stdin:  # a terminal's stdin: text on top of raw bytes
+        buffer = pyio.BytesIO(b"\xff\xfeold latin-1 caf\xe9\na red circle\nstop\n")
+    out, log = pyio.StringIO(), pyio.StringIO()
+    assert list(io.read_lines("interactive", Stdin(), out, log)) == [(2, "a red circle")]
+    assert "skipped line 1 of interactive input (stdin): not UTF-8" in log.getvalue()
+    assert out.getvalue().count(io.PROMPT) == 3
 
 
 def test_interactive_reads_until_stop_or_end():

@@ -13,6 +13,7 @@ from megatron_t2i.generation.loading import load_model, load_tokenizers, offload
 from megatron_t2i.generation.sampling import SamplingConfig
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.training.checkpoint import CheckpointError
+from megatron_t2i.training.manifest import write_manifest
 
 torch.set_num_threads(1)
 SAMPLING = SamplingConfig(temperature=1.0, top_k=10, top_p=0.9)
@@ -65,11 +66,15 @@ def test_damaged_checkpoints_are_one_line_errors(toy, tmp_path):
     blob = torch.load(path, weights_only=True)
     del blob["module"]["transformer.final_layernorm.bias"]
     torch.save(blob, path)
+    with pytest.raises(ValueError, match="mp_rank_00_model_states.pt: .* bytes, .* when saved"):
+        load_model(folder)  # the manifest sees the file changed before anything is read
+    write_manifest(os.path.dirname(path))  # as if saved that way: the shard itself is checked
     with pytest.raises(CheckpointError, match="missing key transformer.final_layernorm.bias"):
         load_model(folder)
     with open(path, "wb") as f:
         f.write(b"not a torch file")
-    with pytest.raises(CheckpointError, match="not a readable torch file"):
+    write_manifest(os.path.dirname(path))
+    with pytest.raises(ValueError, match="not a readable torch file"):
         load_model(folder)
     with pytest.raises(CheckpointError, match="no 'latest' file|not a megatron_t2i checkpoint"):
         load_model(str(tmp_path))

@@ -188,3 +188,30 @@ def test_errors_are_one_line(ckpt, tmp_path, capsys):
         assert code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("generate_samples.py: error: ") and message in err[-1], err
+
+
+def test_each_round_is_written_as_it_completes(ckpt, tmp_path, monkeypatch):
+    from megatron_t2i.generation import text2image
+    rounds = []
+
+    def generate(*args, **kwargs):  # the third round is interrupted (Ctrl-C)
+        rounds.append(1)
+        if len(rounds) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    original = text2image.generate
+    monkeypatch.setattr(text2image, "generate", generate)
+    source = write_queries(tmp_path / "q.txt", ["a red circle"])
+    assert run_main(ckpt["tp1"], tmp_path / "out", "--input-source", source, "--batch-size", "6",
+                    "--max-inference-batch-size", "2") == 130
+    assert sorted(os.listdir(tmp_path / "out" / "a_red_circle")) == \
+        ["000.png", "001.png", "002.png", "003.png"]
+
+
+def test_a_caption_cut_to_the_layout_is_said(ckpt, tmp_path, capsys):
+    source = write_queries(tmp_path / "q.txt", ["a big blue star " * 50])
+    assert run_main(ckpt["tp1"], tmp_path / "out", "--input-source", source,
+                    "--batch-size", "1") == 0
+    assert "caption cut to 8 of its 350 ids (the checkpoint's max_text_tokens)" in \
+        capsys.readouterr().out

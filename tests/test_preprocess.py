@@ -305,3 +305,34 @@ def test_cli(tmp_path, tokenizers, capsys):
     with pytest.raises(SystemExit, match="--input is required"):
         main(["--output", out, "--text-tokenizer", text_tok.model_path,
               "--image-tokenizer", image_tok.path])
+
+
+def test_new_inputs_are_added_on_re_run_and_vanished_ones_refused(tmp_path, tokenizers):
+    text_tok, image_tok = tokenizers
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        pattern(seed=i).save(folder / f"{i}.png")
+        write_caption(folder / f"{i}.txt", CAPTIONS[i])
+    (folder / "bad.png").write_bytes(b"not an image")
+    write_caption(folder / "bad.txt", CAPTIONS[0])
+    out = str(tmp_path / "tokens")
+    first = preprocess(str(folder), out, text_tok, image_tok, MAX_TEXT, progress=False)
+    assert first["written"] == 3 and first["skipped_total"] == 1
+    for i in (3, 4):  # new images in the same folder
+        pattern(seed=i).save(folder / f"{i}.png")
+        write_caption(folder / f"{i}.txt", CAPTIONS[i])
+    report = preprocess(str(folder), out, text_tok, image_tok, MAX_TEXT, progress=False)
+    assert report["written"] == 5 and report["skipped_total"] == 1
+    fresh = str(tmp_path / "fresh")  # the same as tokenizing all of them at once
+    preprocess(str(folder), fresh, text_tok, image_tok, MAX_TEXT, progress=False)
+    extended, reference = TokenDataset(out), TokenDataset(fresh)
+    assert len(extended) == len(reference) == 5
+    for i in range(5):
+        a, b = extended[i], reference[i]
+        assert a.key == b.key and np.array_equal(a.text_ids, b.text_ids) \
+            and np.array_equal(a.image_codes, b.image_codes)
+    os.remove(folder / "1.png")
+    with pytest.raises(FileExistsError, match="1 of the inputs it was made from are no longer in "
+                                              ".* \\(e.g. 1.png\\); remove"):
+        preprocess(str(folder), out, text_tok, image_tok, MAX_TEXT, progress=False)

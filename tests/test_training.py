@@ -92,7 +92,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data):
     start = int(latest[5:])
 
     out = run(flags + ["--save", interrupted])  # the same command resumes
-    assert f"resuming from {interrupted} at iteration {start}" in out.stdout
+    assert f"resuming from {interrupted}/iter_{start:07d} at iteration {start}" in out.stdout
     resumed = metrics(interrupted)
     for it in range(start + 1, 11):  # bitwise: same data, RNG, optimiser, schedule
         assert resumed[it]["train/loss"] == reference[it]["train/loss"], it

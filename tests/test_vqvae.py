@@ -233,7 +233,7 @@ def test_load_errors(tmp_path):
         ImageTokenizer.load(str(tmp_path / "missing.pt"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="bad.pt: not a readable torch file"):
         ImageTokenizer.load(str(bad))
     torch.save({"enc_b.blocks.0.weight": torch.zeros(1)}, tmp_path / "raw.pt")
     with pytest.raises(ValueError, match="from_cogview"):

@@ -44,6 +44,7 @@ import lmdb
 import numpy as np
 from torch.utils.data import Dataset
 
+from megatron_t2i.io_utils import replace_folder
 from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
 
 FORMAT = "megatron_t2i.lmdb_tokens/1"
@@ -122,24 +123,42 @@ def _put_all(env: lmdb.Environment, puts) -> None:
     _transact(env, work)
 
 
+def check_whole(path: str, env: lmdb.Environment) -> None:
+    """Refuse an environment whose data.mdb is shorter than its own page count says (a copy cut
+    short, a full disk). Only the two meta pages, read with pread, are looked at: touching a page
+    past the end of a memory-mapped file would kill the process with SIGBUS."""
+    data = os.path.join(path, "data.mdb")
+    size = os.path.getsize(data)
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    if size < need:
+        env.close()
+        raise ValueError(f"{data}: {size} bytes, its page table needs {need}: the file is "
+                         f"truncated (a copy cut short, a full disk); copy it again or re-run "
+                         f"preprocess")
+
+
 class LMDBWriter:
     """Resumable writer of one data set at `out`.
 
     `config` (see `dataset_config`: layout, tokenizer hashes, image size) is stored in the
     staging environment: resuming with a different config is refused, so a data set never mixes
     records of two tokenizers. Each `add()` is one committed transaction.
+
+    extend=True adds to the published data set at `out` (of the same config): its records and
+    skipped inputs seed the staging environment, and `publish()` replaces it atomically.
     """
 
-    def __init__(self, out: str, config: dict):
+    def __init__(self, out: str, config: dict, extend: bool = False):
         self.out = os.path.abspath(out)
         self.staging = self.out + ".partial"
-        if os.path.exists(self.out):
+        if os.path.exists(self.out) and not extend:
             raise FileExistsError(f"{out} already exists; remove it or choose another --output")
         os.makedirs(os.path.dirname(self.out), exist_ok=True)
         if "layout" not in config:
             raise ValueError("LMDBWriter: config needs the token layout (use dataset_config)")
         self.config = json.loads(json.dumps(config))  # normalise (tuples -> lists) for comparison
         self.env = lmdb.open(self.staging, map_size=_INITIAL_MAP_SIZE, max_dbs=2)
+        check_whole(self.staging, self.env)
         self.records = self.env.open_db(b"records")
         self.skipped = self.env.open_db(b"skipped")
         with self.env.begin() as txn:
@@ -153,6 +172,27 @@ class LMDBWriter:
             raise LayoutMismatchError(
                 f"{self.staging}: unfinished run with a different {', '.join(diff)}; "
                 f"delete {self.staging} to start over")
+        with self.env.begin() as txn:
+            seeded = txn.get(b"seeded") is not None
+        if extend and not seeded:  # (again, if a run was killed while seeding: puts repeat)
+            self._seed_from(TokenDataset(self.out))
+
+    def _seed_from(self, published: "TokenDataset") -> None:
+        """Copy the records, skipped inputs and counts of a published data set into staging."""
+        skipped = []
+        listing = os.path.join(published.path, "skipped.tsv")
+        if os.path.isfile(listing):
+            with open(listing, encoding="utf-8") as f:
+                skipped = [tuple(line.rstrip("\n").rsplit("\t", 1)) for line in f if "\t" in line]
+        counts = {k: v for k, v in published.meta.get("report", {}).items()
+                  if k == "truncated_captions"}
+        with open_readonly(published.path).begin(buffers=True) as txn:
+            for start in range(0, len(published), _PUBLISH_TXN_RECORDS):
+                values = [bytes(txn.get(index_key(i)))
+                          for i in range(start, min(start + _PUBLISH_TXN_RECORDS, len(published)))]
+                self.add([(decode_record(v).key, v) for v in values])
+        self.add(skipped=skipped)
+        _put_all(self.env, [(b"counts", json.dumps(counts).encode()), (b"seeded", b"1")])
 
     def done_keys(self) -> set[str]:
         """Source keys already written or skipped (a re-run must not redo them)."""
@@ -218,7 +258,7 @@ class LMDBWriter:
         for name, text in extra.items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
-        os.rename(tmp, self.out)  # atomic: readers see all of it or nothing
+        replace_folder(tmp, self.out)  # atomic: readers see all of it or nothing
         self.env.close()
         shutil.rmtree(self.staging)
         return meta
@@ -273,6 +313,7 @@ def open_readonly(path: str, revalidate: bool = False) -> lmdb.Environment:
             env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
         except lmdb.Error as e:
             raise ValueError(f"{path}: cannot open as LMDB ({e})") from None
+        check_whole(path, env)
         _READ_ENVS[key] = (env, (st.st_dev, st.st_ino))
     return _READ_ENVS[key][0]
 
@@ -303,6 +344,10 @@ class TokenDataset(Dataset):
             raise ValueError(f"{path}: data set format {self.meta.get('format')!r}, expected {FORMAT}")
         self.layout = TokenLayout.from_dict(self.meta["layout"], source=f"data set {path}")
         self._len = int(self.meta["count"])
+        stored = open_readonly(path).stat()["entries"] - 1  # the records beside the metadata
+        if stored != self._len:
+            raise ValueError(f"{path}: holds {stored} records, its metadata says {self._len}: "
+                             f"the data set is damaged; re-run preprocess")
 
     def __len__(self) -> int:
         return self._len

@@ -266,10 +266,20 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
                          f"{layout.image_grid}x{layout.image_grid}; half an image needs an even grid")
     low_res_grid = layout.image_grid // 2 if sr_low_res else 0
     config = dataset_config(layout, text_tok.sha256, image_tok.sha256, image_size, low_res_grid)
-    if os.path.isdir(output):
-        return _existing_report(output, config, input)
+    extend = os.path.isdir(output)
+    if extend:
+        _check_existing(output, config, input)
     sources, listed_skips = list_sources(input)
-    writer = LMDBWriter(output, config)
+    if extend:
+        new = _new_inputs(output, input, sources, listed_skips)
+        if not new:
+            meta = TokenDataset(output).meta
+            logger.info("%s is already complete (%d records of every input in %s); remove it to "
+                        "tokenize again", output, meta["count"], input)
+            return meta["report"]
+        logger.info("%s: %d new inputs in %s (e.g. %s); adding them (the data set is rebuilt "
+                    "with them and replaced when complete)", output, len(new), input, new[0])
+    writer = LMDBWriter(output, config, extend=extend)
     try:
         done = writer.done_keys()
         todo = [s for s in sources if s.key not in done]
@@ -300,24 +310,38 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
     return report
 
 
-def _existing_report(output: str, config: dict, input: str) -> dict:
-    """A finished data set of the same input and settings is kept (re-running a pipeline is
-    cheap); anything else at `output` is an error, never overwritten."""
+def _check_existing(output: str, config: dict, input: str) -> None:
+    """A finished data set at `output` may be kept or extended only if it was made from the same
+    input with the same settings; anything else there is an error, never overwritten."""
     try:
         meta = TokenDataset(output).meta
-    except (ValueError, OSError):
-        raise FileExistsError(f"{output} already exists and is not a token data set; "
-                              f"choose another --output") from None
+    except (ValueError, OSError) as e:
+        raise FileExistsError(f"{output} already exists and is not a readable token data set "
+                              f"({e}); choose another --output") from None
     config = json.loads(json.dumps(config))
-    meta_input = meta.get("report", {}).get("input")
     differ = [k for k in config if meta.get(k) != config[k]]
-    differ += ["input"] if meta_input != os.path.abspath(input) else []
+    differ += ["input"] if meta.get("report", {}).get("input") != os.path.abspath(input) else []
     if differ:
         raise FileExistsError(f"{output} already exists with a different {', '.join(differ)}; "
                               f"remove it or choose another --output")
-    logger.info("%s is already complete (%d records); remove it to tokenize again", output,
-                meta["count"])
-    return meta["report"]
+
+
+def _new_inputs(output: str, input: str, sources: list[Source], listed_skips) -> list[str]:
+    """Keys of `input` that the data set at `output` has neither written nor skipped. Inputs it
+    holds that are no longer listed are an error: a data set only grows."""
+    dataset = TokenDataset(output)
+    done = {dataset[i].key for i in range(len(dataset))}
+    listing = os.path.join(output, "skipped.tsv")
+    if os.path.isfile(listing):
+        with open(listing, encoding="utf-8") as f:
+            done |= {line.rsplit("\t", 1)[0] for line in f if "\t" in line}
+    listed = {s.key for s in sources} | {k for k, _, _ in listed_skips}
+    gone = sorted(done - listed)
+    if gone:
+        raise FileExistsError(f"{output}: {len(gone)} of the inputs it was made from are no longer "
+                              f"in --input {input} (e.g. {gone[0]}); "
+                              f"remove {output} to tokenize again")
+    return sorted(listed - done)
 
 
 def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers, batch_size,

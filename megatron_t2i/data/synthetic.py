@@ -35,6 +35,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from megatron_t2i.io_utils import ordinary_mode
+
 FORMAT = "megatron_t2i.synthetic/1"
 
 COLOURS = {  # shape colours: saturated primaries plus white and black
@@ -227,6 +229,7 @@ def write_dataset(out_dir: str, count: int, seed: int = 0, image_size: int = 64,
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    os.chmod(tmp, ordinary_mode(0o777))  # mkdtemp's folders are private; this one is not
     try:
         with open(os.path.join(tmp, "attributes.jsonl"), "w", encoding="utf-8") as jsonl:
             for index in tqdm(range(count), desc="synthetic images", unit="img", disable=not progress):

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from megatron_t2i.data.synthetic import BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES, make_example
 from megatron_t2i.io_utils import dataclass_from_dict, write_bytes_atomic
+from megatron_t2i.safe_load import load_torch_file
 
 FORMAT = "megatron_t2i.attribute_reader/1"
 READER_SEED = 314159  # seed of the reader's own synthetic images
@@ -322,11 +323,7 @@ def save_reader(model: AttributeReader, path: str, tokenizer_sha256: str | None 
 def load_reader(path: str, device="cpu") -> AttributeReader:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"attribute reader not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, disallowed globals
-        raise ValueError(f"{path}: cannot read the attribute reader ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    ckpt = load_torch_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not an attribute reader of format {FORMAT}")
     try:

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator
 import torch.distributed as dist
 from PIL import Image
 
+from megatron_t2i.io_utils import ordinary_mode
+
 INTERACTIVE = "interactive"
 STOP = "stop"
 PROMPT = "Query (stop to exit) >>> "
@@ -54,6 +56,7 @@ def save_new(path: str, write: Callable[[str], None]) -> str:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, ordinary_mode())  # mkstemp's files are private; the user's outputs are not
         for n in itertools.count():
             candidate = path if n == 0 else f"{stem}-{n}{ext}"
             try:
@@ -101,16 +104,17 @@ def query_folder(output_path: str, query_id: str | None, text: str) -> str:
 
 
 def save_samples(images: list[Image.Image], output_path: str, query_id: str | None, text: str,
-                 debug: bool = False, nrow: int = 8) -> list[str]:
-    """Write a query's images, each as {folder}/{k:03d}.png with folder = query_folder(...); or
-    with `debug` one grid named from the text and the time, {out}/{text}-{time}.png (inside
-    {out}/{id}/ with an id). Returns the paths written."""
+                 debug: bool = False, nrow: int = 8, start: int = 0) -> list[str]:
+    """Write a query's images, each as {folder}/{k:03d}.png with folder = query_folder(...) and k
+    counting from `start`; or with `debug` one grid named from the text and the time,
+    {out}/{text}-{time}.png (inside {out}/{id}/ with an id). Returns the paths written."""
     if debug:
         folder = output_path if query_id is None else query_folder(output_path, query_id, text)
         name = f"{safe_name(text, 60)}-{time.strftime('%Y%m%d-%H%M%S')}.png"
         return [save_grid(images, os.path.join(folder, name), nrow)]
     folder = query_folder(output_path, query_id, text)
-    return [save_image(image, os.path.join(folder, f"{k:03d}.png")) for k, image in enumerate(images)]
+    return [save_image(image, os.path.join(folder, f"{k:03d}.png"))
+            for k, image in enumerate(images, start)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,31 +128,58 @@ class Query:
     item: Any           # what the task's parse() made of it
 
 
-def read_lines(source: str, stdin=None, stdout=None) -> Iterator[tuple[int, str]]:
-    """(line number, line) from a file, or from stdin for `interactive` (prompt, `stop` leaves)."""
+class _Decoder:
+    """Input lines as text: bytes are decoded as UTF-8; a line that is not is reported on `log`
+    (the 1st, 2nd, 4th, 8th... of a source, so a binary file does not flood it) and dropped."""
+
+    def __init__(self, source: str, log):
+        self.source, self.log, self.bad = source, log, 0
+
+    def __call__(self, raw, number: int) -> str | None:
+        if isinstance(raw, str):
+            return raw
+        try:
+            return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            self.bad += 1
+            if self.bad & (self.bad - 1) == 0:
+                print(f"skipped line {number} of {self.source}: not UTF-8 text (byte "
+                      f"0x{raw[e.start]:02x} at position {e.start}; {self.bad} such line(s) so "
+                      f"far)", file=self.log, flush=True)
+            return None
+
+
+def read_lines(source: str, stdin=None, stdout=None, log=None) -> Iterator[tuple[int, str]]:
+    """(line number, line) from a file, or from stdin for `interactive` (prompt, `stop` leaves).
+    Lines are decoded one by one: a line that is not UTF-8 is skipped with one line on `log`
+    (stderr) and the rest still read, so one bad line neither ends a session nor a file."""
+    log = log or sys.stderr
     if source == INTERACTIVE:
         stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+        stream = getattr(stdin, "buffer", stdin)  # bytes when it can: no locale decoding
+        decode = _Decoder("interactive input (stdin)", log)
         for number in itertools.count(1):
             stdout.write(PROMPT)
             stdout.flush()
-            line = stdin.readline()
+            line = decode(stream.readline(), number)
+            if line is None:
+                continue
             if not line or line.strip() == STOP:  # end of input or stop
                 return
             if line.strip():
                 yield number, line.rstrip("\r\n")
         return
     try:
-        f = open(source, encoding="utf-8")
+        f = open(source, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"--input-source {source}: no such file (or use "
                                 f"'{INTERACTIVE}')") from None
+    decode = _Decoder(source, log)
     with f:
-        try:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    yield number, line.rstrip("\r\n")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--input-source {source}: not UTF-8 text ({e.reason})") from None
+        for number, raw in enumerate(f, 1):
+            line = decode(raw, number)
+            if line is not None and line.strip():
+                yield number, line.rstrip("\r\n")
 
 
 def parse_queries(lines, source: str, with_id: bool, parse: Callable[[str], Any],

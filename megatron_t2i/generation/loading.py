@@ -19,22 +19,32 @@ import torch.distributed as dist
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
 from megatron_t2i.model.gpt import GPT
+from megatron_t2i.safe_load import deepspeed_safe_globals, load_torch_file
 from megatron_t2i.tokenizers.layout import TokenLayout
 from megatron_t2i.training.checkpoint import TOKENIZER_FILES, CheckpointError
-from megatron_t2i.training.convert import (_deepspeed_safe_globals, load_file, model_file,
-                                           read_info)
+from megatron_t2i.training.convert import (check_finite, model_file, read_info,
+                                           read_verified_info)
 
 
-def _read_shard(folder: str, config: ModelConfig, meta: dict, rank: int) -> dict:
+def _shard_files(config: ModelConfig, meta: dict, rank: int) -> list[str]:
+    """The files of the checkpoint folder that hold TP rank `rank`'s weights."""
+    if int(meta.get("pipeline_model_parallel_size", 1)) > 1:
+        return [f"layer_{index:02d}-model_{rank:02d}-model_states.pt"
+                for index in range(config.num_layers + 3)]  # the head has no file
+    return [model_file(rank)]
+
+
+def _read_shard(folder: str, config: ModelConfig, meta: dict, rank: int,
+                trust: bool = False) -> dict:
     """This TP rank's GPT state dict (CPU tensors, as stored)."""
     if int(meta.get("pipeline_model_parallel_size", 1)) > 1:
         from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files
         try:
-            return gpt_state_dict_from_layer_files(folder, config, rank)
+            return gpt_state_dict_from_layer_files(folder, config, rank, trust)
         except FileNotFoundError as e:
             raise CheckpointError(str(e)) from None
     path = os.path.join(folder, model_file(rank))
-    weights = load_file(path, allow=_deepspeed_safe_globals())
+    weights = load_torch_file(path, trust, deepspeed_safe_globals())
     if not isinstance(weights, dict) or not isinstance(weights.get("module"), dict):
         raise CheckpointError(f"{path}: no 'module' entry with the model weights")
     return weights["module"]
@@ -78,16 +88,19 @@ def offload_layers(model: GPT, device: torch.device) -> None:
 
 
 def load_model(load_dir: str, device="cpu", dtype: torch.dtype | None = None,
-               offload: bool = False):
+               offload: bool = False, trust: bool = False):
     """-> (GPT in eval mode on `device`, ModelConfig, TokenLayout, {"text"|"image": path} of the
     tokenizers stored with the checkpoint).
 
     load_dir: a --save folder (its `latest` is read) or one iter_XXXXXXX folder. dtype: default
     the stored dtype, except that fp16/bf16 weights become fp32 on the CPU (half-precision CPU
-    matmuls are slow or missing). offload: see offload_layers (ignored on the CPU)."""
+    matmuls are slow or missing). offload: see offload_layers (ignored on the CPU). trust: unpickle
+    fully (--trust-checkpoint; see megatron_t2i/safe_load.py)."""
     device = torch.device(device)
-    folder, config, layout, meta = read_info(load_dir)
     tp, rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
+    _, config, _, meta = read_info(load_dir)  # which files to verify, then read them verified
+    folder, config, layout, meta = read_verified_info(load_dir,
+                                                      files=_shard_files(config, meta, rank))
     saved_tp = int(meta.get("tensor_model_parallel_size", 1))
     if saved_tp != tp:
         raise CheckpointError(
@@ -97,8 +110,9 @@ def load_model(load_dir: str, device="cpu", dtype: torch.dtype | None = None,
     # inference: no dropout, no recomputation
     config = replace(config, hidden_dropout=0.0, attention_dropout=0.0, checkpoint_activations=False)
     model = GPT(config, device="meta")
-    state = _read_shard(folder, config, meta, rank)
+    state = _read_shard(folder, config, meta, rank, trust)
     _check_shard(state, model.state_dict(), f"{folder} (tensor-parallel rank {rank})")
+    check_finite(state, f"{folder} (tensor-parallel rank {rank})")
     stored = state["word_embeddings.weight"].dtype
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" and stored in (torch.float16, torch.bfloat16) \
@@ -188,7 +202,8 @@ def build_context(args) -> GenerationContext:
                          "pretrain_single_node.sh writes checkpoints/demo)")
     device = resolve_device(args.device)
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-    model, config, layout, stored = load_model(args.load, device, dtype, args.offload)
+    model, config, layout, stored = load_model(args.load, device, dtype, args.offload,
+                                               args.trust_checkpoint)
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
     text, image = load_tokenizers(layout, args.text_tokenizer, args.image_tokenizer,
                                   device, stored, need_image=is_writer)

@@ -53,9 +53,10 @@ def sampling_config(args) -> SamplingConfig:
 
 
 def sample_codes(ctx, args, prompt: Sequence, uncond: Sequence | None, num_tokens: int,
-                 seeds: list[int], desc: str = "") -> torch.Tensor:
+                 seeds: list[int], desc: str = "", on_round=None) -> torch.Tensor:
     """Image codes after `prompt`, one row per seed -> LongTensor [len(seeds), num_tokens] (CPU).
-    Rounds of at most --max-inference-batch-size rows; `uncond` is CFG's prompt (None: no CFG)."""
+    Rounds of at most --max-inference-batch-size rows; `uncond` is CFG's prompt (None: no CFG).
+    on_round(codes [rows, num_tokens], first row): called as each round is done."""
     allowed = image_vocab_mask(ctx.layout, ctx.config.vocab_size).to(ctx.device)
     rows, step = [], args.max_inference_batch_size
     rounds = (len(seeds) + step - 1) // step
@@ -76,16 +77,20 @@ def sample_codes(ctx, args, prompt: Sequence, uncond: Sequence | None, num_token
             uncond_position_ids=uncond_positions, cfg_scale=args.cfg_scale,
             progress=(label or True) if ctx.is_writer else False,
             vocab_size=ctx.layout.vocab_size).cpu())
+        if on_round is not None:
+            on_round(rows[-1], start)
     return torch.cat(rows)
 
 
-def text2image(ctx, args, text: str, query_index: int) -> torch.Tensor:
-    """-> codes [--batch-size, grid^2] of `text` (query number query_index)."""
+def text2image(ctx, args, text: str, query_index: int, on_round=None) -> torch.Tensor:
+    """-> codes [--batch-size, grid^2] of `text` (query number query_index); on_round as in
+    sample_codes."""
     layout = ctx.layout
     prompt = layout.text_to_image(ctx.text_tokenizer.encode(text))
     uncond = layout.text_to_image([]) if args.cfg_scale else None
     seeds = [sample_seed(args.seed, query_index, k) for k in range(args.batch_size)]
-    return sample_codes(ctx, args, prompt, uncond, layout.image_tokens, seeds, f"[{query_index}]")
+    return sample_codes(ctx, args, prompt, uncond, layout.image_tokens, seeds, f"[{query_index}]",
+                        on_round)
 
 
 def complete(ctx, args, text: str, codes, query_index: int, keep_rows: int) -> torch.Tensor:
@@ -120,33 +125,51 @@ def check_args(args) -> None:
                          f"(the samples it chooses from)")
 
 
+def save_round(ctx, args, query, text: str):
+    """An on_round callback writing each round's images as it is done (nothing is lost to an
+    interrupt), when they need not wait for the others: no --rerank-top, no --debug grid."""
+    if args.rerank_top or args.debug or not ctx.is_writer:
+        return None
+
+    def save(codes, first):
+        io.save_samples(ctx.image_tokenizer.decode_codes(codes), args.output_path, query.id, text,
+                        start=first)
+    return save
+
+
 def finish_query(ctx, args, query, text: str, codes: torch.Tensor, started: float,
-                 generated: int, scores=None, first_images=()) -> list[str]:
-    """On the writer: decode, save (see io.save_samples, names from `text`) and print one
-    summary line."""
+                 generated: int, scores=None, first_images=(), saved: bool = False) -> None:
+    """On the writer: decode and save (see io.save_samples, names from `text`) unless the rounds
+    were saved already, and print one summary line."""
     if not ctx.is_writer:
-        return []
-    images = list(first_images) + ctx.image_tokenizer.decode_codes(codes)
-    paths = io.save_samples(images, args.output_path, query.id, text, args.debug)
+        return
+    folder = io.query_folder(args.output_path, query.id, text)
+    if not saved:
+        images = list(first_images) + ctx.image_tokenizer.decode_codes(codes)
+        paths = io.save_samples(images, args.output_path, query.id, text, args.debug)
+        folder = paths[0] if len(paths) == 1 else os.path.dirname(paths[0])
     elapsed = time.perf_counter() - started
     ranked = f" | caption scores {', '.join(f'{s:.2f}' for s in scores.tolist())}" \
         if scores is not None else ""
+    ids = len(ctx.text_tokenizer.encode(text))
+    cut = (f" | caption cut to {ctx.layout.max_text_tokens} of its {ids} ids (the checkpoint's "
+           f"max_text_tokens)" if ids > ctx.layout.max_text_tokens else "")
     print(f"[{query.index}] {text[:60]!r}: {codes.shape[0]} image(s) in {elapsed:.1f} s, "
-          f"{generated / max(elapsed, 1e-9):.0f} image tokens/s{ranked} -> "
-          f"{os.path.dirname(paths[0]) if len(paths) > 1 else paths[0]}", flush=True)
-    return paths
+          f"{generated / max(elapsed, 1e-9):.0f} image tokens/s{ranked}{cut} -> {folder}",
+          flush=True)
 
 
 def main_text2image(args, ctx) -> None:
     check_args(args)
     for query in io.queries(args, ctx.is_writer):
         started = time.perf_counter()
-        codes = text2image(ctx, args, query.item, query.index)
+        on_round = save_round(ctx, args, query, query.item)
+        codes = text2image(ctx, args, query.item, query.index, on_round)
         scores = None
         if args.rerank_top:
             codes, scores = rerank(ctx, query.item, codes, args.rerank_top)
         finish_query(ctx, args, query, query.item, codes, started,
-                     args.batch_size * ctx.layout.image_tokens, scores)
+                     args.batch_size * ctx.layout.image_tokens, scores, saved=on_round is not None)
 
 
 def main_completion(args, ctx) -> None:

@@ -59,6 +59,7 @@ from megatron_t2i import mpu
 from megatron_t2i.model.attention import normal_init
 from megatron_t2i.model.gpt import language_model_loss, lm_logits
 from megatron_t2i.model.layer import LayerNorm, TransformerLayer
+from megatron_t2i.safe_load import load_torch_file
 
 TIED_KEY = "word_embeddings"
 FIRST_LAYER_INDEX = 2  # pipeline index of transformer.layers.0
@@ -298,7 +299,8 @@ def load_gpt_state_dict(module, state_dict: dict[str, torch.Tensor], config) -> 
         tensor.copy_(source)
 
 
-def gpt_state_dict_from_layer_files(directory: str, config, tp_rank: int = 0) -> dict:
+def gpt_state_dict_from_layer_files(directory: str, config, tp_rank: int = 0,
+                                    trust: bool = False) -> dict:
     """Read DeepSpeed's per-layer pipeline files of one TP rank -> GPT state dict (CPU tensors)."""
     state = {}
     for index, prefix in enumerate(layer_prefixes(config)):
@@ -308,6 +310,6 @@ def gpt_state_dict_from_layer_files(directory: str, config, tp_rank: int = 0) ->
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pipeline checkpoint: {path} missing (pipeline layer {index} "
                                     f"of {config.num_layers + 4}, tensor-parallel rank {tp_rank})")
-        layer = torch.load(path, map_location="cpu", weights_only=True)
+        layer = load_torch_file(path, trust)
         state.update({prefix + k: v for k, v in layer.items()})
     return state

@@ -298,7 +298,7 @@ class TokenLayout:
     @classmethod
     def load(cls, path: str) -> "TokenLayout":
         try:
-            d = read_json(path, f"token layout {path}")
+            d = read_json(path, f"token layout {path}", expect=dict)
         except ValueError as e:
             raise LayoutMismatchError(str(e)) from None
         return cls.from_dict(d, source=path)

@@ -18,11 +18,12 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Iterable
 
 import sentencepiece as spm
+
+from megatron_t2i.io_utils import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +96,7 @@ def train_text_tokenizer(captions: Iterable[str] | str, model_prefix: str, vocab
     path = f"{model_prefix}.model"
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, model.getvalue())
     logger.info("trained text tokenizer %s on %d captions in %.1f s", path, len(lines), time.time() - start)
     return path
 

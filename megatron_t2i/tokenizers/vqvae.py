@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from megatron_t2i.safe_load import load_torch_file
+
 FORMAT = "megatron_t2i.vqvae/1"
 
 
@@ -303,10 +305,7 @@ def file_sha256(path: str) -> str:
 def _torch_load(path: str, what: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, disallowed globals
-        raise ValueError(f"{path}: cannot read {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return load_torch_file(path)
 
 
 def _check_state_dict(model: nn.Module, sd: dict, source: str) -> None:

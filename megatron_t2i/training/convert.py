@@ -18,11 +18,11 @@ Vocabulary rows: ModelConfig.vocab_size is padded to a multiple of 128 x TP. Wri
 pads with zero rows or trims unused ones; rows at or beyond layout.vocab_size are ids that never
 occur (as logits a zero row scores 0), and a used row is never dropped.
 
-Trust: model files hold tensors only and load with torch.load(weights_only=True). DeepSpeed's ZeRO
-shards also pickle a few of its own inert objects (loss scaler, ZeRO stage enum, fragment
-addresses); they load with weights_only=True and exactly those classes allowlisted. Anything else
-(e.g. a CogView file that kept numpy RNG states) is refused unless trust=True
-(--trust-checkpoint): full unpickling can run arbitrary code, so only for files you trust.
+Trust: every file is read by the safe loader (megatron_t2i/safe_load.py: weights_only=True plus
+DeepSpeed's few inert classes). Anything else (e.g. a CogView file that kept numpy RNG states) is
+refused unless trust=True (--trust-checkpoint): full unpickling can run arbitrary code, so only
+for files you trust. Our checkpoints are verified against their manifest before reading, and
+the weights read must be finite, so a damaged checkpoint is never copied into a new one.
 """
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ from tqdm import tqdm
 
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
-from megatron_t2i.io_utils import write_text_atomic
+from megatron_t2i.io_utils import replace_folder, write_text_atomic
+from megatron_t2i.safe_load import deepspeed_safe_globals, load_torch_file
 from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
+from megatron_t2i.training import manifest
 from megatron_t2i.training.checkpoint import (LATEST, CheckpointError, publish_checkpoint,
-                                              read_checkpoint_info, replace_folder, tag_for)
+                                              read_checkpoint_info, tag_for)
 
 WORD_EMBEDDINGS = "word_embeddings.weight"
 LAYER_PREFIX = "transformer.layers.{}."
@@ -171,36 +173,6 @@ def resize_vocabulary(full: dict, layout: TokenLayout, rows: int, source: str) -
 # ----------------------------------------------------------------------------------------------
 # Reading files
 
-def _deepspeed_safe_globals() -> list:
-    """The inert DeepSpeed objects pickled into ZeRO optimiser shards."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def load_file(path: str, trust: bool = False, allow: list | None = None):
-    """torch.load on the CPU with weights_only=True (plus the `allow`ed classes), or full
-    unpickling with trust=True. Any failure is one CheckpointError naming the file."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing")
-    try:
-        if trust:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(allow or []):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- torch raises many types for a bad file; name the file
-        message = str(e)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-        if refused:
-            raise CheckpointError(
-                f"{path}: refused by the safe loader (it pickles {refused[1]}); pass "
-                f"--trust-checkpoint (trust=True) only if you trust where it came from") from None
-        first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable torch file ({first})") from None
-
-
 def _entry(obj, key: str, path: str):
     """obj[key] of a loaded file, or one error naming the file."""
     if not isinstance(obj, dict) or obj.get(key) is None:
@@ -230,6 +202,24 @@ def read_info(ckpt_dir: str, tag: str | None = None):
     return os.path.join(save_dir, tag), config, layout, meta
 
 
+def read_verified_info(ckpt_dir: str, tag: str | None = None, files: list[str] | None = None):
+    """read_info after checking `files` of the checkpoint (default: all) and its JSONs against
+    its manifest (a checkpoint saved before manifests is taken as it is)."""
+    folder = read_info(ckpt_dir, tag)[0]
+    if files is not None:
+        files = sorted(set(files) | {"model_config.json", "token_layout.json", "meta.json"})
+    manifest.verify(folder, files)
+    return read_info(ckpt_dir, tag)
+
+
+def check_finite(state: dict, source: str) -> None:
+    """Refuse weights with NaN or infinity: damage no checksum covered (e.g. an old checkpoint)."""
+    for key, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: {key} holds non-finite values; the checkpoint is "
+                                  f"damaged")
+
+
 def _parallel_sizes(meta: dict, folder: str) -> tuple[int, int]:
     try:
         return int(meta["tensor_model_parallel_size"]), int(meta["pipeline_model_parallel_size"])
@@ -242,7 +232,7 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None):
     """Our checkpoint (save folder with `latest`, or one iter_XXXXXXX folder) -> (full fp32 state
     dict, ModelConfig, TokenLayout, meta). meta is meta.json plus `weights_dtype`, the dtype the
     weights were stored in."""
-    folder, config, layout, meta = read_info(ckpt_dir, tag)
+    folder, config, layout, meta = read_verified_info(ckpt_dir, tag)
     tp, pp = _parallel_sizes(meta, folder)
     _check_tensor_parallel(config, tp, f"{folder}/model_config.json")
     specs = parameter_specs(config)
@@ -257,9 +247,10 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None):
             sources.append(f"{folder} (pipeline layer files of tensor rank {rank})")
         else:
             path = os.path.join(folder, model_file(rank))
-            weights = load_file(path, allow=_deepspeed_safe_globals())
+            weights = load_torch_file(path, allow=deepspeed_safe_globals())
             shards.append(_entry(weights, "module", path))
             sources.append(path)
+        check_finite(shards[-1], sources[-1])
     full = merge_shards(shards, specs, sources)
     meta = {**meta, "weights_dtype": str(shards[0][WORD_EMBEDDINGS].dtype).replace("torch.", "")}
     return full, config, layout, meta
@@ -275,8 +266,8 @@ def _zero_master_weights(folder: str, tp_rank: int, dp: int, trust: bool) -> dic
     model file), each param followed by its alignment padding, the group padded at the end; rank
     d keeps the d-th equal slice. Concatenating the slices in DP order gives the flat group back."""
     model_path = os.path.join(folder, model_file(tp_rank))
-    allow = _deepspeed_safe_globals()
-    param_shapes = _entry(load_file(model_path, allow=allow), "param_shapes", model_path)
+    allow = deepspeed_safe_globals()
+    param_shapes = _entry(load_torch_file(model_path, allow=allow), "param_shapes", model_path)
     pattern = re.compile(rf"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_{tp_rank:02d}_optim_states\.pt")
     found = {}
     for path in glob.glob(os.path.join(folder, f"*_mp_rank_{tp_rank:02d}_optim_states.pt")):
@@ -290,7 +281,7 @@ def _zero_master_weights(folder: str, tp_rank: int, dp: int, trust: bool) -> dic
             f"{sorted(found)}, meta.json says data_parallel_size {dp}"
             + (f" (missing zero_pp_rank_{missing[0]}_mp_rank_{tp_rank:02d}_optim_states.pt)"
                if missing else ""))
-    states = [_entry(load_file(found[d], trust, allow), "optimizer_state_dict", found[d])
+    states = [_entry(load_torch_file(found[d], trust, allow), "optimizer_state_dict", found[d])
               for d in range(dp)]
     try:
         paddings = states[0].get("param_alignment_paddings")  # absent in older DeepSpeeds
@@ -320,7 +311,7 @@ def merge_zero_to_fp32(ckpt_dir: str, tag: str | None = None, trust: bool = Fals
     DeepSpeed's own deepspeed.utils.zero_to_fp32 reads a folder of one tensor-parallel rank only
     (it globs every rank's shards together) and unpickles without weights_only; the few lines of
     its reconstruction are redone here per TP rank, then merged like load_full_state_dict."""
-    folder, config, layout, meta = read_info(ckpt_dir, tag)
+    folder, config, layout, meta = read_verified_info(ckpt_dir, tag)
     tp, pp = _parallel_sizes(meta, folder)
     stage = meta.get("zero_stage", 0)
     if stage not in (1, 2):
@@ -334,6 +325,8 @@ def merge_zero_to_fp32(ckpt_dir: str, tag: str | None = None, trust: bool = Fals
     dp = int(meta.get("data_parallel_size", 1))
     shards = [_zero_master_weights(folder, r, dp, trust)
               for r in tqdm(range(tp), desc="reading ZeRO shards", disable=tp == 1)]
+    for r, shard in enumerate(shards):
+        check_finite(shard, f"{folder} (ZeRO shards of tensor rank {r})")
     return merge_shards(shards, parameter_specs(config),
                         [f"{folder} (ZeRO shards of tensor rank {r})" for r in range(tp)])
 
@@ -448,7 +441,7 @@ def read_cogview_info(src_dir: str, num_attention_heads: int | None = None,
     """(weights folder, iteration, model-parallel size, inferred ModelConfig) of a CogView
     checkpoint; reads rank 0's file only."""
     folder, iteration, paths = read_cogview_folder(src_dir)
-    shard = _entry(load_file(paths[0], trust), "module", paths[0])
+    shard = _entry(load_torch_file(paths[0], trust), "module", paths[0])
     return folder, iteration, len(paths), cogview_config(shard, len(paths), paths[0],
                                                          num_attention_heads)
 
@@ -460,7 +453,8 @@ def import_cogview(src_dir: str, out_dir: str, tp: int = 1,
     folder, iteration, paths = read_cogview_folder(src_dir)
     shards = []
     for path in tqdm(paths, desc="reading CogView ranks", disable=len(paths) == 1):
-        shards.append(_entry(load_file(path, trust), "module", path))
+        shards.append(_entry(load_torch_file(path, trust), "module", path))
+        check_finite(shards[-1], path)
     config = cogview_config(shards[0], len(paths), paths[0], num_attention_heads)
     _check_tensor_parallel(config, len(paths), folder)
     layout = TokenLayout.cogview()

@@ -72,12 +72,15 @@ def load_ds_config(args) -> dict:
     """The DeepSpeed JSON (--deepspeed_config, else scripts/ds_config.json) with the command line
     winning for batch sizes, clipping, precision and ZeRO stage."""
     path = getattr(args, "deepspeed_config", None) or DEFAULT_DS_CONFIG
-    cfg = read_json(path, f"--deepspeed_config {path}")
+    cfg = read_json(path, f"--deepspeed_config {path}", expect=dict)
     for key in ("optimizer", "scheduler"):
         if key in cfg:
             raise ValueError(f"--deepspeed_config {path}: remove the '{key}' section; the optimiser "
                              f"and schedule come from --lr, --weight-decay, --warmup, "
                              f"--lr-decay-style (AdamW, warm-up then decay)")
+    if cfg.get("checkpoint", {}).get("load_universal"):
+        raise ValueError(f"--deepspeed_config {path}: remove checkpoint.load_universal; universal "
+                         f"checkpoints are not read here (convert with tools/convert_checkpoint.py)")
     cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
     cfg["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and DP size

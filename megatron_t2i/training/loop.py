@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron_t2i import mpu
 from megatron_t2i.data.loader import (ResumableSampler, SequenceBuilder, collate, target_length,
                                       trim_padding)
+from megatron_t2i.io_utils import write_text_atomic
 from megatron_t2i.training.checkpoint import save_checkpoint
 from megatron_t2i.training.engine import loss_scale
 from megatron_t2i.training.flops import model_flops_per_token
@@ -48,6 +49,28 @@ class StopSignal:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def drop_replayed_metrics(path: str, iteration: int) -> None:
+    """Keep only the lines of metrics.jsonl up to `iteration` (where a run resumes): the
+    iterations after it are trained, and logged, again."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _logged_at(line) <= iteration]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+
+
+def _logged_at(line: str) -> float:
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a torn last line of a killed run: dropped too
 
 
 def _all_reduce_dp(t: torch.Tensor) -> torch.Tensor:
@@ -154,6 +177,7 @@ class Trainer:
         self.stop = StopSignal()
         self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
         self.work = [0, 0.0]  # tokens fed and their model FLOPs on this replica, since the last log
+        self.last_eval = (-1, None)  # (iteration, held-out loss) of the latest evaluation
 
     # ---- one optimiser step ------------------------------------------------------------------
     def train_step(self):
@@ -238,12 +262,14 @@ class Trainer:
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, self.iteration)
-            with open(os.path.join(self.writer.log_dir, "metrics.jsonl"), "a") as f:
+            with open(os.path.join(self.writer.log_dir, METRICS_FILE), "a") as f:
                 f.write(json.dumps({"iteration": self.iteration, **values}) + "\n")
 
     def save(self) -> None:
+        loss = self.last_eval[1] if self.last_eval[0] == self.iteration else None
         save_checkpoint(self.engine, self.args.save, self.iteration, self.config, self.layout,
-                        {"data": self.train.sampler.state_dict()}, self.args.train_iters)
+                        {"data": self.train.sampler.state_dict()}, self.args.train_iters,
+                        heldout_loss=loss, keep=self.args.keep_checkpoints)
         if self.is_logger:
             logger.info("saved checkpoint iteration %d to %s", self.iteration, self.args.save)
 
@@ -295,6 +321,7 @@ class Trainer:
             if self.eval_idx.size and args.eval_iters and (
                     self.iteration % args.eval_interval == 0 or self.iteration == args.train_iters):
                 values = self.evaluate()
+                self.last_eval = (self.iteration, values["eval/loss"])
                 self.log(values)
                 if self.is_logger:
                     logger.info("evaluation at iteration %d | loss %.6f | image %.4f | text %.4f",

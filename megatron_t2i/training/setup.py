@@ -17,7 +17,7 @@ from megatron_t2i.training import checkpoint as ckpt
 from megatron_t2i.training.engine import (build_engine, device_for_local_rank, init_distributed,
                                           load_ds_config, precision)
 from megatron_t2i.training.flops import matmul_flops
-from megatron_t2i.training.loop import PipelineLoss, Trainer
+from megatron_t2i.training.loop import METRICS_FILE, PipelineLoss, Trainer, drop_replayed_metrics
 
 logger = logging.getLogger("megatron_t2i.train")
 
@@ -70,18 +70,20 @@ def prepare(args) -> Trainer:
     config = build_config(args, layout)
     config.check_tensor_parallel(args.tensor_model_parallel_size)
     load_dir = resume_dir(args)
+    tag = ckpt.choose_checkpoint(load_dir, args.resume_fallback) if load_dir else None
     if load_dir:
-        ckpt.check_compatible(load_dir, config, layout)
+        ckpt.check_compatible(load_dir, config, layout, tag)
     mpu.model_parallel_seed(args.seed)
     ds_config = load_ds_config(args)
     model = build_model(args, config, layout, ds_config)
     engine = build_engine(args, model, ds_config)
     iteration, consumed = 0, 0
     if load_dir:
-        state = ckpt.load_checkpoint(engine, load_dir, config, layout, finetune=args.finetune)
+        state = ckpt.load_checkpoint(engine, load_dir, config, layout, finetune=args.finetune,
+                                     tag=tag, trust=args.trust_checkpoint)
         iteration, consumed = state.get("iteration", 0), state.get("data", {}).get("consumed", 0)
         logger.info("%s from %s at iteration %d", "fine-tuning" if args.finetune else "resuming",
-                    load_dir, iteration)
+                    os.path.join(load_dir, tag), iteration)
     if rank == 0 and args.save and hasattr(dataset, "meta"):
         ckpt.store_tokenizers(args.save, dataset.meta)
     train_idx, eval_idx = split_indices(len(dataset), args.holdout_fraction, args.seed)
@@ -89,7 +91,9 @@ def prepare(args) -> Trainer:
     tb_dir = args.tensorboard_dir or (os.path.join(args.save, "tensorboard") if args.save else None)
     if rank == 0 and tb_dir:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(tb_dir)
+        # a resumed run replays the iterations after its checkpoint: drop what was logged of them
+        writer = SummaryWriter(tb_dir, purge_step=iteration + 1 if iteration else None)
+        drop_replayed_metrics(os.path.join(tb_dir, METRICS_FILE), iteration)
     rate = matmul_flops(precision(ds_config), device)
     if rank == 0:
         logger.info("model %s: %.1f M parameters | layout %s | %d train / %d held-out records "

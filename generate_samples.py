@@ -34,27 +34,20 @@ import torch
 import torch.distributed as dist
 
 from megatron_t2i import mpu
+from megatron_t2i import tasks as registry
 from megatron_t2i.arguments import parse_args
 
 PROG = "generate_samples.py"
-TASKS = {
-    "text2image": ("megatron_t2i.generation.text2image", "main_text2image"),
-    "completion": ("megatron_t2i.generation.text2image", "main_completion"),
-    "image2text": ("megatron_t2i.generation.image2text", "main_image2text"),
-    "post-selection": ("megatron_t2i.generation.image2text", "main_post_selection"),
-    "super-resolution": ("megatron_t2i.generation.super_resolution", "main_super_resolution"),
-}
-
-
 def task_function(task: str):
-    """The task's main, imported lazily (a task's module may be absent from an installation)."""
-    module_name, function = TASKS[task]
+    """The task's generator (megatron_t2i/tasks.py), imported lazily: a task's module may be
+    absent from an installation."""
+    module_name, _, function = registry.get(task).generator.partition(":")
     if importlib.util.find_spec(module_name) is None:
         raise ValueError(f"--task {task}: {module_name.replace('.', '/')}.py is not part of this "
                          f"installation")
     fn = getattr(importlib.import_module(module_name), function, None)
     if fn is None:
-        raise ValueError(f"--task {task}: {module_name} has no {function}(args, ctx)")
+        raise ValueError(f"--task {task}: {module_name} has no {function}")
     return fn
 
 

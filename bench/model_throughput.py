@@ -78,7 +78,7 @@ def bench_decode(model: GPT, layout: TokenLayout, batch: int, uncached_steps: in
     """Decode the image tokens of a text-to-image prompt greedily over the image codes."""
     model.eval()
     codes = layout.image_tokens                                   # 1024 for a 32x32 grid
-    prefix = layout.seq_length("t2i") - codes - 1                 # [ROI1] text [size] [BOI1]
+    prefix = layout.seq_length("text_to_image") - codes - 1                 # [ROI1] text [size] [BOI1]
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(layout.text_offset, layout.special_offset, (batch, prefix),
                            generator=g).to(device)
@@ -152,7 +152,7 @@ def train_entry(size, layout, dtype_name, rate, args, seq, device) -> dict:
 
 def decode_entry(size, layout, dtype_name, rate, args, device) -> dict:
     config = model_config(size, layout)
-    full_seq = layout.seq_length("t2i") - 1
+    full_seq = layout.seq_length("text_to_image") - 1
     # the uncached steps dominate: each a forward over up to the full sequence
     flops = (model_flops_per_token(config, full_seq, training=False) * full_seq
              * args.decode_batch * args.uncached_steps)
@@ -208,7 +208,7 @@ def parse_args():
             model_config(size, a.layout)  # unknown sizes fail here, before any measurement
     except ValueError as e:
         p.error(str(e))
-    full_seq = a.layout.seq_length("t2i") - 1  # the model reads all tokens but the last
+    full_seq = a.layout.seq_length("text_to_image") - 1  # the model reads all tokens but the last
     a.seq_length = a.seq_length or full_seq
     if a.seq_length > full_seq:
         p.error(f"--seq-length {a.seq_length} exceeds the text-to-image sequence "

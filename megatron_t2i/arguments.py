@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from megatron_t2i import tasks as registry
 from megatron_t2i.config import MODEL_SIZES
 from megatron_t2i.data.synthetic import CAPTION_ORDERS
 from megatron_t2i.tokenizers.layout import IMAGE_POSITIONS
@@ -53,19 +54,10 @@ def _fraction(text):
 
 
 def _task_weights(text):
-    weights = {}
-    for item in text.split(","):
-        name, _, weight = item.partition(":")
-        try:
-            weights[name.strip()] = float(weight) if weight else 1.0
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad weight in {item!r}; expected TASK:WEIGHT") from None
-    unknown = set(weights) - {"t2i", "i2t", "sr"}
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown task {sorted(unknown)[0]!r}; expected t2i, i2t, sr")
-    if sum(weights.values()) <= 0 or min(weights.values()) < 0:
-        raise argparse.ArgumentTypeError(f"task weights must be >= 0 and not all 0: {text!r}")
-    return weights
+    try:
+        return registry.parse_weights(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_model_args(parser):
@@ -112,7 +104,7 @@ def add_data_args(parser):
                    help="images per VQ-VAE batch when preprocessing (default: %(default)s)")
     g.add_argument("--sr-low-res", action="store_true",
                    help="preprocess: also store the codes of each image at half resolution, the "
-                        "training data of super-resolution (pretrain.py --tasks sr)")
+                        "training data of super-resolution (pretrain.py --tasks super-resolution)")
     g.add_argument("--seed", type=int, default=1234, help="random seed (default: %(default)s)")
 
 
@@ -182,8 +174,10 @@ def add_training_args(parser):
                    help="unpickle checkpoint files fully: only for files whose origin you trust "
                         "(by default only tensors and plain data are read; a pickle could run "
                         "code)")
-    g.add_argument("--tasks", type=_task_weights, default={"t2i": 1.0}, metavar="TASK:W,...",
-                   help="training tasks and their weights, e.g. t2i:1,i2t:0.5 (default: t2i)")
+    g.add_argument("--tasks", type=_task_weights, default={"text2image": 1.0},
+                   metavar="TASK:W,...",
+                   help=f"training tasks and their weights, e.g. text2image:3,image2text:1 "
+                        f"(trainable: {', '.join(registry.trainable())}; default: text2image)")
     g.add_argument("--text-dropout", type=_fraction, default=0.0,
                    help="probability of dropping a t2i caption, for classifier-free guidance")
     g.add_argument("--holdout-fraction", type=_fraction, default=0.02,
@@ -214,14 +208,13 @@ def add_generation_args(parser):
                    help=f"samples per query, at most {MAX_SAMPLES_PER_QUERY} (default: %(default)s)")
     g.add_argument("--max-inference-batch-size", type=_positive_int, default=8)
     g.add_argument("--temperature", type=float,
-                   help="default: 1.0, and 1.02 for --task super-resolution")
+                   help="default: the task's (1.0; 1.02 for super-resolution)")
     g.add_argument("--top-k", type=int, default=200)
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--with-id", action="store_true", help="input lines are id<TAB>query")
     g.add_argument("--debug", action="store_true", help="write one grid per query")
-    g.add_argument("--task", default="text2image",
-                   choices=("text2image", "completion", "image2text", "post-selection",
-                            "super-resolution"), help="generation task (default: %(default)s)")
+    g.add_argument("--task", default="text2image", choices=list(registry.REGISTRY),
+                   help="generation task (default: %(default)s)")
     g.add_argument("--cfg-scale", type=float, default=0.0,
                    help="classifier-free guidance: logits + s * (logits - unconditional logits); "
                         "0 disables it (default: %(default)s)")
@@ -314,7 +307,7 @@ def validate(args, outputs=()) -> None:
     if "top_p" in a and not 0.0 <= args.top_p < 1.0:
         raise ArgumentError(f"--top-p must be in [0, 1), got {args.top_p}")
     if "temperature" in a and args.temperature is None:  # the task's default
-        args.temperature = 1.02 if a.get("task") == "super-resolution" else 1.0
+        args.temperature = registry.get(a.get("task", "text2image")).temperature
     if "temperature" in a and args.temperature <= 0:
         raise ArgumentError(f"--temperature must be positive, got {args.temperature}")
     if a.get("clip_model") and not a.get("clip_checkpoint"):

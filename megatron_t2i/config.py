@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from megatron_t2i.io_utils import dataclass_from_dict, read_json, write_json_atomic
+from megatron_t2i.tasks import max_positions
 from megatron_t2i.tokenizers.layout import TokenLayout
 
 
@@ -90,17 +91,16 @@ LAYOUT_PRESETS = {"cogview": TokenLayout.cogview}
 
 
 def model_config(size: str, layout: TokenLayout | None = None, max_tensor_parallel: int = 1,
-                 task: str = "all", **overrides) -> ModelConfig:
+                 tasks=None, **overrides) -> ModelConfig:
     """The config of a named size for `layout` (vocabulary and positions). Sizes tied to a released
-    model use their own layout preset when none is given. task: the positions of one task
-    (t2i, i2t, sr), or "all" of them."""
+    model use their own layout preset when none is given. tasks: the names whose positions the
+    table must hold (default: every trainable task of megatron_t2i/tasks.py)."""
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; known sizes: {', '.join(MODEL_SIZES)}")
     layers, hidden, heads, preset, cogview_norms = MODEL_SIZES[size]
     if layout is None:
         layout = LAYOUT_PRESETS[preset]() if preset else TokenLayout()
-    positions = max(layout.max_positions(t) for t in ("t2i", "i2t", "sr")) if task == "all" \
-        else layout.max_positions(task)
+    positions = max_positions(layout, tasks)
     cfg = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                       vocab_size=layout.padded_vocab_size(max_tensor_parallel),
                       num_tokens=layout.vocab_size, max_position_embeddings=positions,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Caption images with a caption model (trained with --tasks i2t, e.g. t2i:1,i2t:1).
+# Caption images with a caption model (trained with --tasks image2text, e.g. text2image:1,image2text:1).
 # With no arguments: the first images of the embedded default data set, captioned by
 # ./checkpoints/demo with beam search; captions printed and written to $OUTPUT_PATH/captions.tsv
 # (a new captions-N.tsv when one exists).

@@ -14,7 +14,7 @@ usage() {
   cat <<'HELP'
 
 Environment variables (defaults in brackets):
-  LOAD           caption model checkpoint (trained with --tasks i2t) [./checkpoints/demo]
+  LOAD           caption model checkpoint (trained with --tasks image2text) [./checkpoints/demo]
   INPUT_SOURCE   file of text<TAB>image... lines [made from $DATA_DIR/synthetic]
   NUM_QUERIES    queries made from the embedded default [4]
   DATA_DIR       where preprocess.sh wrote the embedded default [./data]

@@ -23,7 +23,7 @@ Environment variables (defaults in brackets):
   SAVE                 checkpoint folder; TensorBoard logs go to $SAVE/tensorboard [./checkpoints/demo]
   DS_CONFIG            DeepSpeed JSON [scripts/ds_config.json]
   TASKS                training tasks and weights: text->image and the caption direction
-                       image->text in one model [t2i:3,i2t:1]
+                       image->text in one model [text2image:3,image2text:1]
   TRAIN_ITERS          optimiser steps [4500: about 20 minutes on 2 CPU cores]
   MICRO_BATCH_SIZE     sequences per process per micro-batch [8]
   LR                   peak learning rate [2e-3]
@@ -46,7 +46,7 @@ MODEL_SIZE=${MODEL_SIZE:-demo}
 MP_SIZE=${MP_SIZE:-1}
 PP_SIZE=${PP_SIZE:-1}
 DS_CONFIG=${DS_CONFIG:-$ROOT/scripts/ds_config.json}
-TASKS=${TASKS:-t2i:3,i2t:1}
+TASKS=${TASKS:-text2image:3,image2text:1}
 TRAIN_ITERS=${TRAIN_ITERS:-4500}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-8}
 LR=${LR:-2e-3}

@@ -3,7 +3,7 @@
 # 9 overlapping windows) by a model trained for it. Train one on the embedded default at 32 px
 # (half an image needs an even code grid; the demo's 36 px give 9x9):
 #   DATA_DIR=data-sr IMAGE_SIZE=32 ./scripts/preprocess.sh --sr-low-res
-#   DATA_DIR=data-sr SAVE=checkpoints/demo-sr ./scripts/pretrain_single_node.sh --tasks t2i:1,sr:1
+#   DATA_DIR=data-sr SAVE=checkpoints/demo-sr ./scripts/pretrain_single_node.sh --tasks text2image:1,super-resolution:1
 # With no arguments: the first images of $DATA_DIR/synthetic (DATA_DIR=data-sr for the above) with
 # their captions, by ./checkpoints/demo-sr; PNGs in $OUTPUT_PATH/{caption}/. Extra arguments go to generate_samples.py.
 set -euo pipefail
@@ -13,7 +13,7 @@ usage() {
   cat <<'HELP'
 
 Environment variables (defaults in brackets):
-  LOAD           checkpoint fine-tuned with --tasks sr [./checkpoints/demo-sr]
+  LOAD           checkpoint fine-tuned with --tasks super-resolution [./checkpoints/demo-sr]
   INPUT_SOURCE   file of text<TAB>image_path lines, or 'interactive' [made from $DATA_DIR/synthetic]
   NUM_IMAGES     images taken from the embedded default [4]
   DATA_DIR       where preprocess.sh wrote the embedded default [./data]

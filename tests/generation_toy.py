@@ -36,7 +36,7 @@ def make_tokenizers(folder: str) -> tuple[str, str, TokenLayout]:
 
 def tiny_config(layout: TokenLayout, tp: int = 1):
     # positions of every task: the toy serves text->image, captions and super-resolution
-    return model_config("tiny", layout, tp, task="all", hidden_dropout=0.0, attention_dropout=0.0)
+    return model_config("tiny", layout, tp, hidden_dropout=0.0, attention_dropout=0.0)
 
 
 def make_checkpoint(save_dir: str, tokenizers: tuple[str, str, TokenLayout], tp: int = 1,

@@ -32,7 +32,8 @@ from megatron_t2i.tokenizers.vqvae import ImageTokenizer
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUT = TokenLayout(num_image_codes=32, num_text_tokens=40, image_grid=8, max_text_tokens=6)
-CONFIG = model_config("tiny", LAYOUT, task="sr", hidden_dropout=0.0, attention_dropout=0.0)
+CONFIG = model_config("tiny", LAYOUT, tasks=["super-resolution"], hidden_dropout=0.0,
+                      attention_dropout=0.0)
 IMAGE = image_vocab_mask(LAYOUT, CONFIG.vocab_size)
 SAMPLING = SamplingConfig(temperature=1.02, top_k=10)
 
@@ -153,7 +154,7 @@ def test_super_resolution_keeps_low_codes_and_earlier_windows(model, monkeypatch
 def test_a_model_without_the_positions_is_refused():
     small = GPT(model_config("tiny", LAYOUT, max_position_embeddings=40, hidden_dropout=0.0,
                              attention_dropout=0.0)).eval()
-    with pytest.raises(ValueError, match="fine-tuned with pretrain.py --tasks sr"):
+    with pytest.raises(ValueError, match="fine-tuned with pretrain.py --tasks super-resolution"):
         sr.super_resolve(small, LAYOUT, [1], torch.zeros(64, dtype=torch.long))
 
 
@@ -258,10 +259,10 @@ def test_preprocess_stores_the_codes_of_the_half_resolution_image(toy, tmp_path)
 
 def test_sr_training_sequences_and_a_forward_over_them(tmp_path):
     text, codes, low = np.array([3, 1, 4]), np.arange(64) % 32, np.arange(16) % 32
-    build = SequenceBuilder(LAYOUT, {"sr": 1.0})
+    build = SequenceBuilder(LAYOUT, {"super-resolution": 1.0})
     seq = build(text, codes, sample_seed=5, low_codes=low)
     want = LAYOUT.super_resolution(text, low, codes)
-    assert seq.tokens.numel() == LAYOUT.seq_length("sr")
+    assert seq.tokens.numel() == LAYOUT.seq_length("super_resolution")
     assert torch.equal(seq.tokens, want.tokens) and torch.equal(seq.loss_mask, want.loss_mask)
     # positions restart at 0 at [ROI2]; the sequence is longer than the position table
     roi2 = int((seq.tokens == LAYOUT["[ROI2]"]).nonzero())
@@ -271,11 +272,12 @@ def test_sr_training_sequences_and_a_forward_over_them(tmp_path):
     torch.manual_seed(0)
     logits = GPT(CONFIG)(batch["tokens"], batch["position_ids"])
     assert torch.isfinite(logits[..., :LAYOUT.vocab_size]).all()  # (padding rows may be -inf)
-    with pytest.raises(ValueError, match="--tasks sr needs low-resolution codes.*--sr-low-res"):
+    with pytest.raises(ValueError, match="--tasks super-resolution needs low-resolution codes.*--sr-low-res"):
         build(text, codes, sample_seed=5)
-    mixed = SequenceBuilder(LAYOUT, {"t2i": 1.0, "sr": 1.0})
-    assert mixed.length == LAYOUT.seq_length("sr")
-    assert parse_args(["--tasks", "t2i:1,sr:1"], groups=("training",)).tasks == {"t2i": 1.0, "sr": 1.0}
+    mixed = SequenceBuilder(LAYOUT, {"text2image": 1.0, "super-resolution": 1.0})
+    assert mixed.length == LAYOUT.seq_length("super_resolution")
+    assert parse_args(["--tasks", "t2i:1,super-resolution:1"], groups=("training",)).tasks == \
+        {"text2image": 1.0, "super-resolution": 1.0}  # the short names of earlier runs too
 
 
 

@@ -18,7 +18,7 @@ def test_cogview_preset_ids_match_the_released_vocabulary():
     assert lay.vocab_size == 58219 and len(SPECIALS) == 27
     assert lay.padded_vocab_size(1) == 58240
     assert lay.padded_vocab_size(2) % 256 == 0 and lay.padded_vocab_size(2) >= 58219
-    assert lay.seq_length("t2i") == 1089
+    assert lay.seq_length("text_to_image") == 1089
 
 
 def test_text_to_image_template_matches_cogview():
@@ -60,7 +60,7 @@ def test_image_to_text_marks_end_of_caption():
     assert t[2 + lay.image_tokens] == lay["[EOI1]"] and t[3 + lay.image_tokens] == lay["[ROI1]"]
     n = 4 + lay.image_tokens + 2
     assert lay.decode_text_ids(t) == [3, 4]
-    assert t.numel() == lay.seq_length("i2t")
+    assert t.numel() == lay.seq_length("image_to_text")
     assert seq.loss_mask[n] == 1 and t[n] == lay["[PAD]"]  # the first pad ends the caption
     assert not seq.loss_mask[n + 1:].any()
     prompt = lay.image_to_text(codes)
@@ -77,8 +77,8 @@ def test_super_resolution_positions_restart_at_roi2():
     assert p[roi2] == 0 and p[roi2 - 1] == roi2 - 1
     assert t[roi2 + 1] == lay["[POS0]"] and t[roi2 + 3] == lay["[BOI2]"]
     assert seq.image_start == roi2 + 4 and torch.equal(t[roi2 + 4:roi2 + 260], high)
-    assert t.numel() == lay.seq_length("sr")
-    assert int(p.max()) < lay.max_positions("sr")
+    assert t.numel() == lay.seq_length("super_resolution")
+    assert int(p.max()) < lay.max_positions("super_resolution")
     with pytest.raises(ValueError, match="expected 64 image codes"):
         lay.super_resolution([9], high, high)
 
@@ -139,7 +139,7 @@ def test_fixed_image_positions_do_not_depend_on_the_caption_length(tmp_path):
             assert (image_pos.diff() == 1).all()
             want = 13 if lay is fixed else 3 + n_text  # 1 + max_text_tokens + 2
             assert image_pos[0].item() == want
-            assert seq.position_ids.max().item() < lay.max_positions("t2i")
+            assert seq.position_ids.max().item() < lay.max_positions("text_to_image")
             # the prompt and a completion prompt are prefixes of the training sequence
             prompt = lay.text_to_image(text)
             assert prompt.position_ids.tolist() == seq.position_ids[:seq.image_start].tolist()
@@ -152,7 +152,7 @@ def test_fixed_image_positions_do_not_depend_on_the_caption_length(tmp_path):
             i2t = lay.image_to_text(codes, text)
             assert i2t.position_ids[2].item() == (want if lay is fixed else 2)
             assert (i2t.position_ids.diff() >= 0).all()
-            assert i2t.position_ids.max().item() < lay.max_positions("i2t")
+            assert i2t.position_ids.max().item() < lay.max_positions("image_to_text")
             assert lay.image_to_text(codes).position_ids.tolist() == i2t.position_ids[:68].tolist()
     # files written before the field existed were numbered on from the text
     path = tmp_path / "layout.json"

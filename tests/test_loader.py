@@ -43,7 +43,7 @@ def test_resume_continues_exactly_and_epochs_cover_everything():
 def test_sequence_builder_mixes_tasks_and_drops_text():
     lay = TokenLayout(num_image_codes=64, num_text_tokens=50, max_text_tokens=8)
     codes = torch.randint(0, 64, (lay.image_tokens,))
-    build = SequenceBuilder(lay, {"t2i": 1.0, "i2t": 1.0}, text_dropout=0.5)
+    build = SequenceBuilder(lay, {"text2image": 1.0, "image2text": 1.0}, text_dropout=0.5)
     seqs = [build([1, 2, 3], codes, seed) for seed in range(400)]
     first = [s.tokens[0].item() for s in seqs]
     share_i2t = np.mean([f == lay.size_token for f in first])
@@ -64,7 +64,7 @@ def test_trimmed_batches_give_the_same_loss_and_gradients():
     from megatron_t2i.config import ModelConfig
     from megatron_t2i.model.gpt import GPT, language_model_loss
     lay = TokenLayout(num_image_codes=64, num_text_tokens=50, max_text_tokens=12, image_grid=3)
-    build = SequenceBuilder(lay, {"t2i": 1.0, "i2t": 1.0}, text_dropout=0.0)
+    build = SequenceBuilder(lay, {"text2image": 1.0, "image2text": 1.0}, text_dropout=0.0)
     gen = torch.Generator().manual_seed(0)
     seqs = [build(torch.randint(0, 50, (n,), generator=gen).tolist(),
                   torch.randint(0, 64, (lay.image_tokens,), generator=gen), seed)
@@ -81,7 +81,7 @@ def test_trimmed_batches_give_the_same_loss_and_gradients():
 
     config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
                          vocab_size=lay.padded_vocab_size(), num_tokens=lay.vocab_size,
-                         max_position_embeddings=lay.max_positions("i2t"), hidden_dropout=0.0,
+                         max_position_embeddings=lay.max_positions("image_to_text"), hidden_dropout=0.0,
                          attention_dropout=0.0)
     model = GPT(config, seed=1)
     losses, grads = [], []
@@ -99,7 +99,9 @@ def test_trimmed_batches_give_the_same_loss_and_gradients():
 
 
 def test_bad_task_weights():
-    with pytest.raises(ValueError, match="unknown training tasks"):
+    with pytest.raises(ValueError, match="unknown task 'x2y'; known: text2image, image2text"):
         SequenceBuilder(TokenLayout(), {"x2y": 1.0})
+    with pytest.raises(ValueError, match=r"tasks \['completion'\] are not trained on their own"):
+        SequenceBuilder(TokenLayout(), {"completion": 1.0})
     with pytest.raises(ValueError, match="not all zero"):
-        SequenceBuilder(TokenLayout(), {"t2i": 0.0})
+        SequenceBuilder(TokenLayout(), {"text2image": 0.0})

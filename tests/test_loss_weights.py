@@ -11,8 +11,8 @@ TEXT, CODES = [3, 4, 5], [1, 2, 3, 4]
 
 
 def test_text_loss_scale_applies_to_caption_first_sequences_only():
-    t2i = LAYOUT.template("t2i", TEXT, CODES)
-    i2t = LAYOUT.template("i2t", TEXT, CODES)
+    t2i = LAYOUT.template("text_to_image", TEXT, CODES)
+    i2t = LAYOUT.template("image_to_text", TEXT, CODES)
     batch = collate([t2i, i2t])
     weights = loss_weights(batch, LAYOUT, 0.25)
     labels, mask = batch["labels"], batch["loss_mask"]

@@ -20,7 +20,7 @@ A record value, little-endian:
 
 Version 2 records (written only with low-resolution codes, preprocess --sr-low-res) add a uint32
 n_low after the header and n_low codes of the same item size after the image codes: the image at
-half resolution, (grid/2)^2 codes, the input of super-resolution training (`--tasks sr`).
+half resolution, (grid/2)^2 codes, the input of super-resolution training (`--tasks super-resolution`).
 
 Records are ordered by the UTF-8 bytes of their source keys, so the content of a data set does
 not depend on the order in which workers finished or on interruptions.

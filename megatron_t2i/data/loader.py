@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from megatron_t2i import tasks as registry
 from megatron_t2i.tokenizers.layout import TokenLayout
 
 
@@ -67,41 +68,43 @@ class ResumableSampler:
 
 
 class SequenceBuilder:
-    """Turns records into fixed-length training sequences of one or several tasks.
+    """Turns records into fixed-length training sequences of one or several tasks (names of
+    megatron_t2i/tasks.py with their weights).
 
-    Task "sr" (super-resolution) needs records with low-resolution codes (preprocess
-    --sr-low-res): the image at half the side, (grid/2)^2 codes, is the low-resolution window and
-    the image's grid^2 codes the high-resolution one; the whole image is one window. This is
-    what inference asks of the model: there each window pairs (grid/2)^2 codes of the input image
-    with grid^2 codes of the output at twice the side, i.e. the same area at the same pixel scale
-    ratio, 2x (codes of one VQ-VAE always cover the same number of pixels).
+    Task "super-resolution" needs records with low-resolution codes (preprocess --sr-low-res):
+    the image at half the side, (grid/2)^2 codes, is the low-resolution window and the image's
+    grid^2 codes the high-resolution one; the whole image is one window. This is what inference
+    asks of the model: there each window pairs (grid/2)^2 codes of the input image with grid^2
+    codes of the output at twice the side, i.e. the same area at the same pixel scale ratio, 2x
+    (codes of one VQ-VAE always cover the same number of pixels).
     """
 
     def __init__(self, layout: TokenLayout, tasks: dict[str, float] | None = None,
                  text_dropout: float = 0.0):
         self.layout = layout
-        self.tasks = tasks or {"t2i": 1.0}
-        unknown = set(self.tasks) - {"t2i", "i2t", "sr"}
-        if unknown:
-            raise ValueError(f"unknown training tasks {sorted(unknown)}; expected t2i, i2t, sr")
-        total = sum(self.tasks.values())
-        if total <= 0 or min(self.tasks.values()) < 0:
-            raise ValueError(f"task weights must be non-negative and not all zero: {self.tasks}")
-        self.names = list(self.tasks)
-        self.cumulative = np.cumsum([self.tasks[t] / total for t in self.names])
+        weights = tasks or {"text2image": 1.0}
+        self.tasks = [registry.get(name) for name in weights]
+        not_trained = [t.name for t in self.tasks if not t.trainable]
+        if not_trained:
+            raise ValueError(f"tasks {not_trained} are not trained on their own; trainable: "
+                             f"{', '.join(registry.trainable())}")
+        total = sum(weights.values())
+        if total <= 0 or min(weights.values()) < 0:
+            raise ValueError(f"task weights must be non-negative and not all zero: {weights}")
+        self.cumulative = np.cumsum([w / total for w in weights.values()])
         self.text_dropout = text_dropout
-        self.length = max(layout.seq_length(t) for t in self.names)
+        self.length = max(t.seq_length(layout) for t in self.tasks)
 
     def __call__(self, text_ids, image_codes, sample_seed: int, low_codes=None):
         rng = np.random.default_rng(sample_seed)
-        task = self.names[int(np.searchsorted(self.cumulative, rng.random(), side="right").clip(
-            max=len(self.names) - 1))]
-        if task == "t2i" and rng.random() < self.text_dropout:
+        task = self.tasks[int(np.searchsorted(self.cumulative, rng.random(), side="right").clip(
+            max=len(self.tasks) - 1))]
+        if task.caption_dropout and rng.random() < self.text_dropout:
             text_ids = []  # unconditional sample, for classifier-free guidance
-        if task == "sr" and low_codes is None:
-            raise ValueError("--tasks sr needs low-resolution codes in every record; this data set "
-                             "has none: preprocess it with --sr-low-res")
-        seq = self.layout.template(task, text_ids, image_codes, low_codes)
+        if task.needs_low_codes and low_codes is None:
+            raise ValueError(f"--tasks {task.name} needs low-resolution codes in every record; "
+                             f"this data set has none: preprocess it with --sr-low-res")
+        seq = self.layout.template(task.template, text_ids, image_codes, low_codes)
         pad = self.length - seq.tokens.numel()
         if pad:  # tasks of a mixture share one length
             seq.tokens = torch.cat([seq.tokens, seq.tokens.new_full((pad,), self.layout["[PAD]"])])

@@ -174,7 +174,7 @@ def heldout_losses(model, layout, dataset, indices, batch_size: int = 8, device=
     """Mean loss of `model` on the text-to-image sequences of records `indices` of `dataset`,
     over image targets and over text targets (every non-image target: caption tokens and the
     special tokens around them), as training's evaluation splits it. Single process."""
-    builder = SequenceBuilder(layout, {"t2i": 1.0}, text_dropout=0.0)  # no randomness left
+    builder = SequenceBuilder(layout, {"text2image": 1.0}, text_dropout=0.0)  # no randomness left
     parts = torch.zeros(4, dtype=torch.float64)  # image loss sum, image count, text sum, text count
     for start in tqdm(range(0, len(indices), batch_size), desc="held-out loss", unit="batch",
                       disable=not progress):

@@ -1,6 +1,6 @@
 """image2text (captioning) and post-selection (ranking images by how well they explain a text).
 
-Both use a caption model: a GPT trained with `--tasks i2t` (alone or in a mixture) on sequences
+Both use a caption model: a GPT trained with `--tasks image2text` (alone or in a mixture) on sequences
 `[size] [BOI1] codes [EOI1] [ROI1] text [PAD]`, where the first [PAD] ends the caption.
 
 image2text: input lines are image paths (`id<TAB>path` with --with-id). The image is encoded with

@@ -1,5 +1,5 @@
 """super-resolution: the g x g codes of an image (S px) become 2g x 2g codes (2S px), sampled by a
-model fine-tuned with `pretrain.py --tasks sr`.
+model fine-tuned with `pretrain.py --tasks super-resolution`.
 
 Template (TokenLayout.super_resolution): `[ROI1] text [size] [BOI1] low [EOI1] [ROI2] [POS0] [size]
 [BOI2] high` with `low` a (g/2)^2 window of the input's codes and `high` the g^2 codes of the same
@@ -19,7 +19,7 @@ above it and to its left within its window, as in training:
     window (0, 0): all g^2 codes;  (0, 1), (0, 2): the right half;  (1, 0), (2, 0): the bottom
     half;  the other four: the bottom-right quarter.  g^2 + 4 * g^2/2 + 4 * g^2/4 = (2g)^2.
 
-Training (data/loader.py, task "sr") uses the whole image as one window: its codes at half the
+Training (data/loader.py, task "super-resolution") uses the whole image as one window: its codes at half the
 side (preprocess --sr-low-res) as `low`, its own codes as `high`: the same 2x pixel-scale ratio
 the inference windows have.
 
@@ -102,10 +102,10 @@ def super_resolve(model, layout, text_ids, low_codes, sampling: SamplingConfig =
     """low_codes [g^2] of one image and its text ids -> codes [B, (2g)^2] (CPU), row-major over
     the 2g x 2g grid; B = len(generators), else `batch`."""
     g = layout.image_grid
-    if model.config.max_position_embeddings < layout.max_positions("sr"):
+    if model.config.max_position_embeddings < layout.max_positions("super_resolution"):
         raise ValueError(f"the model has {model.config.max_position_embeddings} positions, "
-                         f"super-resolution needs {layout.max_positions('sr')}: use a model "
-                         f"fine-tuned with pretrain.py --tasks sr")
+                         f"super-resolution needs {layout.max_positions('super_resolution')}: use a model "
+                         f"fine-tuned with pretrain.py --tasks super-resolution")
     b = len(generators) if generators is not None else (batch or 1)
     device = model.word_embeddings.weight.device
     low = layout.image_codes(low_codes, g * g).view(g, g)

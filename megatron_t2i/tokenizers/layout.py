@@ -36,7 +36,8 @@ SPECIALS = (
 # The size token names the side of the code grid being generated; a grid between two of these
 # sides (e.g. 12x12 codes of 48-pixel images) takes the token of the next larger one.
 SIZE_TOKENS = {8: "[TINY]", 16: "[SMALL]", 32: "[BASE]", 64: "[BIG]"}
-TASKS = ("t2i", "i2t", "sr", "completion")
+# The templates a task's sequences can follow (megatron_t2i/tasks.py says which task uses which).
+TEMPLATES = ("text_to_image", "image_to_text", "super_resolution")
 IMAGE_POSITIONS = ("after_text", "fixed")
 
 
@@ -148,19 +149,20 @@ class TokenLayout:
         return (t[self.is_text(t)] - self.text_offset).tolist()
 
     # ---- sequence lengths ----------------------------------------------------------------------
-    def seq_length(self, task: str) -> int:
-        """Fixed training length of a task's sequence (tokens incl. the last target)."""
+    def seq_length(self, template: str) -> int:
+        """Fixed training length of a template's sequence (tokens incl. the last target)."""
         g2, t = self.image_tokens, self.max_text_tokens
-        if task in ("t2i", "completion", "i2t"):
+        if template in ("text_to_image", "image_to_text"):
             return t + g2 + 4   # [ROI1] text [size] [BOI1] codes [EOI1] | [size] [BOI1] codes [EOI1] [ROI1] text
-        if task == "sr":
+        if template == "super_resolution":
             return t + g2 // 4 + 4 + 4 + g2         # low-res prefix, [ROI2] [POS0] [size] [BOI2] codes
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
 
-    def max_positions(self, task: str) -> int:
-        if task == "sr":  # position ids restart at 0 at [ROI2]
+    def max_positions(self, template: str) -> int:
+        if template == "super_resolution":  # position ids restart at 0 at [ROI2]
             return max(self.max_text_tokens + self.image_tokens // 4 + 4, 4 + self.image_tokens)
-        return self.seq_length(task) + (self._image_first_shift() if task == "i2t" else 0)
+        return self.seq_length(template) + (
+            self._image_first_shift() if template == "image_to_text" else 0)
 
     def _image_first_shift(self) -> int:
         """Added to the position ids of `[size] [BOI1] codes ...` when the image comes first:
@@ -187,7 +189,7 @@ class TokenLayout:
         return positions
 
     def _finish(self, parts, pad_to, image_start, positions=None, loss_from=1, eos_target=False,
-                task="t2i"):
+                template="text_to_image"):
         tokens = torch.cat([torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in parts])
         n = tokens.numel()
         position_ids = torch.arange(n) if positions is None else positions
@@ -201,7 +203,7 @@ class TokenLayout:
             last = position_ids[-1].item() if n else -1
             # pads are never attended to by real tokens (causal, at the end); clamp their
             # positions so they stay inside the position table
-            pad_pos = torch.arange(last + 1, last + 1 + extra).clamp_(max=self.max_positions(task) - 1)
+            pad_pos = torch.arange(last + 1, last + 1 + extra).clamp_(max=self.max_positions(template) - 1)
             position_ids = torch.cat([position_ids, pad_pos])
             pad_mask = torch.zeros(extra)
             if eos_target and extra:
@@ -219,8 +221,9 @@ class TokenLayout:
             return self._finish(head, None, start, self._after_text(start, text))
         codes = self.image_codes(image_codes, self.image_tokens)
         n = start + codes.numel() + 1
-        return self._finish(head + [codes, [self["[EOI1]"]]], self.seq_length("t2i") if pad else None,
-                            start, self._after_text(n, text))
+        return self._finish(head + [codes, [self["[EOI1]"]]],
+                            self.seq_length("text_to_image") if pad else None, start,
+                            self._after_text(n, text))
 
     def completion(self, text_ids, prefix_codes) -> Sequence:
         """Prompt for "text and part of an image": the t2i prompt followed by the first codes."""
@@ -243,8 +246,8 @@ class TokenLayout:
         positions = torch.arange(n) + self._image_first_shift()
         if text is None:
             return self._finish(head, None, -1, positions)
-        return self._finish(head + [text], self.seq_length("i2t") if pad else None, -1, positions,
-                            eos_target=True, task="i2t")
+        return self._finish(head + [text], self.seq_length("image_to_text") if pad else None, -1,
+                            positions, eos_target=True, template="image_to_text")
 
     def super_resolution(self, text_ids, low_codes, high_codes=None, pad: bool = True) -> Sequence:
         """`[ROI1] text [size] [BOI1] low [EOI1] [ROI2] [POS0] [size] [BOI2] high`: a (grid/2)^2
@@ -260,20 +263,21 @@ class TokenLayout:
             parts.append(self.image_codes(high_codes, self.image_tokens))
         n = n_prefix + 4 + (self.image_tokens if high_codes is not None else 0)
         positions = torch.cat([self._after_text(n_prefix, text), torch.arange(n - n_prefix)])
-        pad_to = self.seq_length("sr") if (pad and high_codes is not None) else None
-        return self._finish(parts, pad_to, n_prefix + 4, positions=positions, task="sr")
+        pad_to = self.seq_length("super_resolution") if (pad and high_codes is not None) else None
+        return self._finish(parts, pad_to, n_prefix + 4, positions=positions,
+                            template="super_resolution")
 
-    def template(self, task: str, text_ids, image_codes, low_codes=None) -> Sequence:
-        """Training sequence of `task` (padded to `seq_length(task)`)."""
-        if task == "t2i":
+    def template(self, name: str, text_ids, image_codes, low_codes=None) -> Sequence:
+        """The padded training sequence of template `name` (see TEMPLATES) for one record."""
+        if name == "text_to_image":
             return self.text_to_image(text_ids, image_codes)
-        if task == "i2t":
+        if name == "image_to_text":
             return self.image_to_text(image_codes, text_ids)
-        if task == "sr":
+        if name == "super_resolution":
             if low_codes is None:
-                raise ValueError("task sr needs low-resolution codes")
+                raise ValueError("the super_resolution template needs low-resolution codes")
             return self.super_resolution(text_ids, low_codes, image_codes)
-        raise ValueError(f"unknown training task {task!r}; expected t2i, i2t or sr")
+        raise ValueError(f"unknown template {name!r}; expected one of {', '.join(TEMPLATES)}")
 
     # ---- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -30,9 +30,8 @@ def build_config(args, layout):
                                         "pb_relax": args.pb_relax}.items() if v is not None})
     overrides.update(hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
                      checkpoint_activations=args.checkpoint_activations)
-    positions = max(layout.max_positions(t) for t in args.tasks)
-    return model_config(args.model_size, layout, args.tensor_model_parallel_size,
-                        max_position_embeddings=positions, **overrides)
+    return model_config(args.model_size, layout, args.tensor_model_parallel_size, list(args.tasks),
+                        **overrides)
 
 
 def build_model(args, config, layout, ds_config):

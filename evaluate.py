@@ -30,9 +30,6 @@ Writes {--output-path}/report.json, report.md and grid.png.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -40,7 +37,7 @@ import sys
 import numpy as np
 import torch
 
-from megatron_t2i.arguments import parse_args
+from megatron_t2i.arguments import generation_config, load_config, parse_args
 from megatron_t2i.data.synthetic import make_example, read_meta, render
 from megatron_t2i.evaluation.binding import swap_test
 from megatron_t2i.evaluation.metrics import (alignment, alignment_by_caption, diversity,
@@ -133,19 +130,18 @@ def other_captions(found: list[dict], wanted: list[dict], shift: int) -> dict | 
 
 # ---- the two modes -------------------------------------------------------------------------------
 def evaluate_checkpoint(args, reader=None) -> dict:
-    if importlib.util.find_spec("megatron_t2i.generation.text2image") is None:
-        raise ValueError("evaluate.py --load needs text-to-image generation "
-                         "(megatron_t2i/generation/text2image.py), which this installation lacks")
-    t2i = importlib.import_module("megatron_t2i.generation.text2image")
-    text2image, rerank = t2i.text2image, t2i.rerank
-    from megatron_t2i.generation.image2text import caption_log_likelihood
     from megatron_t2i.data.loader import open_dataset, split_indices
     from megatron_t2i.generation.loading import build_context
+    from megatron_t2i.generation.scoring import (caption_log_likelihood, image_log_likelihood,
+                                                 rerank)
+    from megatron_t2i.generation.tasks.text2image import text2image
 
-    ctx = build_context(args)
-    tokenizer, k = ctx.image_tokenizer, args.samples_per_prompt
+    k = args.samples_per_prompt
     if args.rerank_top > k:
         raise ValueError(f"--rerank-top {args.rerank_top} exceeds --samples-per-prompt {k}")
+    config = generation_config(args, samples=k)  # text2image draws `samples` per query
+    ctx = build_context(load_config(args))
+    tokenizer = ctx.image_tokenizer
     size = tokenizer.image_size
     dataset, held = None, None
     if args.data_path:
@@ -158,11 +154,9 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     truth_wanted = [e["attributes"] for e in examples]
     reader, reader_file = reader_for(args, size, tokenizer, reader)
 
-    # generate: text2image draws --batch-size samples per query
-    gen_args = argparse.Namespace(**{**vars(args), "batch_size": k})
     samples = []
     for q, prompt in enumerate(prompts):
-        codes = text2image(ctx, gen_args, prompt["caption"], q)      # [K, grid^2]
+        codes = text2image(ctx, config, prompt["caption"], q)        # [K, grid^2]
         if args.rerank_top:  # best first by the caption score, as text2image --rerank-top
             codes = rerank(ctx, prompt["caption"], codes, k)[0]
         samples.append(tokenizer.decode_to_tensor(codes))            # [K, 3, S, S]
@@ -177,7 +171,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     binding = swap_test(
         examples, tokenizer.encode_images(tokenizer.normalize(truth)),
         lambda text: ctx.text_tokenizer.encode(text, ctx.layout.max_text_tokens),
-        lambda codes, texts: t2i.image_log_likelihood(ctx.model, ctx.layout, codes, texts, batch),
+        lambda codes, texts: image_log_likelihood(ctx.model, ctx.layout, codes, texts, batch),
         lambda codes, texts: caption_log_likelihood(ctx.model, ctx.layout, codes, texts, batch))
     report = {
         "source": {"checkpoint": os.path.abspath(args.load), "prompts": source,

@@ -4,19 +4,19 @@
     python generate_samples.py --load DIR --input-source queries.txt --batch-size 8 --cfg-scale 2
     torchrun --nproc_per_node 2 generate_samples.py --load DIR_TP2 ...      # tensor parallel
 
-Tasks (--task): text2image (default) and completion (megatron_t2i/generation/text2image.py);
-image2text and post-selection (megatron_t2i/generation/image2text.py); super-resolution
-(megatron_t2i/generation/super_resolution.py). A task is a function
+Tasks (--task) are the generators of the task registry (megatron_t2i/tasks.py): text2image
+(default), completion, image2text, post-selection, super-resolution, each a function of
+megatron_t2i/generation/tasks/
 
-    main_<task>(args, ctx) -> None
+    main_<task>(ctx, config) -> None
 
-with `args` the parsed flags and `ctx` a GenerationContext (megatron_t2i/generation/loading.py):
-ctx.model (GPT in eval mode, this rank's tensor-parallel shard), ctx.config (ModelConfig),
-ctx.layout (TokenLayout), ctx.text_tokenizer (TextTokenizer), ctx.image_tokenizer
-(ImageTokenizer, on the writer only, else None), ctx.device, ctx.is_writer (global rank 0),
-ctx.load_dir. Every rank calls it; all ranks run the model together, only the writer reads input
-(megatron_t2i.generation.io.queries broadcasts each query) and writes files. A task raises
-ValueError/OSError with a one-line message for bad input.
+with `ctx` a GenerationContext (megatron_t2i/generation/loading.py): ctx.model (GPT in eval mode,
+this rank's tensor-parallel shard), ctx.config (ModelConfig), ctx.layout (TokenLayout),
+ctx.text_tokenizer, ctx.image_tokenizer (on the writer only, else None), ctx.device,
+ctx.is_writer (global rank 0), ctx.load_dir; and `config` the GenerationConfig these flags make
+(megatron_t2i/generation/config.py). Every rank calls it; all ranks run the model together, only
+the writer reads input (megatron_t2i.generation.io.queries broadcasts each query) and writes
+files. A task raises ValueError/OSError with a one-line message for bad input.
 
 Under torchrun the world is one tensor-parallel group: N processes load the N shards of a
 checkpoint saved at TP=N (tools/convert_checkpoint.py reshards). Tokenizers default to the ones
@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from megatron_t2i import mpu
 from megatron_t2i import tasks as registry
-from megatron_t2i.arguments import parse_args
+from megatron_t2i.arguments import generation_config, load_config, parse_args
 
 PROG = "generate_samples.py"
 def task_function(task: str):
@@ -82,9 +82,10 @@ def main(argv=None) -> int:
     try:
         run = task_function(args.task)
         init_parallel(args)
+        config = generation_config(args)
         from megatron_t2i.generation.loading import build_context
         with torch.no_grad():
-            run(args, build_context(args))
+            run(build_context(load_config(args)), config)
     except (ValueError, OSError) as e:
         where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{PROG}: error: {where}{e}", file=sys.stderr, flush=True)

@@ -26,8 +26,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_t2i.config import model_config  # noqa: E402
-from megatron_t2i.generation.decoding import generate, image_vocab_mask  # noqa: E402
 from megatron_t2i.generation.sampling import SamplingConfig  # noqa: E402
+from megatron_t2i.generation.state import Decoding, Prompt  # noqa: E402
+from megatron_t2i.generation.strategies.raster import generate  # noqa: E402
+from megatron_t2i.generation.vocab import image_vocab_mask  # noqa: E402
 from megatron_t2i.model.gpt import GPT  # noqa: E402
 from megatron_t2i.tokenizers.layout import TokenLayout  # noqa: E402
 from megatron_t2i.training.flops import matmul_flops, model_flops_per_token  # noqa: E402
@@ -64,8 +66,9 @@ def timed_generate(model, layout, batch, num_tokens, use_cache, device):
     synchronize(device)
     start = time.perf_counter()
     try:
-        generate(model, prompt, positions, num_tokens, SamplingConfig(top_k=200), mask,
-                 generators, use_cache=use_cache, vocab_size=layout.vocab_size)
+        generate(model, Prompt(prompt, positions), num_tokens,
+                 Decoding(SamplingConfig(top_k=200), use_cache=use_cache,
+                          vocab_size=layout.vocab_size), mask, generators)
         synchronize(device)
     finally:
         hook.remove()

@@ -15,6 +15,8 @@ import sys
 
 from megatron_t2i import tasks as registry
 from megatron_t2i.config import MODEL_SIZES
+from megatron_t2i.generation.config import GenerationConfig, LoadConfig
+from megatron_t2i.generation.sampling import SamplingConfig
 from megatron_t2i.data.synthetic import CAPTION_ORDERS
 from megatron_t2i.tokenizers.layout import IMAGE_POSITIONS
 
@@ -324,6 +326,25 @@ def validate(args, outputs=()) -> None:
     source = a.get("input_source")
     if source and source != "interactive" and not os.path.isfile(source):
         raise ArgumentError(f"--input-source {source}: no such file (or use 'interactive')")
+
+
+# ---- flags -> config objects (the library below takes these, never a namespace) -------------------
+def load_config(args) -> LoadConfig:
+    return LoadConfig(args.load, args.device, "fp16" if args.fp16 else "bf16" if args.bf16 else None,
+                      args.offload, args.trust_checkpoint, args.text_tokenizer, args.image_tokenizer)
+
+
+def generation_config(args, **changes) -> GenerationConfig:
+    """The generation group's flags (plus `changes`, e.g. samples=16) as a GenerationConfig."""
+    fields = dict(
+        samples=args.batch_size, max_inference_batch_size=args.max_inference_batch_size,
+        sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
+        cfg_scale=args.cfg_scale, seed=args.seed, use_cache=not args.no_kv_cache,
+        rerank_top=args.rerank_top, beam_size=args.beam_size, keep_rows=args.keep_rows,
+        top=args.top, clip_model=args.clip_model, clip_checkpoint=args.clip_checkpoint,
+        input_source=args.input_source, with_id=args.with_id, output_path=args.output_path,
+        debug=args.debug)
+    return GenerationConfig(**{**fields, **changes})
 
 
 def parse_args(argv=None, groups=GROUPS, description=None, prog=None, outputs=()):

@@ -45,7 +45,7 @@ class Task:
         return layout.max_positions(self.template)
 
 
-_GEN = "megatron_t2i.generation"
+_GEN = "megatron_t2i.generation.tasks"
 REGISTRY: dict[str, Task] = {t.name: t for t in (
     Task("text2image", "text_to_image", f"{_GEN}.text2image:main_text2image",
          caption_dropout=True, aliases=("t2i",), summary="captions -> images"),
@@ -56,7 +56,7 @@ REGISTRY: dict[str, Task] = {t.name: t for t in (
          summary="an image -> twice its side"),
     Task("completion", "text_to_image", f"{_GEN}.text2image:main_completion", trainable=False,
          summary="a caption and the top rows of an image -> the rest (a text2image model)"),
-    Task("post-selection", "image_to_text", f"{_GEN}.image2text:main_post_selection",
+    Task("post-selection", "image_to_text", f"{_GEN}.post_selection:main_post_selection",
          trainable=False, summary="rank images by how well they explain a caption (an "
                                   "image2text model)"),
 )}

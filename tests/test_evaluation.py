@@ -403,7 +403,7 @@ class MeanReader:
 def test_evaluate_rerank_puts_the_highest_caption_score_first(tmp_path, toy, monkeypatch):
     """With caption scores that grow with the sample's index, the reranked rows hold the samples
     in reverse drawing order: the order comes from the scores, not from generation."""
-    from megatron_t2i.generation import image2text
+    from megatron_t2i.generation import scoring
 
     argv = ["--load", toy["ckpt"], "--data-path", toy["tokens"], "--synthetic-dir", toy["synthetic"],
             "--holdout-fraction", "0.25", "--seed", "3", "--num-prompts", "2",
@@ -413,7 +413,7 @@ def test_evaluate_rerank_puts_the_highest_caption_score_first(tmp_path, toy, mon
         assert evaluate.main(argv + extra + ["--output-path", str(tmp_path / name)],
                              reader=MeanReader()) == 0
         out[name] = json.load(open(tmp_path / name / "report.json"))["rows"]
-        monkeypatch.setattr(image2text, "score_captions",
+        monkeypatch.setattr(scoring, "score_captions",
                             lambda ctx, text, codes: torch.arange(len(codes), dtype=torch.float32))
     for p, r in zip(out["plain"], out["ranked"]):
         means = [f["mean"] for f in p["found"]]

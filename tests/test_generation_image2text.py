@@ -15,13 +15,15 @@ from PIL import Image
 import generate_samples
 from generation_toy import make_checkpoint, make_tokenizers
 from megatron_t2i.config import model_config
-from megatron_t2i.generation.decoding import generate
-from megatron_t2i.generation.image2text import (beam_search, caption_log_likelihood,
-                                                caption_text_ids, caption_vocab_mask,
-                                                score_captions)
 from megatron_t2i.generation.loading import GenerationContext, load_model, load_tokenizers
 from megatron_t2i.generation.sampling import SamplingConfig
-from megatron_t2i.generation.text2image import image_log_likelihood
+from megatron_t2i.generation.scoring import (caption_log_likelihood, image_log_likelihood,
+                                             score_captions)
+from megatron_t2i.generation.state import Decoding, Prompt
+from megatron_t2i.generation.strategies.beam import beam_search
+from megatron_t2i.generation.strategies.raster import generate
+from megatron_t2i.generation.tasks.image2text import caption_text_ids
+from megatron_t2i.generation.vocab import caption_vocab_mask
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.tokenizers.layout import TokenLayout
 
@@ -83,8 +85,10 @@ def held_out(n=24, seed=1):
 
 
 def prompt(codes):
-    seq = LAYOUT.image_to_text(codes)
-    return seq.tokens[None], seq.position_ids[None]
+    return Prompt.of(LAYOUT.image_to_text(codes), 1, "cpu")
+
+
+DECODING = Decoding(vocab_size=LAYOUT.vocab_size)
 
 
 # ---- caption likelihood ------------------------------------------------------------------------
@@ -148,8 +152,7 @@ def test_greedy_captions_read_the_image(trained):
     codes, texts = held_out(24)
     right = 0
     for c, text in zip(codes, texts):
-        (tokens, _), *_ = beam_search(trained, *prompt(c), LIMIT, 1, ALLOWED, PAD,
-                                      vocab_size=LAYOUT.vocab_size)
+        (tokens, _), *_ = beam_search(trained, prompt(c), LIMIT, 1, ALLOWED, PAD, DECODING)
         right += caption_text_ids(tokens, LAYOUT) == text
     assert right / len(texts) >= 0.75, f"{right}/{len(texts)} captions right"
 
@@ -161,12 +164,11 @@ def test_beam_one_is_greedy(which, request):
     end_only = torch.zeros_like(ALLOWED)
     end_only[PAD] = True
     for c in codes:
-        (beam, _), = beam_search(model, *prompt(c), LIMIT, 1, ALLOWED, PAD,
-                                 vocab_size=LAYOUT.vocab_size)
-        # reference: decoding.generate with top-k 1 (argmax), ending forced at the limit
-        greedy = generate(model, *prompt(c), LIMIT, SamplingConfig(top_k=1),
-                          lambda step: ALLOWED if step < LIMIT - 1 else end_only,
-                          vocab_size=LAYOUT.vocab_size)[0]
+        (beam, _), = beam_search(model, prompt(c), LIMIT, 1, ALLOWED, PAD, DECODING)
+        # reference: raster decoding with top-k 1 (argmax), ending forced at the limit
+        greedy = generate(model, prompt(c), LIMIT,
+                          Decoding(SamplingConfig(top_k=1), vocab_size=LAYOUT.vocab_size),
+                          lambda step: ALLOWED if step < LIMIT - 1 else end_only)[0]
         n = len(caption_text_ids(greedy, LAYOUT))
         assert beam.tolist() == greedy[:n].tolist() + [PAD]
 
@@ -177,9 +179,8 @@ def test_beam_finds_at_least_greedys_score_and_reports_true_scores(which, reques
     codes, _ = held_out(8, seed=3)
     better = 0
     for c in codes:
-        (greedy, greedy_ll), = beam_search(model, *prompt(c), LIMIT, 1, ALLOWED, PAD,
-                                           vocab_size=LAYOUT.vocab_size)
-        beams = beam_search(model, *prompt(c), LIMIT, 4, ALLOWED, PAD, vocab_size=LAYOUT.vocab_size)
+        (greedy, greedy_ll), = beam_search(model, prompt(c), LIMIT, 1, ALLOWED, PAD, DECODING)
+        beams = beam_search(model, prompt(c), LIMIT, 4, ALLOWED, PAD, DECODING)
         assert len(beams) >= 4
         normalised = [ll / len(t) for t, ll in beams]
         assert normalised == sorted(normalised, reverse=True)
@@ -196,8 +197,9 @@ def test_beam_finds_at_least_greedys_score_and_reports_true_scores(which, reques
 def test_cached_beam_search_equals_recomputation(untrained):
     codes, _ = held_out(3, seed=4)
     for c in codes:
-        cached = beam_search(untrained, *prompt(c), LIMIT, 3, ALLOWED, PAD, True, LAYOUT.vocab_size)
-        full = beam_search(untrained, *prompt(c), LIMIT, 3, ALLOWED, PAD, False, LAYOUT.vocab_size)
+        cached = beam_search(untrained, prompt(c), LIMIT, 3, ALLOWED, PAD, DECODING)
+        full = beam_search(untrained, prompt(c), LIMIT, 3, ALLOWED, PAD,
+                           Decoding(use_cache=False, vocab_size=LAYOUT.vocab_size))
         assert [t.tolist() for t, _ in cached] == [t.tolist() for t, _ in full]
         torch.testing.assert_close(torch.tensor([s for _, s in cached]),
                                    torch.tensor([s for _, s in full]), atol=1e-4, rtol=0)
@@ -247,10 +249,10 @@ def test_image2text_cli_beam_writes_a_new_captions_file_each_run(toy, tmp_path, 
     for path, caption in rows:
         codes = ctx.image_tokenizer.encode_images([Image.open(path)])[0]
         seq = layout.image_to_text(codes)
-        (best, _), *_ = beam_search(ctx.model, seq.tokens[None], seq.position_ids[None],
+        (best, _), *_ = beam_search(ctx.model, Prompt.of(seq, 1, "cpu"),
                                     layout.max_text_tokens + 1, 2,
                                     caption_vocab_mask(layout, ctx.config.vocab_size),
-                                    layout["[PAD]"], vocab_size=layout.vocab_size)
+                                    layout["[PAD]"], Decoding(vocab_size=layout.vocab_size))
         assert caption == " ".join(ctx.text_tokenizer.decode(caption_text_ids(best, layout)).split())
     assert "log-likelihood" in capsys.readouterr().out
     first = (out / "captions.tsv").read_text()

@@ -8,7 +8,10 @@ import torch
 from distributed import run_distributed
 from generation_toy import make_checkpoint, make_tokenizers, tiny_config
 from megatron_t2i import mpu
-from megatron_t2i.generation.decoding import generate, image_vocab_mask, score, text_vocab_mask
+from megatron_t2i.generation.scoring import score
+from megatron_t2i.generation.state import Decoding, Prompt
+from megatron_t2i.generation.strategies.raster import generate
+from megatron_t2i.generation.vocab import image_vocab_mask, text_vocab_mask
 from megatron_t2i.generation.loading import load_model, load_tokenizers, offload_layers
 from megatron_t2i.generation.sampling import SamplingConfig
 from megatron_t2i.model.gpt import GPT
@@ -117,14 +120,13 @@ def run_generation(folder, seeds):
     with torch.no_grad():
         mask = image_vocab_mask(layout, config.vocab_size)
         # vocab_size: the TP=2 checkpoint pads the vocabulary to more rows than the TP=1 one
-        out["plain"] = generate(model, tokens, pos, 20, SAMPLING, mask,
-                                [torch.Generator().manual_seed(s) for s in seeds],
-                                vocab_size=layout.vocab_size).numpy()
-        out["cfg"] = generate(model, tokens, pos, 20, SAMPLING, mask,
+        out["plain"] = generate(model, Prompt(tokens, pos), 20,
+                                Decoding(SAMPLING, vocab_size=layout.vocab_size), mask,
+                                [torch.Generator().manual_seed(s) for s in seeds]).numpy()
+        out["cfg"] = generate(model, Prompt(tokens, pos), 20,
+                              Decoding(SAMPLING, 2.0, vocab_size=layout.vocab_size), mask,
                               [torch.Generator().manual_seed(s) for s in seeds],
-                              uncond_prompt=uncond.tokens.expand(b, -1),
-                              uncond_position_ids=uncond.position_ids.expand(b, -1),
-                              cfg_scale=2.0, vocab_size=layout.vocab_size).numpy()
+                              Prompt.of(uncond, b, "cpu")).numpy()
         seq = layout.image_to_text(torch.arange(layout.image_tokens) % 32, [3, 1, 4], pad=False)
         out["score"] = score(model, seq.tokens[None], seq.position_ids[None],
                              layout.is_text(seq.tokens)[None],

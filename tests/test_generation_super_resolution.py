@@ -20,11 +20,14 @@ from megatron_t2i.config import model_config
 from megatron_t2i.data import preprocess as prep
 from megatron_t2i.data.lmdb_store import TokenDataset, decode_record, encode_record, write_token_dataset
 from megatron_t2i.data.loader import SequenceBuilder, collate
-from megatron_t2i.generation import super_resolution as sr
-from megatron_t2i.generation.decoding import generate, image_vocab_mask
+from megatron_t2i.generation.batching import sample_seed
 from megatron_t2i.generation.loading import load_model, load_tokenizers
 from megatron_t2i.generation.sampling import SamplingConfig
-from megatron_t2i.generation.text2image import sample_seed
+from megatron_t2i.generation.state import Decoding, Prompt
+from megatron_t2i.generation.strategies.fill import fill
+from megatron_t2i.generation.strategies.raster import generate
+from megatron_t2i.generation.tasks import super_resolution as sr
+from megatron_t2i.generation.vocab import image_vocab_mask
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.tokenizers.layout import TokenLayout
 from megatron_t2i.tokenizers.vqvae import ImageTokenizer
@@ -81,23 +84,22 @@ def test_windows_cover_every_output_code_once_as_designed(grid):
 # ---- decoding around given tokens --------------------------------------------------------------
 
 def sr_prompt(low_window, text=(1, 2, 3), batch=2):
-    seq = LAYOUT.super_resolution(list(text), low_window)
-    return seq.tokens.expand(batch, -1), seq.position_ids.expand(batch, -1)
+    return Prompt.of(LAYOUT.super_resolution(list(text), low_window), batch, "cpu")
 
 
 def test_fill_with_nothing_given_equals_generate(model):
-    prompt, pos = sr_prompt(torch.arange(16) % 32)
+    prompt = sr_prompt(torch.arange(16) % 32)
     n = LAYOUT.image_tokens
     for cache in (True, False):
-        got = sr.fill(model, prompt, pos, torch.full((2, n), -1), SAMPLING, IMAGE, gens([4, 5]),
-                      cache, LAYOUT.vocab_size)
-        want = generate(model, prompt, pos, n, SAMPLING, IMAGE, gens([4, 5]), cache,
-                        vocab_size=LAYOUT.vocab_size)
+        decoding = Decoding(SAMPLING, use_cache=cache, vocab_size=LAYOUT.vocab_size)
+        got = fill(model, prompt, torch.full((2, n), -1), decoding, IMAGE, gens([4, 5]))
+        want = generate(model, prompt, n, decoding, IMAGE, gens([4, 5]))
         assert torch.equal(got, want)
 
 
 def test_fill_keeps_given_tokens_and_feeds_them_to_the_model(model):
-    prompt, pos = sr_prompt(torch.arange(16) % 32)
+    p = sr_prompt(torch.arange(16) % 32)
+    prompt, pos = p.tokens, p.positions
     n = LAYOUT.image_tokens
     given = torch.full((2, n), -1)
     known = torch.zeros(n, dtype=torch.bool)
@@ -105,11 +107,12 @@ def test_fill_keeps_given_tokens_and_feeds_them_to_the_model(model):
     known[30:34] = True
     known[50:60] = True
     given[:, known] = torch.randint(0, 32, (2, int(known.sum())))
-    greedy = SamplingConfig(top_k=1)
-    out = sr.fill(model, prompt, pos, given, greedy, IMAGE, gens([1, 2]), True, LAYOUT.vocab_size)
+    greedy = Decoding(SamplingConfig(top_k=1), vocab_size=LAYOUT.vocab_size)
+    out = fill(model, p, given, greedy, IMAGE, gens([1, 2]))
     assert torch.equal(out[:, known], given[:, known]) and (out >= 0).all() and (out < 32).all()
-    assert torch.equal(out, sr.fill(model, prompt, pos, given, greedy, IMAGE, gens([1, 2]), False,
-                                    LAYOUT.vocab_size))
+    assert torch.equal(out, fill(model, p, given, Decoding(SamplingConfig(top_k=1), use_cache=False,
+                                                        vocab_size=LAYOUT.vocab_size),
+                                 IMAGE, gens([1, 2])))
     # reference: one teacher-forced forward over prompt + output; every sampled token is the
     # argmax of the image logits that predicted it
     full = torch.cat([prompt, out], 1)
@@ -120,22 +123,22 @@ def test_fill_keeps_given_tokens_and_feeds_them_to_the_model(model):
     assert torch.equal(out[:, ~known], best[:, ~known])
     with pytest.raises(ValueError, match="same in every row"):
         given[1, 0] = -1
-        sr.fill(model, prompt, pos, given)
+        fill(model, p, given)
 
 
 def test_super_resolution_keeps_low_codes_and_earlier_windows(model, monkeypatch):
     calls = []
     original = sr.fill
 
-    def recording_fill(model, prompt, position_ids, given, *args):
-        out = original(model, prompt, position_ids, given, *args)
-        calls.append((prompt.clone(), given.clone(), out.clone()))
+    def recording_fill(model, prompt, given, *args):
+        out = original(model, prompt, given, *args)
+        calls.append((prompt.tokens.clone(), given.clone(), out.clone()))
         return out
 
     monkeypatch.setattr(sr, "fill", recording_fill)
     g = LAYOUT.image_grid
     low = torch.randint(0, 32, (g * g,), generator=torch.Generator().manual_seed(3))
-    high = sr.super_resolve(model, LAYOUT, [4, 5], low, SAMPLING, gens([7, 8, 9]))
+    high = sr.super_resolve(model, LAYOUT, [4, 5], low, Decoding(SAMPLING), gens([7, 8, 9]))
     assert high.shape == (3, 4 * g * g) and high.min() >= 0 and high.max() < 32
     grid = high.view(3, 2 * g, 2 * g)
     done = torch.zeros(2 * g, 2 * g, dtype=torch.bool)
@@ -147,7 +150,7 @@ def test_super_resolution_keeps_low_codes_and_earlier_windows(model, monkeypatch
         assert torch.equal(out, grid[:, w.high[0], w.high[1]].reshape(3, -1))  # kept until the end
         done[w.high] = True
     # a sample depends only on its own seed, not on the batch it ran in
-    alone = sr.super_resolve(model, LAYOUT, [4, 5], low, SAMPLING, gens([8]))
+    alone = sr.super_resolve(model, LAYOUT, [4, 5], low, Decoding(SAMPLING), gens([8]))
     assert torch.equal(alone[0], high[1])
 
 
@@ -189,7 +192,8 @@ def test_cli_writes_images_of_twice_the_side(toy, tmp_path, capsys):
         png = np.array(Image.open(out / "a_small_red_circle" / name))
         assert png.shape == (64, 64, 3)
         want = sr.super_resolve(model, layout, text.encode("a small red circle"), codes,
-                                SamplingConfig(1.02, 200), gens([sample_seed(1234, 0, k)]))
+                                Decoding(SamplingConfig(1.02, 200)),
+                                gens([sample_seed(1234, 0, k)]))
         assert np.array_equal(png, np.array(sr.decode_grid(image, want)[0]))
     argv[argv.index("--batch-size") + 1] = "1"
     assert generate_samples.main(argv + ["--debug"]) == 0  # one grid: input upscaled + sample
@@ -284,7 +288,7 @@ def test_sr_training_sequences_and_a_forward_over_them(tmp_path):
 def _tensor_parallel_super_resolution(rank, world_size, folder, codes, seeds):
     mpu.initialize_model_parallel(world_size, 1)
     model, _, layout, _ = load_model(folder)
-    return sr.super_resolve(model, layout, [5, 6, 7], codes, SAMPLING, gens(seeds)).numpy()
+    return sr.super_resolve(model, layout, [5, 6, 7], codes, Decoding(SAMPLING), gens(seeds)).numpy()
 
 
 def test_tensor_parallel_equals_one_process(toy, tmp_path):
@@ -292,6 +296,6 @@ def test_tensor_parallel_equals_one_process(toy, tmp_path):
     tp2 = make_checkpoint(str(tmp_path / "tp2"), toy["tokenizers"], tp=2, state=model.state_dict())
     codes = torch.randint(0, layout.num_image_codes, (layout.image_tokens,),
                           generator=torch.Generator().manual_seed(0))
-    want = sr.super_resolve(model, layout, [5, 6, 7], codes, SAMPLING, gens([1, 2]))
+    want = sr.super_resolve(model, layout, [5, 6, 7], codes, Decoding(SAMPLING), gens([1, 2]))
     for got in run_distributed(_tensor_parallel_super_resolution, 2, tp2, codes, [1, 2]):
         assert np.array_equal(got, want.numpy())

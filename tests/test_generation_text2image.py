@@ -1,12 +1,9 @@
 """generate_samples.py end to end on a tiny checkpoint: text2image from a file and from stdin,
 --with-id / --debug outputs, per-sample seeds across inference batch sizes, CFG, completion,
 --rerank-top through score_captions, TP=2 under torchrun, one-line errors."""
-import argparse
-import importlib.machinery
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -16,8 +13,11 @@ from PIL import Image
 import generate_samples
 from distributed import free_port
 from generation_toy import make_checkpoint, make_tokenizers
+from megatron_t2i.generation.batching import sample_seed
+from megatron_t2i.generation.config import GenerationConfig, LoadConfig
 from megatron_t2i.generation.loading import build_context
-from megatron_t2i.generation.text2image import complete, sample_seed
+from megatron_t2i.generation.sampling import SamplingConfig
+from megatron_t2i.generation.tasks.text2image import complete
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,11 +111,10 @@ def test_completion_keeps_the_given_codes(ckpt, tmp_path):
     grid, = os.listdir(tmp_path / "out")  # the line without an image was skipped
     assert Image.open(tmp_path / "out" / grid).size == (3 * (SIZE + 2) + 2, SIZE + 2 + 2)
 
-    args = generate_samples.parse(["--load", ckpt["tp1"], "--batch-size", "3", "--top-k", "10",
-                                   "--cfg-scale", "1"])
-    ctx = build_context(args)
+    ctx = build_context(LoadConfig(ckpt["tp1"]))
+    config = GenerationConfig(samples=3, sampling=SamplingConfig(top_k=10), cfg_scale=1.0)
     codes = ctx.image_tokenizer.encode_images([Image.open(image_path)])[0]
-    completed = complete(ctx, args, "a red circle", codes.tolist(), 0, keep_rows=3)
+    completed = complete(ctx, config, "a red circle", codes.tolist(), 0, keep_rows=3)
     grid = ctx.layout.image_grid
     assert completed.shape == (3, grid * grid)
     assert torch.equal(completed[:, :3 * grid], codes[:3 * grid].expand(3, -1))
@@ -124,17 +123,14 @@ def test_completion_keeps_the_given_codes(ckpt, tmp_path):
 
 
 def test_rerank_top_keeps_the_best_scored(ckpt, tmp_path, monkeypatch, capsys):
-    name = "megatron_t2i.generation.image2text"
-    fake = types.ModuleType(name)
-    fake.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    from megatron_t2i.generation import scoring
     calls = []
 
     def score_captions(ctx, text, codes):  # stand-in: prefer images with many high codes
         calls.append((text, tuple(codes.shape)))
         return codes.float().mean(dim=1)
 
-    fake.score_captions = score_captions
-    monkeypatch.setitem(sys.modules, name, fake)
+    monkeypatch.setattr(scoring, "score_captions", score_captions)
     source = write_queries(tmp_path / "q.txt", ["a red circle"])
     assert run_main(ckpt["tp1"], tmp_path / "all", "--input-source", source, "--batch-size",
                     "4") == 0
@@ -191,7 +187,7 @@ def test_errors_are_one_line(ckpt, tmp_path, capsys):
 
 
 def test_each_round_is_written_as_it_completes(ckpt, tmp_path, monkeypatch):
-    from megatron_t2i.generation import text2image
+    from megatron_t2i.generation.tasks import text2image
     rounds = []
 
     def generate(*args, **kwargs):  # the third round is interrupted (Ctrl-C)

@@ -24,7 +24,7 @@ list in `skipped.tsv` inside the data set. Valid images in odd modes (RGBA, CMYK
 
 With --sr-low-res each record also stores the codes of its image resized to half the side
 (S/2 px -> (grid/2)^2 codes, the same VQ-VAE): the low-resolution input of super-resolution
-training (pretrain.py --tasks super-resolution, see megatron_t2i/generation/super_resolution.py).
+training (pretrain.py --tasks super-resolution, see megatron_t2i/generation/tasks/super_resolution.py).
 """
 from __future__ import annotations
 

@@ -78,6 +78,19 @@ def save_image(image: Image.Image, path: str) -> str:
     return save_new(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def open_results(path: str, header: list[str]) -> str:
+    """A new TSV file with `header` at `path`, or at a suffixed free name if taken (never another
+    run's file); returns its path. Lines are then appended with append_row."""
+    return save_new(path, lambda tmp: append_row(tmp, header))
+
+
+def append_row(path: str, fields: list) -> None:
+    """One TSV line, in one write (tabs and newlines inside a field become spaces)."""
+    line = "\t".join(" ".join(str(f).split()) for f in fields) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+
+
 def make_grid(images: list[Image.Image], nrow: int = 8, padding: int = 2,
               fill=(255, 255, 255)) -> Image.Image:
     """Images of one size side by side, `nrow` per row, `padding` pixels around each."""
@@ -219,9 +232,10 @@ def broadcast_queries(queries: Iterator[Query] | None) -> Iterator[Query]:
         yield box[0]
 
 
-def queries(args, is_writer: bool, parse: Callable[[str], Any] = lambda text: text) -> Iterator[Query]:
-    """The queries of --input-source (--with-id) on every rank; `parse(text)` runs on the writer
-    only (e.g. to read and encode an image) and its result, which must pickle, is broadcast."""
-    local = parse_queries(read_lines(args.input_source), args.input_source, args.with_id, parse) \
-        if is_writer else None
+def queries(source: str, with_id: bool, is_writer: bool,
+            parse: Callable[[str], Any] = lambda text: text) -> Iterator[Query]:
+    """The queries of `source` (a file, or 'interactive') on every rank; `parse(text)` runs on the
+    writer only (e.g. to read and encode an image) and its result, which must pickle, is
+    broadcast."""
+    local = parse_queries(read_lines(source), source, with_id, parse) if is_writer else None
     return broadcast_queries(local)

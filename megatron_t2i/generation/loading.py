@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
+from megatron_t2i.generation.config import LoadConfig
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.safe_load import deepspeed_safe_globals, load_torch_file
 from megatron_t2i.tokenizers.layout import TokenLayout
@@ -167,7 +168,7 @@ def load_tokenizers(layout: TokenLayout, text_path: str | None, image_path: str 
 
 @dataclass
 class GenerationContext:
-    """What a task's `main_<task>(args, ctx)` works with. Every TP rank holds one; all ranks run
+    """What a task's `main_<task>(ctx, config)` works with. Every TP rank holds one; all ranks run
     the model together, only the writer (global rank 0) reads input and writes files."""
     model: GPT
     config: ModelConfig
@@ -177,6 +178,15 @@ class GenerationContext:
     device: torch.device
     is_writer: bool
     load_dir: str
+
+    def encode_image_file(self, path: str) -> list[int]:
+        """An image file -> its codes [grid^2] under the checkpoint's VQ-VAE (on the writer)."""
+        from megatron_t2i.data.images import load_rgb
+        try:
+            image = load_rgb(path)
+        except ValueError as e:  # unreadable or missing: load_rgb says which
+            raise ValueError(f"{path}: {e}") from None
+        return self.image_tokenizer.encode_images([image])[0].tolist()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -195,16 +205,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def build_context(args) -> GenerationContext:
-    """Model and tokenizers from parsed generate_samples.py arguments (collective under TP)."""
-    if not args.load:
+DTYPES = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def build_context(load: LoadConfig) -> GenerationContext:
+    """Model and tokenizers of a checkpoint folder (collective under TP)."""
+    if not load.load:
         raise ValueError("--load DIR is required: a checkpoint folder (./scripts/"
                          "pretrain_single_node.sh writes checkpoints/demo)")
-    device = resolve_device(args.device)
-    dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-    model, config, layout, stored = load_model(args.load, device, dtype, args.offload,
-                                               args.trust_checkpoint)
+    device = resolve_device(load.device)
+    model, config, layout, stored = load_model(load.load, device, DTYPES[load.dtype], load.offload,
+                                               load.trust_checkpoint)
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
-    text, image = load_tokenizers(layout, args.text_tokenizer, args.image_tokenizer,
+    text, image = load_tokenizers(layout, load.text_tokenizer, load.image_tokenizer,
                                   device, stored, need_image=is_writer)
-    return GenerationContext(model, config, layout, text, image, device, is_writer, args.load)
+    return GenerationContext(model, config, layout, text, image, device, is_writer, load.load)

@@ -55,7 +55,8 @@ def block_causal_mask(block_ids: torch.Tensor) -> torch.Tensor:
 def attention(q, k, v, mask=None, dropout_p: float = 0.0, pb_relax_alpha: float | None = None):
     """softmax(q kᵀ / √d) v.  q [B, n, S, d], k and v [B, n, T, d] -> [B, n, S, d].
 
-    mask None means causal, aligned so the S queries are the last S of the T keys (a cached step).
+    mask None means causal over a whole sequence (S == T), or one new token seeing every cached
+    key (S == 1); a step of several new tokens after cached ones must pass its mask.
     pb_relax_alpha None: PyTorch SDPA (exact for any bool mask). A number α: CogView's PB-relax,
     S = (q / (α√d)) kᵀ, softmax((S - max S)·α): the same value, but no fp16 intermediate can
     overflow (QKᵀ itself can exceed 65504 in late training).
@@ -66,8 +67,11 @@ def attention(q, k, v, mask=None, dropout_p: float = 0.0, pb_relax_alpha: float 
                              or tuple(mask.shape[-2:]) != (s, t)):
         raise ValueError(f"attention_mask: expected a bool tensor [B or 1, 1, {s}, {t}] "
                          f"(queries x keys), got {mask.dtype} {list(mask.shape)}")
-    if mask is None and s > 1 and (s < t or pb_relax_alpha is not None):
-        mask = causal_mask(s, t, q.device)  # (a single new token sees every key: no mask)
+    if mask is None and 1 < s < t:
+        raise ValueError(f"attention: {s} new tokens after {t - s} cached ones need an explicit "
+                         f"attention_mask (e.g. causal_mask({s}, {t}) or the decoding state's)")
+    if mask is None and s > 1 and pb_relax_alpha is not None:
+        mask = causal_mask(s, t, q.device)
     with mpu.get_rng_tracker().fork() if dropout_p > 0 else nullcontext():
         if pb_relax_alpha is None:  # SDPA's own causal mask (s == t) allows its fused kernels
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
@@ -137,6 +141,12 @@ class KVCache:
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
+
+    def truncate(self, length: int) -> None:
+        """Forget the cached tokens after the first `length` (roll back a decoding step)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KV cache: cannot truncate {self.length} cached tokens to {length}")
+        self.length = length
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """super-resolution: the g x g codes of an image (S px) become 2g x 2g codes (2S px), sampled by a
-model fine-tuned with `pretrain.py --tasks super-resolution`.
+model fine-tuned with `pretrain.py --tasks super-resolution` (strategies/fill.py).
 
 Template (TokenLayout.super_resolution): `[ROI1] text [size] [BOI1] low [EOI1] [ROI2] [POS0] [size]
 [BOI2] high` with `low` a (g/2)^2 window of the input's codes and `high` the g^2 codes of the same
@@ -23,8 +23,8 @@ Training (data/loader.py, task "super-resolution") uses the whole image as one w
 side (preprocess --sr-low-res) as `low`, its own codes as `high`: the same 2x pixel-scale ratio
 the inference windows have.
 
-Input lines: `text<TAB>image_path` (`id<TAB>text<TAB>image_path` with --with-id). --batch-size
-samples per image (each with its own seed, as text2image), rounds of --max-inference-batch-size;
+Input lines: `text<TAB>image_path` (`id<TAB>text<TAB>image_path` with --with-id). `samples` per
+image (each with its own seed, as text2image), rounds of `max_inference_batch_size`;
 PNGs of twice the side in {out}/{id or text}/; with --debug one grid whose first image is the
 input as the VQ-VAE reconstructs it, upscaled. Temperature default 1.02 (CogView's).
 """
@@ -32,17 +32,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from megatron_t2i.generation import io
-from megatron_t2i.generation.decoding import _Stream, image_vocab_mask
-from megatron_t2i.generation.image2text import encode_image_file
-from megatron_t2i.generation.sampling import SamplingConfig, sample
-from megatron_t2i.generation.text2image import sample_seed, sampling_config
+from megatron_t2i.generation.batching import in_rounds, query_seeds
+from megatron_t2i.generation.state import Decoding, Prompt
+from megatron_t2i.generation.strategies.fill import fill
+from megatron_t2i.generation.vocab import image_vocab_mask
 
 
 @dataclass(frozen=True)
@@ -62,51 +62,18 @@ def windows(grid: int) -> list[Window]:
 
 
 @torch.no_grad()
-def fill(model, prompt: torch.Tensor, position_ids: torch.Tensor, given: torch.Tensor,
-         sampling: SamplingConfig = SamplingConfig(), allowed: torch.Tensor | None = None,
-         generators: list[torch.Generator] | None = None, use_cache: bool = True,
-         vocab_size: int | None = None) -> torch.Tensor:
-    """Complete `given` [B, N] after `prompt` [B, P] (positions [B, P]; the N tokens continue
-    them) -> [B, N]: entries >= 0 are kept and fed to the model as they are, entries -1 are sampled
-    in order. Which entries are given must be the same in every row. A run of given tokens goes
-    through the model in one chunk when the next token is to be sampled; only sampled tokens
-    draw from the generators. use_cache=False recomputes the whole sequence at every sample:
-    the reference."""
-    known = given[0] >= 0                                                     # [N]
-    if not torch.equal(given >= 0, known.expand_as(given)):
-        raise ValueError("fill: the given positions must be the same in every row")
-    known = known.tolist()  # read on the host once, not one device sync per token
-    n, last = given.shape[1], position_ids[:, -1]
-    limit = model.config.max_position_embeddings
-    if int(position_ids.max()) >= limit or int(last.max()) + n - 1 >= limit:
-        raise ValueError(f"the model has {limit} positions; this sequence needs "
-                         f"{int(last.max()) + n}")
-    stream = _Stream(model, prompt, position_ids, n, use_cache)
-    out = given.clone()
-    for step in range(n):
-        if not known[step]:
-            logits = stream.logits()[:, :vocab_size]
-            if allowed is not None:
-                logits = logits.masked_fill(~allowed[:logits.shape[-1]].to(logits.device),
-                                            float("-inf"))
-            out[:, step] = sample(logits, sampling, generators)
-        if step + 1 < n:
-            stream.append(out[:, step], last + step + 1)
-    return out
-
-
-@torch.no_grad()
-def super_resolve(model, layout, text_ids, low_codes, sampling: SamplingConfig = SamplingConfig(),
+def super_resolve(model, layout, text_ids, low_codes, decoding: Decoding = Decoding(),
                   generators: list[torch.Generator] | None = None, batch: int | None = None,
-                  use_cache: bool = True, progress: bool | str = False) -> torch.Tensor:
+                  progress: bool | str = False) -> torch.Tensor:
     """low_codes [g^2] of one image and its text ids -> codes [B, (2g)^2] (CPU), row-major over
     the 2g x 2g grid; B = len(generators), else `batch`."""
     g = layout.image_grid
     if model.config.max_position_embeddings < layout.max_positions("super_resolution"):
         raise ValueError(f"the model has {model.config.max_position_embeddings} positions, "
-                         f"super-resolution needs {layout.max_positions('super_resolution')}: use a model "
-                         f"fine-tuned with pretrain.py --tasks super-resolution")
+                         f"super-resolution needs {layout.max_positions('super_resolution')}: use "
+                         f"a model fine-tuned with pretrain.py --tasks super-resolution")
     b = len(generators) if generators is not None else (batch or 1)
+    decoding = replace(decoding, vocab_size=layout.vocab_size)
     device = model.word_embeddings.weight.device
     low = layout.image_codes(low_codes, g * g).view(g, g)
     high = torch.full((b, 4 * g * g), -1, dtype=torch.long, device=device)
@@ -114,11 +81,9 @@ def super_resolve(model, layout, text_ids, low_codes, sampling: SamplingConfig =
     allowed = image_vocab_mask(layout, model.config.vocab_size).to(device)
     for window in tqdm(windows(g), desc=progress if isinstance(progress, str) else None,
                        unit="window", disable=not progress, leave=False):
-        seq = layout.super_resolution(text_ids, low[window.low])
+        prompt = Prompt.of(layout.super_resolution(text_ids, low[window.low]), b, device)
         cells = index[window.high].reshape(-1)                                # [g^2]
-        high[:, cells] = fill(model, seq.tokens.to(device).expand(b, -1),
-                              seq.position_ids.to(device).expand(b, -1), high[:, cells], sampling,
-                              allowed, generators, use_cache, layout.vocab_size)
+        high[:, cells] = fill(model, prompt, high[:, cells], decoding, allowed, generators)
     return high.cpu()
 
 
@@ -131,38 +96,34 @@ def decode_grid(image_tokenizer, codes: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
 
 
-def main_super_resolution(args, ctx) -> None:
+def main_super_resolution(ctx, config) -> None:
     layout = ctx.layout
+    decoding = config.decoding(layout.vocab_size)
 
     def parse(line):  # on the writer: "text<TAB>image_path" -> (text, the image's codes)
         text, tab, path = line.partition("\t")
         if not tab or not path.strip():
             raise ValueError("expected text<TAB>image_path (--task super-resolution)")
-        return text, encode_image_file(ctx, path.strip())
+        return text, ctx.encode_image_file(path.strip())
 
-    for query in io.queries(args, ctx.is_writer, parse):
+    for query in io.queries(config.input_source, config.with_id, ctx.is_writer, parse):
         started = time.perf_counter()
         text, codes = query.item
         ids = ctx.text_tokenizer.encode(text, layout.max_text_tokens)  # warns once if cut
-        seeds = [sample_seed(args.seed, query.index, k) for k in range(args.batch_size)]
-        step = args.max_inference_batch_size
-        rounds = []
-        for start in range(0, len(seeds), step):
-            generators = [torch.Generator(device=ctx.device).manual_seed(s)
-                          for s in seeds[start:start + step]]
-            label = f"[{query.index}] round {start // step + 1}/{math.ceil(len(seeds) / step)}"
-            rounds.append(super_resolve(ctx.model, layout, ids, codes, sampling_config(args),
-                                        generators, use_cache=not args.no_kv_cache,
-                                        progress=label if ctx.is_writer else False))
+        seeds = query_seeds(config.seed, query.index, config.samples)
+        high = in_rounds(seeds, config.max_inference_batch_size, ctx.device,
+                         lambda generators, label: super_resolve(
+                             ctx.model, layout, ids, codes, decoding, generators,
+                             progress=label if ctx.is_writer else False), label=f"[{query.index}]")
         if not ctx.is_writer:
             continue
-        images = decode_grid(ctx.image_tokenizer, torch.cat(rounds))
-        if args.debug:  # the input first, as the VQ-VAE reconstructs it, at the output's size
+        images = decode_grid(ctx.image_tokenizer, high)
+        if config.debug:  # the input first, as the VQ-VAE reconstructs it, at the output's size
             original = ctx.image_tokenizer.decode_codes(torch.tensor([codes]))[0]
             images = [original.resize(images[0].size, Image.Resampling.BICUBIC)] + images
-        paths = io.save_samples(images, args.output_path, query.id, text, args.debug)
+        paths = io.save_samples(images, config.output_path, query.id, text, config.debug)
         elapsed = time.perf_counter() - started
+        where = paths[0] if len(paths) == 1 else io.query_folder(config.output_path, query.id, text)
         print(f"[{query.index}] {text[:60]!r}: {len(seeds)} image(s) of {images[0].size[0]} px in "
               f"{elapsed:.1f} s ({len(seeds) * 4 * layout.image_tokens / max(elapsed, 1e-9):.0f} "
-              f"codes/s) -> {paths[0] if len(paths) == 1 else io.query_folder(args.output_path, query.id, text)}",
-              flush=True)
+              f"codes/s) -> {where}", flush=True)

@@ -1,0 +1,49 @@
+"""What generation does, as plain objects: generate_samples.py and evaluate.py fill them from
+flags (megatron_t2i/arguments.py), Python callers and the web demo build them directly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_t2i.generation.sampling import SamplingConfig
+from megatron_t2i.generation.state import Decoding
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Where the model and tokenizers come from and how they are placed."""
+    load: str                              # a --save folder (its `latest`) or one iter_ folder
+    device: str = "auto"                   # cpu, cuda, cuda:N, or this process's GPU if any
+    dtype: str | None = None               # "fp16", "bf16", or as stored (fp32 on a CPU)
+    offload: bool = False                  # layers on the CPU, each moved to the GPU to run
+    trust_checkpoint: bool = False         # unpickle fully (megatron_t2i/safe_load.py)
+    text_tokenizer: str | None = None      # default: the ones stored with the checkpoint
+    image_tokenizer: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """A generation task's settings; task mains take (ctx, GenerationConfig)."""
+    samples: int = 4                       # per query (--batch-size)
+    max_inference_batch_size: int = 8      # rows drawn together
+    sampling: SamplingConfig = SamplingConfig()
+    cfg_scale: float = 0.0
+    seed: int = 1234
+    use_cache: bool = True
+    rerank_top: int = 0                    # keep the best K of `samples` by caption score
+    beam_size: int = 0                     # image2text: beam search (0: sample)
+    keep_rows: int | None = None           # completion: rows of codes kept (default: half)
+    top: int = 0                           # post-selection: copy the best K images
+    clip_model: str | None = None          # post-selection: an open_clip score too
+    clip_checkpoint: str | None = None
+    input_source: str = "interactive"      # or a file of one query per line
+    with_id: bool = False                  # lines are id<TAB>query
+    output_path: str = "samples"
+    debug: bool = False                    # one grid per query
+
+    def __post_init__(self):
+        if self.rerank_top > self.samples:
+            raise ValueError(f"--rerank-top {self.rerank_top} exceeds --batch-size {self.samples} "
+                             f"(the samples it chooses from)")
+
+    def decoding(self, vocab_size: int | None) -> Decoding:
+        return Decoding(self.sampling, self.cfg_scale, self.use_cache, vocab_size)

@@ -1,0 +1,149 @@
+"""text2image and completion ("text and part of an image"), raster-decoded.
+
+text2image: prompt `[ROI1] text [size] [BOI1]`, then grid^2 image codes sampled in raster order
+(inside the image only codes may be drawn). `samples` per query in rounds of at most
+`max_inference_batch_size` (generation/batching.py: per-sample seeds). With `cfg_scale` s,
+classifier-free guidance against the unconditional prompt `[ROI1] [size] [BOI1]` (what training
+with --text-dropout sees when it drops the caption).
+
+completion: input lines `text<TAB>image_path`; the image is encoded with the VQ-VAE, its first
+`keep_rows` rows of codes are kept unchanged and the rest is generated.
+
+`rerank_top` K keeps the K samples whose image best explains the text (generation/scoring.py).
+Without reranking or a --debug grid, each round's images are written as soon as it is drawn.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from megatron_t2i.generation import io
+from megatron_t2i.generation.batching import in_rounds, query_seeds
+from megatron_t2i.generation.scoring import rerank
+from megatron_t2i.generation.state import Prompt
+from megatron_t2i.generation.strategies.raster import generate
+from megatron_t2i.generation.vocab import image_vocab_mask
+from megatron_t2i.tokenizers.layout import Sequence
+
+
+def sample_codes(ctx, config, prompt: Sequence, uncond: Sequence | None, num_tokens: int,
+                 seeds: list[int], desc: str = "", on_round=None) -> torch.Tensor:
+    """Image codes after `prompt`, one row per seed -> LongTensor [len(seeds), num_tokens] (CPU).
+    `uncond` is CFG's prompt (None: no CFG); on_round as in batching.in_rounds."""
+    allowed = image_vocab_mask(ctx.layout, ctx.config.vocab_size).to(ctx.device)
+    decoding = config.decoding(ctx.layout.vocab_size)
+
+    def draw(generators, label):
+        rows = len(generators)
+        return generate(ctx.model, Prompt.of(prompt, rows, ctx.device), num_tokens, decoding,
+                        allowed, generators,
+                        Prompt.of(uncond, rows, ctx.device) if uncond is not None else None,
+                        progress=(label or True) if ctx.is_writer else False)
+
+    return in_rounds(seeds, config.max_inference_batch_size, ctx.device, draw, on_round, desc)
+
+
+def text2image(ctx, config, text: str, query_index: int, on_round=None) -> torch.Tensor:
+    """-> codes [samples, grid^2] of `text` (query number query_index)."""
+    layout = ctx.layout
+    prompt = layout.text_to_image(ctx.text_tokenizer.encode(text))
+    uncond = layout.text_to_image([]) if config.cfg_scale else None
+    return sample_codes(ctx, config, prompt, uncond, layout.image_tokens,
+                        query_seeds(config.seed, query_index, config.samples), f"[{query_index}]",
+                        on_round)
+
+
+def complete(ctx, config, text: str, codes, query_index: int, keep_rows: int,
+             on_round=None) -> torch.Tensor:
+    """-> codes [samples, grid^2]: the first keep_rows rows of `codes` [grid^2] unchanged, the
+    rest generated after `text` and them."""
+    layout = ctx.layout
+    kept = layout.image_codes(codes, layout.image_tokens)[:keep_rows * layout.image_grid]
+    prompt = layout.completion(ctx.text_tokenizer.encode(text), kept)
+    uncond = layout.completion([], kept) if config.cfg_scale else None
+
+    def whole(rows):  # [n, rest] -> [n, grid^2]
+        return torch.cat([kept.expand(rows.shape[0], -1), rows], dim=1)
+
+    rest = sample_codes(ctx, config, prompt, uncond, layout.image_tokens - kept.numel(),
+                        query_seeds(config.seed, query_index, config.samples), f"[{query_index}]",
+                        on_round and (lambda rows, first: on_round(whole(rows), first)))
+    return whole(rest)
+
+
+def round_writer(ctx, config, query, text: str):
+    """An on_round callback writing each round's images as it is done (nothing is lost to an
+    interrupt), when they need not wait for the others: no reranking, no --debug grid."""
+    if config.rerank_top or config.debug or not ctx.is_writer:
+        return None
+
+    def save(codes, first):
+        io.save_samples(ctx.image_tokenizer.decode_codes(codes), config.output_path, query.id,
+                        text, start=first)
+    return save
+
+
+def finish_query(ctx, config, query, text: str, codes: torch.Tensor, started: float,
+                 generated: int, scores=None, first_images=(), saved: bool = False) -> None:
+    """On the writer: decode and save (see io.save_samples, names from `text`) unless the rounds
+    were saved already, and print one summary line."""
+    if not ctx.is_writer:
+        return
+    folder = io.query_folder(config.output_path, query.id, text)
+    if not saved:
+        images = list(first_images) + ctx.image_tokenizer.decode_codes(codes)
+        paths = io.save_samples(images, config.output_path, query.id, text, config.debug)
+        folder = paths[0] if len(paths) == 1 else os.path.dirname(paths[0])
+    elapsed = time.perf_counter() - started
+    ranked = f" | caption scores {', '.join(f'{s:.2f}' for s in scores.tolist())}" \
+        if scores is not None else ""
+    ids = len(ctx.text_tokenizer.encode(text))
+    cut = (f" | caption cut to {ctx.layout.max_text_tokens} of its {ids} ids (the checkpoint's "
+           f"max_text_tokens)" if ids > ctx.layout.max_text_tokens else "")
+    print(f"[{query.index}] {text[:60]!r}: {codes.shape[0]} image(s) in {elapsed:.1f} s, "
+          f"{generated / max(elapsed, 1e-9):.0f} image tokens/s{ranked}{cut} -> {folder}",
+          flush=True)
+
+
+def main_text2image(ctx, config) -> None:
+    for query in io.queries(config.input_source, config.with_id, ctx.is_writer):
+        started = time.perf_counter()
+        on_round = round_writer(ctx, config, query, query.item)
+        codes = text2image(ctx, config, query.item, query.index, on_round)
+        scores = None
+        if config.rerank_top:
+            codes, scores = rerank(ctx, query.item, codes, config.rerank_top)
+        finish_query(ctx, config, query, query.item, codes, started,
+                     config.samples * ctx.layout.image_tokens, scores, saved=on_round is not None)
+
+
+def main_completion(ctx, config) -> None:
+    grid = ctx.layout.image_grid
+    keep_rows = grid // 2 if config.keep_rows is None else config.keep_rows
+    if not 0 < keep_rows < grid:
+        raise ValueError(f"--keep-rows {keep_rows}: must be between 1 and {grid - 1} (the image "
+                         f"has {grid} rows of codes)")
+
+    def parse(line):  # on the writer: "text<TAB>image_path" -> (text, all codes of the image)
+        text, tab, path = line.partition("\t")
+        if not tab or not path.strip():
+            raise ValueError("expected text<TAB>image_path (--task completion)")
+        return text, ctx.encode_image_file(path.strip())
+
+    for query in io.queries(config.input_source, config.with_id, ctx.is_writer, parse):
+        started = time.perf_counter()
+        text, codes = query.item
+        on_round = round_writer(ctx, config, query, text)
+        completed = complete(ctx, config, text, codes, query.index, keep_rows, on_round)
+        scores = None
+        if config.rerank_top:
+            completed, scores = rerank(ctx, text, completed, config.rerank_top)
+        # the debug grid starts with the original image (as the tokenizer reconstructs it)
+        original = ctx.image_tokenizer.decode_codes(torch.tensor([codes])) \
+            if ctx.is_writer and config.debug else []
+        finish_query(ctx, config, query, text, completed, started,
+                     config.samples * (ctx.layout.image_tokens - keep_rows * grid), scores,
+                     original, saved=on_round is not None)
+

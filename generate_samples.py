@@ -54,7 +54,7 @@ def task_function(task: str):
 def init_parallel(args) -> None:
     """Under a launcher (WORLD_SIZE > 1): join the process group, one TP group of all ranks."""
     from megatron_t2i.generation.io import INTERACTIVE
-    from megatron_t2i.generation.loading import resolve_device
+    from megatron_t2i.device import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.tensor_model_parallel_size not in (1, world):

@@ -14,7 +14,7 @@ import sys
 
 import torch.distributed as dist
 
-from megatron_t2i.arguments import parse_args
+from megatron_t2i.arguments import parse_args, train_config
 from megatron_t2i.training.loop import NonFiniteLoss
 from megatron_t2i.training.setup import prepare
 
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        trainer = prepare(args)
+        trainer = prepare(train_config(args))
         outcome = trainer.run()
     except (ValueError, FileNotFoundError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)

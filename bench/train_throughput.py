@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_t2i import mpu  # noqa: E402
-from megatron_t2i.arguments import parse_args  # noqa: E402
 from megatron_t2i.data.lmdb_store import write_token_dataset  # noqa: E402
 from megatron_t2i.tokenizers.layout import TokenLayout  # noqa: E402
 from megatron_t2i.training.flops import FORMULA  # noqa: E402
+from megatron_t2i.training.config import TrainConfig  # noqa: E402
 from megatron_t2i.training.setup import prepare  # noqa: E402
 
 
@@ -38,13 +38,10 @@ def random_dataset(path: str, layout: TokenLayout, count: int = 64) -> str:
 
 
 def measure(size: str, data: str, dtype: str, micro_batch: int, warmup: int, steps: int) -> dict:
-    flags = ["--model-size", size, "--data-path", data, "--train-iters", str(warmup + steps),
-             "--micro-batch-size", str(micro_batch), "--holdout-fraction", "0",
-             "--hidden-dropout", "0", "--attention-dropout", "0"]
-    if dtype != "fp32":
-        flags.append(f"--{dtype}")
-    args = parse_args(flags, groups=("model", "data", "tokenizers", "training", "distributed"))
-    trainer = prepare(args)
+    trainer = prepare(TrainConfig(
+        data_path=(data,), model_size=size, train_iters=warmup + steps,
+        micro_batch_size=micro_batch, holdout_fraction=0.0, fp16=dtype == "fp16",
+        bf16=dtype == "bf16", model_overrides={"hidden_dropout": 0.0, "attention_dropout": 0.0}))
     for _ in range(warmup):
         trainer.train_step()
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
@@ -62,8 +59,8 @@ def measure(size: str, data: str, dtype: str, micro_batch: int, warmup: int, ste
             "seq_length": int(tokens) // micro_batch, "micro_batch": micro_batch,
             "seconds_per_step": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
             "model_tflops_per_s": round(flops / 1e12, 4),
-            "matmul_tflops_per_s": round(trainer.matmul_rate / 1e12, 4),
-            "mfu": round(flops / trainer.matmul_rate, 4)}
+            "matmul_tflops_per_s": round(trainer.reference.rate / 1e12, 4),
+            "mfu": round(trainer.reference.mfu(flops), 4)}
 
 
 def main():

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import fields
 
 from megatron_t2i import tasks as registry
 from megatron_t2i.config import MODEL_SIZES
 from megatron_t2i.generation.config import GenerationConfig, LoadConfig
 from megatron_t2i.generation.sampling import SamplingConfig
+from megatron_t2i.training.config import TrainConfig
 from megatron_t2i.data.synthetic import CAPTION_ORDERS
 from megatron_t2i.tokenizers.layout import IMAGE_POSITIONS
 
@@ -185,6 +187,10 @@ def add_training_args(parser):
     g.add_argument("--holdout-fraction", type=_fraction, default=0.02,
                    help="records held out for evaluation, never trained on (default: %(default)s)")
     g.add_argument("--eval-iters", type=int, default=10, help="micro-batches per evaluation")
+    g.add_argument("--peak-flops", type=float, metavar="FLOP/S",
+                   help="the FLOP/s per device that MFU divides by, e.g. a GPU's datasheet bf16 "
+                        "peak (989e12 for an H100 SXM); default: the best matmul measured in the "
+                        "run, probed again as it goes")
 
 
 def add_distributed_args(parser):
@@ -329,6 +335,24 @@ def validate(args, outputs=()) -> None:
 
 
 # ---- flags -> config objects (the library below takes these, never a namespace) -------------------
+def model_overrides(args) -> dict:
+    """ModelConfig fields the model flags set over the named size's."""
+    overrides = {k: v for k, v in {"num_layers": args.num_layers, "hidden_size": args.hidden_size,
+                                   "num_attention_heads": args.num_attention_heads}.items() if v}
+    overrides.update({k: v for k, v in {"sandwich_ln": args.sandwich_ln,
+                                        "pb_relax": args.pb_relax}.items() if v is not None})
+    return {**overrides, "hidden_dropout": args.hidden_dropout,
+            "attention_dropout": args.attention_dropout,
+            "checkpoint_activations": args.checkpoint_activations}
+
+
+def train_config(args) -> TrainConfig:
+    """pretrain.py's flags (groups model, data, tokenizers, training, distributed)."""
+    names = {f.name for f in fields(TrainConfig)} - {"model_overrides", "data_path"}
+    return TrainConfig(data_path=tuple(args.data_path or ()), model_overrides=model_overrides(args),
+                       **{name: getattr(args, name) for name in names})
+
+
 def load_config(args) -> LoadConfig:
     return LoadConfig(args.load, args.device, "fp16" if args.fp16 else "bf16" if args.bf16 else None,
                       args.offload, args.trust_checkpoint, args.text_tokenizer, args.image_tokenizer)

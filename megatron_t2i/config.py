@@ -30,6 +30,7 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     init_std: float = 0.02
     checkpoint_activations: bool = False
+    head: str = "lm"                     # what reads the trunk's output (model/heads.py HEADS)
 
     def __post_init__(self):
         for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",

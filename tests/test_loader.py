@@ -62,7 +62,7 @@ def test_trimmed_batches_give_the_same_loss_and_gradients():
     """trim_padding drops the columns after the longest sequence; for a causal model the loss and
     its gradients are those of the padded batch."""
     from megatron_t2i.config import ModelConfig
-    from megatron_t2i.model.gpt import GPT, language_model_loss
+    from megatron_t2i.model import GPT, language_model_loss
     lay = TokenLayout(num_image_codes=64, num_text_tokens=50, max_text_tokens=12, image_grid=3)
     build = SequenceBuilder(lay, {"text2image": 1.0, "image2text": 1.0}, text_dropout=0.0)
     gen = torch.Generator().manual_seed(0)

@@ -4,7 +4,7 @@ import torch
 
 from megatron_t2i.data.loader import collate
 from megatron_t2i.tokenizers.layout import TokenLayout
-from megatron_t2i.training.loop import loss_weights
+from megatron_t2i.training.objectives import TokenCrossEntropy
 
 LAYOUT = TokenLayout(num_image_codes=16, num_text_tokens=20, image_grid=2, max_text_tokens=6)
 TEXT, CODES = [3, 4, 5], [1, 2, 3, 4]
@@ -14,7 +14,7 @@ def test_text_loss_scale_applies_to_caption_first_sequences_only():
     t2i = LAYOUT.template("text_to_image", TEXT, CODES)
     i2t = LAYOUT.template("image_to_text", TEXT, CODES)
     batch = collate([t2i, i2t])
-    weights = loss_weights(batch, LAYOUT, 0.25)
+    weights = TokenCrossEntropy(LAYOUT, 0.25).prepare(batch)["weights"]
     labels, mask = batch["labels"], batch["loss_mask"]
     is_image = labels < LAYOUT.num_image_codes
     # text->image: the 3 caption ids and the specials after them are scaled, the codes are not

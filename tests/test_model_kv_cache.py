@@ -6,7 +6,7 @@ import torch
 
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
-from megatron_t2i.model import GPT, prefix_visible_mask
+from megatron_t2i.model import GPT, causal_mask, prefix_visible_mask
 from tests.distributed import run_distributed
 
 torch.set_num_threads(2)
@@ -27,7 +27,8 @@ def decode_in_steps(model, tokens, pos, first_mask=None):
     cache = model.allocate_kv_cache(B, S)
     steps = [model(tokens[:, :FIRST], pos[:, :FIRST], first_mask, kv_cache=cache, gather_logits=True)]
     for i, j in zip(CHUNKS[:-1], CHUNKS[1:]):
-        steps.append(model(tokens[:, i:j], pos[:, i:j], kv_cache=cache, gather_logits=True))
+        mask = causal_mask(j - i, j) if j - i > 1 else None  # a chunk after cached tokens says so
+        steps.append(model(tokens[:, i:j], pos[:, i:j], mask, kv_cache=cache, gather_logits=True))
     return torch.cat(steps, 1), cache
 
 

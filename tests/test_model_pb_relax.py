@@ -33,7 +33,8 @@ def test_attention_pb_relax_equals_plain_fp32(case):
     s, t = {"causal": (12, 12), "cached-chunk": (4, 12), "single-step": (1, 12),
             "prefix-visible": (12, 12)}[case]
     q, k, v = qkv(s=s, t=t)
-    mask = prefix_visible_mask(12, 5) if case == "prefix-visible" else None
+    mask = prefix_visible_mask(12, 5) if case == "prefix-visible" else \
+        causal_mask(s, t) if case == "cached-chunk" else None  # a chunk after cached keys says so
     expected = reference_attention(q, k, v, causal_mask(s, t) if mask is None else mask)
     relaxed = attention(q, k, v, mask, pb_relax_alpha=ALPHA)
     plain = attention(q, k, v, mask)  # PyTorch SDPA

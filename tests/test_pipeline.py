@@ -13,8 +13,7 @@ from megatron_t2i.config import ModelConfig
 from megatron_t2i.model import GPT, language_model_loss
 from megatron_t2i.model.pipeline import (build_pipeline_model, check_ds_config, gpt_key,
                                          gpt_state_dict, gpt_state_dict_from_layer_files,
-                                         layer_prefixes, load_gpt_state_dict, pipeline_batch,
-                                         pipeline_key)
+                                         layer_prefixes, load_gpt_state_dict, pipeline_key)
 from tests.distributed import run_distributed
 
 torch.set_num_threads(2)
@@ -37,8 +36,8 @@ def micro_batches():
         loss_mask = torch.ones(MICRO, SEQ)
         loss_mask[:, :3] = 0
         loss_mask[:, 3:6] = 5.0
-        yield pipeline_batch(data[:, :-1], torch.arange(SEQ).expand(MICRO, SEQ), data[:, 1:],
-                             loss_mask)
+        # the engine's data: (first stage's inputs, what the last stage's loss_fn reads)
+        yield (data[:, :-1], torch.arange(SEQ).expand(MICRO, SEQ)), (data[:, 1:], loss_mask)
 
 
 def ds_config(zero_stage):

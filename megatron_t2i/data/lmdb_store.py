@@ -22,6 +22,16 @@ Version 2 records (written only with low-resolution codes, preprocess --sr-low-r
 n_low after the header and n_low codes of the same item size after the image codes: the image at
 half resolution, (grid/2)^2 codes, the input of super-resolution training (`--tasks super-resolution`).
 
+Version 3 records (written only when a record has float arrays: a CLIP embedding, continuous
+latents) have the version-2 layout (n_low may be 0) and then, before the key:
+
+    uint16            n_arrays
+    per array         uint8 name length, name (UTF-8), uint8 dtype (1 float16, 2 float32),
+                      uint8 ndim, ndim x uint32 shape, then the values (little-endian, C order)
+
+Every version is read by decode_record; an unknown one is refused with one line (TokenDataset
+names the data set and record), never read as garbage.
+
 Records are ordered by the UTF-8 bytes of their source keys, so the content of a data set does
 not depend on the order in which workers finished or on interruptions.
 
@@ -57,18 +67,26 @@ _INITIAL_MAP_SIZE = 1 << 28   # 256 MiB; doubled whenever a transaction does not
 _PUBLISH_TXN_RECORDS = 10_000  # records per transaction while building the published index
 
 
+RECORD_VERSIONS = (1, 2, 3)
+_ARRAY_DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
+
+
 class Record(NamedTuple):
     text_ids: np.ndarray     # [n_text] int64, SentencePiece ids
     image_codes: np.ndarray  # [grid*grid] int64
     key: str                 # source key (relative path of the input image)
     low_codes: np.ndarray | None = None  # [(grid/2)^2] int64: the image at half resolution
+    arrays: dict | None = None           # name -> float32 array (e.g. "clip_image": [512])
 
 
 def index_key(i: int) -> bytes:
     return b"%010d" % i
 
 
-def encode_record(text_ids, image_codes, key: str, num_image_codes: int, low_codes=None) -> bytes:
+def encode_record(text_ids, image_codes, key: str, num_image_codes: int, low_codes=None,
+                  arrays: dict | None = None) -> bytes:
+    """One record's bytes (see the module docstring); arrays: name -> float array, stored as
+    float16 when given as float16, else float32."""
     text = np.asarray(text_ids, dtype=np.int64).reshape(-1)
     codes = np.asarray(image_codes, dtype=np.int64).reshape(-1)
     low = None if low_codes is None else np.asarray(low_codes, dtype=np.int64).reshape(-1)
@@ -78,30 +96,73 @@ def encode_record(text_ids, image_codes, key: str, num_image_codes: int, low_cod
         if c is not None and c.size and (c.min() < 0 or c.max() >= num_image_codes):
             raise ValueError(f"record {key}: {name} code out of range [0, {num_image_codes})")
     itemsize = 2 if num_image_codes <= 1 << 16 else 4
-    version = RECORD_VERSION if low is None else 2
+    version = 3 if arrays else RECORD_VERSION if low is None else 2
     parts = [_HEADER.pack(version, itemsize, text.size, codes.size)]
-    parts += [] if low is None else [_LOW_COUNT.pack(low.size)]
+    parts += [] if version == 1 else [_LOW_COUNT.pack(0 if low is None else low.size)]
     parts += [text.astype("<i4").tobytes(), codes.astype(_CODE_DTYPES[itemsize]).tobytes()]
     parts += [] if low is None else [low.astype(_CODE_DTYPES[itemsize]).tobytes()]
+    if version == 3:
+        parts.append(_encode_arrays(arrays, key))
     return b"".join(parts + [key.encode("utf-8")])
+
+
+def _encode_arrays(arrays: dict, key: str) -> bytes:
+    out = [struct.pack("<H", len(arrays))]
+    for name, values in sorted(arrays.items()):
+        a = np.asarray(values)
+        code = 1 if a.dtype == np.float16 else 2
+        a = np.ascontiguousarray(a, dtype=_ARRAY_DTYPES[code])
+        raw = name.encode("utf-8")
+        if not raw or len(raw) > 255 or a.ndim > 255 or not np.isfinite(a).all():
+            raise ValueError(f"record {key}: array {name!r} must have a name of 1-255 bytes, at "
+                             f"most 255 dimensions and finite values")
+        out += [struct.pack("<B", len(raw)), raw, struct.pack("<BB", code, a.ndim),
+                struct.pack(f"<{a.ndim}I", *a.shape), a.tobytes()]
+    return b"".join(out)
 
 
 def decode_record(buf) -> Record:
     version, itemsize, n_text, n_codes = _HEADER.unpack_from(buf, 0)
-    if version not in (RECORD_VERSION, 2) or itemsize not in _CODE_DTYPES:
-        raise ValueError(f"unknown record version {version} / code item size {itemsize}")
+    if version not in RECORD_VERSIONS or itemsize not in _CODE_DTYPES:
+        raise ValueError(f"record version {version} (code item size {itemsize}): written by "
+                         f"another megatron_t2i; this one reads versions "
+                         f"{', '.join(map(str, RECORD_VERSIONS))}")
     start = _HEADER.size
-    n_low = _LOW_COUNT.unpack_from(buf, start)[0] if version == 2 else 0
-    start += _LOW_COUNT.size if version == 2 else 0
+    n_low = _LOW_COUNT.unpack_from(buf, start)[0] if version >= 2 else 0
+    start += _LOW_COUNT.size if version >= 2 else 0
     text = np.frombuffer(buf, dtype="<i4", count=n_text, offset=start)
     start += 4 * n_text
     codes = np.frombuffer(buf, dtype=_CODE_DTYPES[itemsize], count=n_codes, offset=start)
     start += itemsize * n_codes
     low = np.frombuffer(buf, dtype=_CODE_DTYPES[itemsize], count=n_low, offset=start) \
-        if version == 2 else None
-    key = bytes(buf[start + itemsize * n_low:]).decode("utf-8")
+        if n_low else None
+    start += itemsize * n_low
+    arrays = None
+    if version == 3:
+        arrays, start = _decode_arrays(buf, start)
+    key = bytes(buf[start:]).decode("utf-8")
     return Record(text.astype(np.int64), codes.astype(np.int64), key,
-                  None if low is None else low.astype(np.int64))
+                  None if low is None else low.astype(np.int64), arrays)
+
+
+def _decode_arrays(buf, start: int) -> tuple[dict, int]:
+    (count,) = struct.unpack_from("<H", buf, start)
+    start += 2
+    arrays = {}
+    for _ in range(count):
+        (length,) = struct.unpack_from("<B", buf, start)
+        name = bytes(buf[start + 1:start + 1 + length]).decode("utf-8")
+        code, ndim = struct.unpack_from("<BB", buf, start + 1 + length)
+        start += 3 + length
+        shape = struct.unpack_from(f"<{ndim}I", buf, start)
+        start += 4 * ndim
+        if code not in _ARRAY_DTYPES:
+            raise ValueError(f"array {name!r} of unknown dtype code {code}")
+        size = int(np.prod(shape)) if ndim else 1
+        arrays[name] = np.frombuffer(buf, dtype=_ARRAY_DTYPES[code], count=size,
+                                     offset=start).reshape(shape).astype(np.float32)
+        start += _ARRAY_DTYPES[code].itemsize * size
+    return arrays, start
 
 
 def _transact(env: lmdb.Environment, work) -> None:
@@ -359,7 +420,10 @@ class TokenDataset(Dataset):
             buf = txn.get(index_key(i))
             if buf is None:
                 raise ValueError(f"{self.path}: record {i} missing (data set damaged)")
-            return decode_record(buf)
+            try:
+                return decode_record(buf)
+            except (ValueError, struct.error, UnicodeDecodeError) as e:
+                raise ValueError(f"{self.path}: record {i}: {e}") from None
 
     def check(self, layout: TokenLayout, text_sha: str | None = None,
               image_sha: str | None = None) -> None:

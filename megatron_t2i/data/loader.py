@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from megatron_t2i import tasks as registry
-from megatron_t2i.tokenizers.layout import TokenLayout
+from megatron_t2i.tokenizers.layout import TokenLayout, block_ids
 
 
 def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,22 +110,42 @@ class SequenceBuilder:
             seq.tokens = torch.cat([seq.tokens, seq.tokens.new_full((pad,), self.layout["[PAD]"])])
             seq.position_ids = torch.cat([seq.position_ids, seq.position_ids[-1:].expand(pad)])
             seq.loss_mask = torch.cat([seq.loss_mask, seq.loss_mask.new_zeros(pad)])
+        if task.attention != "causal" and seq.block_ids is None:
+            seq.block_ids = block_ids(task.attention, self.length, prefix=seq.image_start,
+                                      real=self._real_length(seq))
+        elif seq.block_ids is not None and pad:
+            after = int(seq.block_ids.max()) + 1
+            seq.block_ids = torch.cat([seq.block_ids, torch.arange(after, after + pad)])
         return seq
+
+    def _real_length(self, seq) -> int:
+        """Tokens before the trailing [PAD]s (the first pad after a caption is its end target,
+        an input to nothing, so it counts as padding too)."""
+        real = (seq.tokens != self.layout["[PAD]"]).nonzero()
+        return int(real.max()) + 1 if real.numel() else 0
 
 
 def collate(sequences) -> dict[str, torch.Tensor]:
-    """Stack sequences into model inputs: tokens/positions [B, L-1], labels/loss_mask [B, L-1]."""
+    """Stack sequences into model inputs: tokens/positions [B, L-1], labels/loss_mask [B, L-1],
+    and block_ids [B, L-1] of the inputs when any sequence is not causal (the attention mask the
+    model gets is model.attention.block_causal_mask of them; causal rows count 0, 1, 2...)."""
     tokens = torch.stack([s.tokens for s in sequences])
     positions = torch.stack([s.position_ids for s in sequences])
     loss_mask = torch.stack([s.loss_mask for s in sequences])
-    return {"tokens": tokens[:, :-1], "position_ids": positions[:, :-1], "labels": tokens[:, 1:],
-            "loss_mask": loss_mask[:, 1:]}
+    batch = {"tokens": tokens[:, :-1], "position_ids": positions[:, :-1], "labels": tokens[:, 1:],
+             "loss_mask": loss_mask[:, 1:]}
+    if any(s.block_ids is not None for s in sequences):
+        ids = torch.stack([s.block_ids if s.block_ids is not None else torch.arange(len(s.tokens))
+                           for s in sequences])
+        batch["block_ids"] = ids[:, :-1]
+    return batch
 
 
 def target_length(target_mask: torch.Tensor) -> int:
     """Columns up to the last one in which a row of target_mask [B, L] has a target (at least 1).
-    Cutting a batch there drops only trailing padding: exact for causal attention, since a
-    position never sees the ones after it and those columns carry no loss."""
+    Cutting a batch there drops only trailing padding: exact, since no real token attends to it
+    (causal attention sees nothing after it; other kinds put padding in blocks of its own, see
+    model.attention.block_ids) and those columns carry no loss."""
     has_target = (target_mask != 0).any(dim=0)                              # [L]
     return int(has_target.nonzero().max()) + 1 if has_target.any() else 1
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from megatron_t2i.data.loader import SequenceBuilder, collate
 from megatron_t2i.evaluation.reader import gaussian_kernel
 from megatron_t2i.tokenizers.vqvae import code_usage
-from megatron_t2i.training.loop import token_losses
+from megatron_t2i.training.objectives import TokenCrossEntropy
 
 SHAPE_ATTRIBUTES = ("colour", "kind", "size", "position")  # checked once per named shape
 IMAGE_ATTRIBUTES = ("count", "background")                  # checked once per image
@@ -175,16 +175,14 @@ def heldout_losses(model, layout, dataset, indices, batch_size: int = 8, device=
     over image targets and over text targets (every non-image target: caption tokens and the
     special tokens around them), as training's evaluation splits it. Single process."""
     builder = SequenceBuilder(layout, {"text2image": 1.0}, text_dropout=0.0)  # no randomness left
-    parts = torch.zeros(4, dtype=torch.float64)  # image loss sum, image count, text sum, text count
+    objective = TokenCrossEntropy(layout)
+    sums = torch.zeros(objective.metric_size, dtype=torch.float64)
     for start in tqdm(range(0, len(indices), batch_size), desc="held-out loss", unit="batch",
                       disable=not progress):
         records = [dataset[int(i)] for i in indices[start:start + batch_size]]
-        batch = {k: v.to(device) for k, v in
-                 collate([builder(r.text_ids, r.image_codes, 0) for r in records]).items()}
-        logits = model(batch["tokens"], batch["position_ids"])
-        parts += token_losses(logits, batch["labels"], batch["loss_mask"],
-                              layout.num_image_codes)[1].cpu()
-    return {"image_loss": (parts[0] / parts[1].clamp_min(1)).item(),
-            "text_loss": (parts[2] / parts[3].clamp_min(1)).item(),
-            "loss": ((parts[0] + parts[2]) / (parts[1] + parts[3]).clamp_min(1)).item(),
-            "image_targets": int(parts[1]), "text_targets": int(parts[3]), "records": len(indices)}
+        batch = objective.prepare({k: v.to(device) for k, v in
+                                   collate([builder(r.text_ids, r.image_codes, 0)
+                                            for r in records]).items()})
+        sums += objective.loss(model(batch["tokens"], batch["position_ids"]), batch)[1].cpu()
+    return {**objective.summary(sums), "image_targets": int(sums[1]),
+            "text_targets": int(sums[3]), "records": len(indices)}

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
+from megatron_t2i.device import resolve_device
 from megatron_t2i.generation.config import LoadConfig
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.safe_load import deepspeed_safe_globals, load_torch_file
@@ -187,22 +188,6 @@ class GenerationContext:
         except ValueError as e:  # unreadable or missing: load_rgb says which
             raise ValueError(f"{path}: {e}") from None
         return self.image_tokenizer.encode_images([image])[0].tolist()
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto': this process's GPU (LOCAL_RANK under a launcher) if there is one, else the CPU."""
-    if name != "auto":
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA device is available")
-        if device.type == "cuda":
-            torch.cuda.set_device(device.index or 0)
-        return device
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
 
 
 DTYPES = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -14,12 +14,14 @@ TiedLayerSpec: the first and the last stage each hold a copy of the word embeddi
 broadcasts the first stage's copy at start and all-reduces their gradients every step.
 
 What travels between stages (DeepSpeed sends tensors only; floating ones get gradients back):
-    batch inputs (tokens [B, S], position_ids [B, S])   -> layer 0
-    (word embeddings [B, S, h], position_ids [B, S])    -> layer 1 (int ids: no gradient)
-    hidden [B, S, h]                                    -> layers 2..L+2
-    logits [B, S, V/tp]                                 -> loss_fn(logits, (labels, loss_mask))
-The data iterator yields `pipeline_batch(...)`: ((tokens, position_ids), (labels, loss_mask)).
-Attention is plain causal (the CogView training mask), so no mask travels.
+    batch inputs (tokens [B, S], position_ids [B, S][, block_ids [B, S]])   -> layer 0
+    (word embeddings [B, S, h], position_ids[, block_ids])    -> layer 1 (int ids: no gradient)
+    hidden [B, S, h] or (hidden, block_ids)                   -> layers 2..L+2
+    logits [B, S, V/tp]                                       -> loss_fn(logits, labels)
+The data iterator yields (inputs, labels): inputs as above, labels what loss_fn reads (the
+training objective's label_keys; for the default pipeline_loss, (labels, loss_mask)). Without
+block ids attention is causal (CogView's training mask); with them, each layer attends by
+block_causal_mask(block_ids), so every attention kind of the task registry trains pipelined.
 
 Randomness: `seed_layers=True` seeds layer i's construction with base_seed + i, so the weights do
 not depend on the number of stages (PP=2 starts from PP=1's weights), nor on TP (mpu layers
@@ -56,8 +58,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_t2i import mpu
-from megatron_t2i.model.attention import normal_init
-from megatron_t2i.model.gpt import language_model_loss, lm_logits
+from megatron_t2i.model.attention import block_causal_mask, normal_init
+from megatron_t2i.model.heads import language_model_loss, lm_logits
 from megatron_t2i.model.layer import LayerNorm, TransformerLayer
 from megatron_t2i.safe_load import load_torch_file
 
@@ -75,7 +77,7 @@ class WordEmbeddingPipe(mpu.VocabParallelEmbedding):
         self.num_tokens = config.num_tokens
 
     def forward(self, inputs):
-        tokens, position_ids = inputs
+        tokens, position_ids, *block_ids = inputs
         if tokens.dim() != 2 or tokens.shape != position_ids.shape:
             raise ValueError(f"pipeline model: tokens and position_ids must both be [batch, seq], "
                              f"got {list(tokens.shape)} and {list(position_ids.shape)}")
@@ -84,7 +86,7 @@ class WordEmbeddingPipe(mpu.VocabParallelEmbedding):
             raise ValueError(f"pipeline model: sequence of {tokens.shape[1]} tokens has position "
                              f"ids up to {int(position_ids.max())}, beyond max_position_embeddings "
                              f"{self.max_positions}")
-        return super().forward(tokens), position_ids
+        return (super().forward(tokens), position_ids, *block_ids)
 
 
 def lm_head(word_embeddings: WordEmbeddingPipe, hidden):
@@ -102,27 +104,37 @@ class PositionEmbeddingPipe(nn.Module):
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, inputs):
-        word_embeds, position_ids = inputs
-        return self.embedding_dropout(word_embeds + self.position_embeddings(position_ids))
+        word_embeds, position_ids, *block_ids = inputs
+        hidden = self.embedding_dropout(word_embeds + self.position_embeddings(position_ids))
+        return (hidden, *block_ids) if block_ids else hidden
 
 
 class TransformerLayerPipe(TransformerLayer):
-    """A transformer layer on one tensor, causal; recomputed in backward with checkpointing."""
+    """A transformer layer on hidden [B, S, h] (causal) or (hidden, block_ids); recomputed in
+    backward with checkpointing."""
 
     def __init__(self, config, layer_number: int):
         super().__init__(config, layer_number)
         self.checkpoint_activations = config.checkpoint_activations
 
-    def forward(self, hidden):  # [B, S, h] -> [B, S, h]
+    def forward(self, inputs):
+        hidden, block_ids = inputs if isinstance(inputs, tuple) else (inputs, None)
+        mask = block_causal_mask(block_ids) if block_ids is not None else None
         if self.checkpoint_activations and torch.is_grad_enabled():
-            return mpu.checkpoint(super().forward, hidden)
-        return super().forward(hidden)
+            hidden = mpu.checkpoint(super().forward, hidden, mask)
+        else:
+            hidden = super().forward(hidden, mask)
+        return (hidden, block_ids) if block_ids is not None else hidden
 
 
-def pipeline_batch(tokens, position_ids, labels, loss_mask):
-    """One sample of the pipeline engine's data iterator, all [B, S]: the first stage reads the
-    inputs, the last stage hands the labels to the loss function."""
-    return (tokens, position_ids), (labels, loss_mask)
+class FinalLayerNormPipe(LayerNorm):
+    """The final LayerNorm; the block ids, if any, stop here."""
+
+    def __init__(self, config):
+        super().__init__(config.hidden_size, config.layernorm_epsilon, config.pb_relax)
+
+    def forward(self, inputs):
+        return super().forward(inputs[0] if isinstance(inputs, tuple) else inputs)
 
 
 def pipeline_loss(logits, labels):
@@ -139,7 +151,7 @@ def layer_specs(config) -> list:
     return ([TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, config),
              LayerSpec(PositionEmbeddingPipe, config)]
             + [LayerSpec(TransformerLayerPipe, config, i) for i in range(config.num_layers)]
-            + [LayerSpec(LayerNorm, config.hidden_size, config.layernorm_epsilon, config.pb_relax),
+            + [LayerSpec(FinalLayerNormPipe, config),
                TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, config, forward_fn=lm_head)])
 
 

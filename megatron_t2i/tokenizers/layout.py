@@ -41,6 +41,27 @@ TEMPLATES = ("text_to_image", "image_to_text", "super_resolution")
 IMAGE_POSITIONS = ("after_text", "fixed")
 
 
+def block_ids(kind: str, length: int, prefix: int = 0, real: int | None = None) -> torch.Tensor:
+    """[length] block ids of one sequence for an attention kind (megatron_t2i/tasks.py):
+    causal (each token its own block), prefix-visible (the first `prefix` tokens one block),
+    bidirectional (one block). Positions from `real` on (trailing padding) get blocks after all
+    others, so no real token sees them and cutting them off changes nothing. block-causal ids
+    come from the template itself (e.g. L-shape blocks)."""
+    real = length if real is None else real
+    if kind == "causal":
+        ids = torch.arange(real)
+    elif kind == "prefix-visible":
+        ids = torch.cat([torch.zeros(min(prefix, real), dtype=torch.long),
+                         torch.arange(1, real - min(prefix, real) + 1)])
+    elif kind == "bidirectional":
+        ids = torch.zeros(real, dtype=torch.long)
+    else:
+        raise ValueError(f"attention kind {kind!r}: its block ids come from the template "
+                         f"(known kinds here: causal, prefix-visible, bidirectional)")
+    after = int(ids.max()) + 1 if real else 0
+    return torch.cat([ids, torch.arange(after, after + length - real)])
+
+
 class LayoutMismatchError(ValueError):
     """Data, tokenizers and checkpoint disagree about token ids."""
 
@@ -51,6 +72,9 @@ class Sequence:
     position_ids: torch.Tensor  # [L] int64
     loss_mask: torch.Tensor     # [L] float32, 1 where tokens[i] is a target
     image_start: int            # index of the first code of the image to generate (-1: none)
+    # [L] int64: position i attends to j iff block_ids[j] <= block_ids[i]; None is causal
+    # (block_ids() below for the attention kinds of megatron_t2i/tasks.py)
+    block_ids: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine from arguments: process groups, the model, optimiser and schedule.
+"""The DeepSpeed engine from a TrainConfig: process groups, the model, optimiser and schedule.
 
 Everything DeepSpeed-specific at start-up lives here, so the loop only sees `engine`:
   * torch.distributed through DeepSpeed (env:// from any launcher, or MPI discovery), NCCL on GPUs
@@ -12,6 +12,7 @@ Everything DeepSpeed-specific at start-up lives here, so the loop only sees `eng
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from datetime import timedelta
@@ -24,15 +25,13 @@ from megatron_t2i.training.lr import build_scheduler
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "ds_config.json")
-
-
-def device_for_local_rank() -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+# what a run without --deepspeed_config uses (scripts/ds_config.json is the same, to edit)
+DEFAULT_DS_CONFIG = {
+    "zero_optimization": {"stage": 0},
+    "fp16": {"enabled": False, "loss_scale": 0, "loss_scale_window": 1000,
+             "initial_scale_power": 16, "hysteresis": 2, "min_loss_scale": 1},
+    "bf16": {"enabled": False},
+}
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: float | None = None) -> None:
@@ -68,38 +67,39 @@ class DeepSpeedMPU:
     get_pipeline_model_parallel_group = staticmethod(mpu.get_pipeline_model_parallel_group)
 
 
-def load_ds_config(args) -> dict:
-    """The DeepSpeed JSON (--deepspeed_config, else scripts/ds_config.json) with the command line
+def load_ds_config(cfg) -> dict:
+    """The DeepSpeed JSON (cfg.deepspeed_config, else DEFAULT_DS_CONFIG) with the TrainConfig
     winning for batch sizes, clipping, precision and ZeRO stage."""
-    path = getattr(args, "deepspeed_config", None) or DEFAULT_DS_CONFIG
-    cfg = read_json(path, f"--deepspeed_config {path}", expect=dict)
+    path = cfg.deepspeed_config
+    ds = read_json(path, f"--deepspeed_config {path}", expect=dict) if path \
+        else json.loads(json.dumps(DEFAULT_DS_CONFIG))
     for key in ("optimizer", "scheduler"):
-        if key in cfg:
+        if key in ds:
             raise ValueError(f"--deepspeed_config {path}: remove the '{key}' section; the optimiser "
                              f"and schedule come from --lr, --weight-decay, --warmup, "
                              f"--lr-decay-style (AdamW, warm-up then decay)")
-    if cfg.get("checkpoint", {}).get("load_universal"):
+    if ds.get("checkpoint", {}).get("load_universal"):
         raise ValueError(f"--deepspeed_config {path}: remove checkpoint.load_universal; universal "
                          f"checkpoints are not read here (convert with tools/convert_checkpoint.py)")
-    cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
-    cfg["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and DP size
-    cfg["gradient_clipping"] = args.clip_grad
-    if args.fp16 or args.bf16:
-        cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": bool(args.fp16)}
-        cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": bool(args.bf16)}
-    if getattr(args, "zero_stage", None) is not None:
-        cfg.setdefault("zero_optimization", {})["stage"] = args.zero_stage
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if args.pipeline_model_parallel_size > 1 and stage > 1:
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and DP size
+    ds["gradient_clipping"] = cfg.clip_grad
+    if cfg.fp16 or cfg.bf16:
+        ds["fp16"] = {**ds.get("fp16", {}), "enabled": bool(cfg.fp16)}
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": bool(cfg.bf16)}
+    if cfg.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if cfg.pipeline_model_parallel_size > 1 and stage > 1:
         raise ValueError(f"ZeRO stage {stage} does not work with pipeline parallelism "
-                         f"(--pipeline-model-parallel-size {args.pipeline_model_parallel_size}); "
+                         f"(--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size}); "
                          f"use --zero-stage 0 or 1")
     if stage > 2:
         raise ValueError(f"ZeRO stage {stage} is not supported here; use 0, 1 or 2")
-    cfg.setdefault("steps_per_print", 10 ** 9)  # our loop logs; keep DeepSpeed quiet
-    cfg.setdefault("wall_clock_breakdown", False)
-    return cfg
+    ds.setdefault("steps_per_print", 10 ** 9)  # our loop logs; keep DeepSpeed quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
 
 
 def precision(ds_config: dict) -> torch.dtype:
@@ -131,17 +131,18 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(args, model: torch.nn.Module, ds_config: dict):
-    """deepspeed.initialize with our optimiser, schedule and process groups -> engine."""
+def build_engine(cfg, model: torch.nn.Module, ds_config: dict):
+    """deepspeed.initialize with our optimiser, schedule and process groups -> engine.
+    cfg: TrainConfig."""
     import deepspeed
 
     if precision(ds_config) == torch.float16:
         allow_fp16_on_cpu()
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr,
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(0.9, 0.95), eps=1e-8)
-    scheduler = build_scheduler(optimizer, args.train_iters, args.warmup, args.lr_decay_style,
-                                args.min_lr_ratio)
-    is_pipeline = args.pipeline_model_parallel_size > 1
+    scheduler = build_scheduler(optimizer, cfg.train_iters, cfg.warmup, cfg.lr_decay_style,
+                                cfg.min_lr_ratio)
+    is_pipeline = cfg.pipeline_model_parallel_size > 1
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         mpu=None if is_pipeline else DeepSpeedMPU(), dist_init_required=False)

@@ -5,9 +5,12 @@ rate measured in the same run, a figure means the same on a laptop CPU and on an
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
+
+logger = logging.getLogger("megatron_t2i.train")
 
 FORMULA = "6*N_params_nonembedding + 6*V*h (head) + 12*layers*hidden*seq (attention), per token"
 
@@ -50,3 +53,33 @@ def matmul_flops(dtype=torch.float32, device="cpu", size: int | None = None,
             elapsed = time.perf_counter() - start
             if elapsed >= seconds:
                 return 2 * size ** 3 * n / elapsed
+
+
+class MatmulReference:
+    """The FLOP/s that MFU divides by, per device: a given peak (e.g. a GPU's datasheet figure),
+    or measured here as the best of several matmul probes, probed again every `reprobe` calls
+    of mfu(). A matmul probed while the machine is busy reads low; the best of many does not, and
+    the model's own achieved rate is a matmul rate too: when it exceeds the probes, the reference
+    is raised to it (logged once), so the MFU reported never exceeds 1."""
+
+    def __init__(self, dtype=torch.float32, device="cpu", peak: float | None = None,
+                 probes: int = 3, reprobe: int = 10):
+        self.dtype, self.device, self.given = dtype, torch.device(device), peak is not None
+        self.calls, self.reprobe, self.raised = 0, reprobe, False
+        self.rate = peak if self.given else max(
+            matmul_flops(dtype, self.device, seconds=0.2) for _ in range(probes))
+
+    def mfu(self, achieved: float) -> float:
+        """achieved model FLOP/s per device -> its share of the reference, in [0, 1]."""
+        self.calls += 1
+        if not self.given and (self.calls % self.reprobe == 0 or achieved > self.rate):
+            self.rate = max(self.rate, matmul_flops(self.dtype, self.device, seconds=0.1))
+        if achieved > self.rate:
+            if not self.raised:
+                logger.warning(
+                    "the model ran at %.1f GFLOP/s, above the matmul reference %.1f GFLOP/s%s: "
+                    "the reference is raised to it", achieved / 1e9, self.rate / 1e9,
+                    " (--peak-flops)" if self.given else " (probed while the machine was busy)")
+                self.raised = True
+            self.rate = achieved
+        return achieved / self.rate

@@ -2,7 +2,8 @@
 
 One iteration = one optimiser step = `gradient_accumulation_steps` micro-batches per data-parallel
 rank. The loop owns no parallel logic: DeepSpeed averages gradients over data-parallel ranks, clips
-and skips fp16 overflow steps; this file feeds batches, weighs the loss and reports.
+and skips fp16 overflow steps; the objective (objectives.py) scores the outputs; this file feeds
+batches, normalises the loss over the global batch and reports.
 """
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ from megatron_t2i import mpu
 from megatron_t2i.data.loader import (ResumableSampler, SequenceBuilder, collate, target_length,
                                       trim_padding)
 from megatron_t2i.io_utils import write_text_atomic
+from megatron_t2i.model.attention import block_causal_mask
 from megatron_t2i.training.checkpoint import save_checkpoint
 from megatron_t2i.training.engine import loss_scale
 from megatron_t2i.training.flops import model_flops_per_token
 
 logger = logging.getLogger("megatron_t2i.train")
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -49,9 +53,6 @@ class StopSignal:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def drop_replayed_metrics(path: str, iteration: int) -> None:
@@ -79,13 +80,19 @@ def _all_reduce_dp(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def attention_mask(batch: dict) -> torch.Tensor | None:
+    """The batch's attention mask: from its block ids, or None (causal) when it has none."""
+    return block_causal_mask(batch["block_ids"]) if "block_ids" in batch else None
+
+
 class Batches:
-    """Micro-batches of one data-parallel rank, on the model's device; with `trim`, cut after
-    the longest sequence (see trim_padding)."""
+    """Micro-batches of one data-parallel rank, on the model's device, prepared for the
+    objective; with `trim`, cut after the longest sequence (see trim_padding)."""
 
     def __init__(self, dataset, indices, builder: SequenceBuilder, micro_batch: int, seed: int,
-                 device, consumed: int = 0, trim: bool = False):
+                 device, objective, consumed: int = 0, trim: bool = False):
         self.dataset, self.builder, self.device, self.trim = dataset, builder, device, trim
+        self.objective = objective
         self.sampler = ResumableSampler(indices, micro_batch, mpu.get_data_parallel_rank(),
                                         mpu.get_data_parallel_world_size(), seed, consumed)
 
@@ -103,77 +110,63 @@ class Batches:
             if dist.is_initialized() and mpu.get_data_parallel_world_size() > 1:
                 dist.all_reduce(length, op=dist.ReduceOp.MAX, group=mpu.get_data_parallel_group())
             batch = trim_padding(batch, int(length))
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return self.objective.prepare({k: v.to(self.device, non_blocking=True)
+                                       for k, v in batch.items()})
 
 
-def loss_weights(batch, layout, txt_loss_scale: float) -> torch.Tensor:
-    """Loss mask with the text targets of caption-first sequences (text->image, super-resolution:
-    those starting with [ROI1]) weighted by --txt-loss-scale. In the caption direction the text is
-    what the model is trained to write, so its targets keep weight 1."""
-    is_image = batch["labels"] < layout.num_image_codes
-    caption_first = batch["tokens"][:, :1] == layout["[ROI1]"]            # [B, 1]
-    scale = torch.where(is_image | ~caption_first, 1.0, txt_loss_scale)
-    return batch["loss_mask"] * scale
-
-
-def token_losses(logits, labels, loss_mask, num_image_codes: int):
-    """-> (per-token loss [B, S], [image loss sum, image count, text loss sum, text count])."""
-    per_token = mpu.vocab_parallel_cross_entropy(logits.float(), labels)
-    with torch.no_grad():
-        mask = loss_mask > 0
-        image = mask & (labels < num_image_codes)
-        text = mask & ~image
-        parts = torch.stack([(per_token * image).sum(), image.sum(), (per_token * text).sum(),
-                             text.sum()]).double()
-    return per_token, parts
-
-
-def forward_loss(engine, batch, weights, layout):
-    """-> (Σ weights·loss over the micro-batch, loss parts for logging)."""
-    logits = engine(batch["tokens"], batch["position_ids"])
-    per_token, parts = token_losses(logits, batch["labels"], batch["loss_mask"],
-                                    layout.num_image_codes)
-    return (per_token * weights).sum(), parts
+def forward_loss(engine, batch, objective, weights=None):
+    """-> (Σ weights·loss over the micro-batch, the objective's metric sums)."""
+    outputs = engine(batch["tokens"], batch["position_ids"], attention_mask(batch))
+    return objective.loss(outputs, batch, weights)
 
 
 class PipelineLoss:
-    """loss_fn of the pipeline's last stage: the weighted sum with weights already normalised
-    (labels = (labels, loss_mask, weights)); keeps the loss parts for logging."""
+    """loss_fn of the pipeline's last stage: the objective's weighted sum with weights already
+    normalised (labels = the objective's label_keys, "weights" scaled by the loop); keeps the
+    metric sums for logging."""
 
-    def __init__(self, num_image_codes: int):
-        self.num_image_codes = num_image_codes
-        self.parts = None
+    def __init__(self, objective):
+        self.objective = objective
+        self.sums = None
 
-    def __call__(self, logits, labels):
-        targets, loss_mask, weights = labels
-        per_token, parts = token_losses(logits, targets, loss_mask, self.num_image_codes)
-        self.parts = parts if self.parts is None else self.parts + parts
-        return (per_token * weights).sum()
+    def __call__(self, outputs, labels):
+        batch = dict(zip(self.objective.label_keys, labels))
+        weighted_sum, sums = self.objective.loss(outputs, batch)
+        self.sums = sums if self.sums is None else self.sums + sums
+        return weighted_sum
 
     def take(self, device) -> torch.Tensor:
-        """This step's parts summed over every data-parallel replica, on every rank."""
-        parts = self.parts if self.parts is not None else torch.zeros(4, dtype=torch.float64)
-        parts = parts.to(device)
-        self.parts = None
-        dist.all_reduce(parts)  # only last stages hold parts; their TP ranks hold copies
-        return parts / mpu.get_tensor_model_parallel_world_size()
+        """This step's metric sums over every data-parallel replica, on every rank."""
+        sums = self.sums if self.sums is not None else \
+            torch.zeros(self.objective.metric_size, dtype=torch.float64)
+        sums = sums.to(device)
+        self.sums = None
+        dist.all_reduce(sums)  # only last stages hold sums; their TP ranks hold copies
+        return sums / mpu.get_tensor_model_parallel_world_size()
+
+
+def pipeline_inputs(batch: dict) -> tuple:
+    """What the pipeline's first stage reads: (tokens, position_ids[, block_ids])."""
+    extra = (batch["block_ids"],) if "block_ids" in batch else ()
+    return (batch["tokens"], batch["position_ids"]) + extra
 
 
 class Trainer:
-    def __init__(self, args, engine, model_config, layout, dataset, train_idx, eval_idx, writer,
-                 matmul_rate: float, start_iteration: int = 0, consumed: int = 0):
-        self.args, self.engine, self.config, self.layout = args, engine, model_config, layout
-        self.writer, self.matmul_rate = writer, matmul_rate
+    def __init__(self, config, engine, model_config, layout, dataset, train_idx, eval_idx,
+                 writer, reference, objective, start_iteration: int = 0, consumed: int = 0):
+        """config: TrainConfig; reference: the MFU denominator (flops.MatmulReference)."""
+        self.cfg, self.engine, self.config, self.layout = config, engine, model_config, layout
+        self.writer, self.reference, self.objective = writer, reference, objective
         self.iteration = start_iteration
         self.device = engine.device
-        builder = SequenceBuilder(layout, args.tasks, args.text_dropout)
+        builder = SequenceBuilder(layout, config.tasks, config.text_dropout)
         self.pipeline_loss = getattr(engine.module, "loss_fn", None) \
             if mpu.get_pipeline_model_parallel_world_size() > 1 else None
         self.trim = self.pipeline_loss is None  # the pipeline engine wants fixed shapes
-        self.train = Batches(dataset, train_idx, builder, args.micro_batch_size, args.seed,
-                             self.device, consumed, self.trim)
+        self.train = Batches(dataset, train_idx, builder, config.micro_batch_size, config.seed,
+                             self.device, objective, consumed, self.trim)
         self.eval_idx, self.dataset = eval_idx, dataset
-        self.eval_builder = SequenceBuilder(layout, args.tasks, 0.0)
+        self.eval_builder = SequenceBuilder(layout, config.tasks, 0.0)
         self.stop = StopSignal()
         self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
         self.work = [0, 0.0]  # tokens fed and their model FLOPs on this replica, since the last log
@@ -181,45 +174,46 @@ class Trainer:
 
     # ---- one optimiser step ------------------------------------------------------------------
     def train_step(self):
-        """One optimiser step. The objective is the weighted mean loss over every target token of
-        the global batch: each micro-batch's weighted sum is divided by the weight total of the
+        """One optimiser step. The objective is the weighted mean loss over every target of the
+        global batch: each micro-batch's weighted sum is divided by the weight total of the
         whole global batch (one all-reduce), times the factor DeepSpeed divides by when it
         averages over accumulation steps and data-parallel ranks. So any split of the global
         batch over ranks and accumulation steps gives the same gradient."""
-        gas = self.args.gradient_accumulation_steps
+        gas = self.cfg.gradient_accumulation_steps
         batches = [self.train.next() for _ in range(gas)]
         for b in batches:
             self.work[0] += b["tokens"].numel()
             self.work[1] += model_flops_per_token(self.config, b["tokens"].shape[1]) \
                 * b["tokens"].numel()
-        weights = [loss_weights(b, self.layout, self.args.txt_loss_scale)
-                   for b in batches]
-        total = _all_reduce_dp(torch.stack([w.sum() for w in weights]).sum().double())
+        total = _all_reduce_dp(torch.stack([self.objective.weight(b) for b in batches])
+                               .sum().double())
         scale = gas * mpu.get_data_parallel_world_size() / total.clamp_min(1e-12).item()
         if self.pipeline_loss is not None:
-            return self._pipeline_step(batches, [w * scale for w in weights])
-        parts = torch.zeros(4, dtype=torch.float64, device=self.device)
+            return self._pipeline_step(batches, scale)
+        sums = torch.zeros(self.objective.metric_size, dtype=torch.float64, device=self.device)
         objective = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch, w in zip(batches, weights):
-            weighted_sum, p = forward_loss(self.engine, batch, w, self.layout)
+        for batch in batches:
+            weighted_sum, s = forward_loss(self.engine, batch, self.objective)
             loss = weighted_sum * scale
             self._check_finite(loss, before_step=True)
             self.engine.backward(loss)
             self.engine.step()
-            parts += p
+            sums += s
             objective += weighted_sum.detach().double() / total
         self.iteration += 1
-        return _all_reduce_dp(objective), _all_reduce_dp(parts)
+        return _all_reduce_dp(objective), _all_reduce_dp(sums)
 
-    def _pipeline_step(self, batches, weights):
+    def _pipeline_step(self, batches, scale: float):
         """DeepSpeed's pipeline engine runs the step's micro-batches through the stages; its
         returned loss is already the global objective (averaged over accumulation and DP)."""
-        data = iter([((b["tokens"], b["position_ids"]), (b["labels"], b["loss_mask"], w))
-                     for b, w in zip(batches, weights)])
+        data = iter([(pipeline_inputs(b), self._labels(b, b["weights"] * scale)) for b in batches])
         loss = self.engine.train_batch(data_iter=data)
         self._check_finite(loss, before_step=False)
         self.iteration += 1
         return loss.detach().double(), self.pipeline_loss.take(self.device)
+
+    def _labels(self, batch, weights) -> tuple:
+        return tuple(weights if k == "weights" else batch[k] for k in self.objective.label_keys)
 
     def _check_finite(self, loss, before_step: bool) -> None:
         finite = torch.tensor([float(torch.isfinite(loss).all())], device=self.device)
@@ -237,24 +231,21 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.engine.eval()
-        batches = Batches(self.dataset, self.eval_idx, self.eval_builder, self.args.micro_batch_size,
-                          self.args.seed, self.device, trim=self.trim)
-        parts = torch.zeros(4, dtype=torch.float64, device=self.device)
+        batches = Batches(self.dataset, self.eval_idx, self.eval_builder,
+                          self.cfg.micro_batch_size, self.cfg.seed, self.device, self.objective,
+                          trim=self.trim)
+        sums = torch.zeros(self.objective.metric_size, dtype=torch.float64, device=self.device)
         if self.pipeline_loss is not None:
-            data = [batches.next() for _ in range(self.args.eval_iters)]
-            self.engine.eval_batch(iter([((b["tokens"], b["position_ids"]),
-                                          (b["labels"], b["loss_mask"], b["loss_mask"]))
+            data = [batches.next() for _ in range(self.cfg.eval_iters)]
+            self.engine.eval_batch(iter([(pipeline_inputs(b), self._labels(b, b["weights"]))
                                          for b in data]), num_micro_batches=len(data))
-            parts = self.pipeline_loss.take(self.device)
+            sums = self.pipeline_loss.take(self.device)
         else:
-            for _ in range(self.args.eval_iters):
-                batch = batches.next()
-                parts += forward_loss(self.engine, batch, batch["loss_mask"], self.layout)[1]
-            parts = _all_reduce_dp(parts)
+            for _ in range(self.cfg.eval_iters):
+                sums += forward_loss(self.engine, batches.next(), self.objective)[1]
+            sums = _all_reduce_dp(sums)
         self.engine.train()
-        return {"eval/image_loss": (parts[0] / parts[1].clamp_min(1)).item(),
-                "eval/text_loss": (parts[2] / parts[3].clamp_min(1)).item(),
-                "eval/loss": ((parts[0] + parts[2]) / (parts[1] + parts[3]).clamp_min(1)).item()}
+        return {f"eval/{k}": v for k, v in self.objective.summary(sums.cpu()).items()}
 
     # ---- the loop ----------------------------------------------------------------------------
     def log(self, values: dict) -> None:
@@ -267,69 +258,75 @@ class Trainer:
 
     def save(self) -> None:
         loss = self.last_eval[1] if self.last_eval[0] == self.iteration else None
-        save_checkpoint(self.engine, self.args.save, self.iteration, self.config, self.layout,
-                        {"data": self.train.sampler.state_dict()}, self.args.train_iters,
-                        heldout_loss=loss, keep=self.args.keep_checkpoints)
+        save_checkpoint(self.engine, self.cfg.save, self.iteration, self.config, self.layout,
+                        {"data": self.train.sampler.state_dict()}, self.cfg.train_iters,
+                        heldout_loss=loss, keep=self.cfg.keep_checkpoints)
         if self.is_logger:
-            logger.info("saved checkpoint iteration %d to %s", self.iteration, self.args.save)
+            logger.info("saved checkpoint iteration %d to %s", self.iteration, self.cfg.save)
 
-    def run(self) -> str:
-        """Train to --train-iters; returns 'done' or 'stopped' (signal)."""
-        args = self.args
+    def _window_values(self, window: dict, seconds: float) -> dict:
         # per device: this replica's work x replicas / devices (replicas train equal shapes)
         share = mpu.get_data_parallel_world_size() / (dist.get_world_size()
                                                         if dist.is_initialized() else 1)
-        window = {"loss": 0.0, "parts": torch.zeros(4, dtype=torch.float64), "n": 0}
+        summary = self.objective.summary(window["sums"])
+        summary.pop("loss")  # the weighted objective below is the training loss
+        return {
+            "train/loss": window["loss"] / window["n"],
+            **{f"train/{k}": v for k, v in summary.items()},
+            "train/lr": self.engine.get_lr()[0],
+            "train/loss_scale": loss_scale(self.engine),
+            "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "train/skipped_steps": float(self.engine.skipped_steps),
+            "speed/tokens_per_s": self.work[0] * mpu.get_data_parallel_world_size() / seconds,
+            "speed/mfu": self.reference.mfu(self.work[1] * share / seconds),
+        }
+
+    def run(self) -> str:
+        """Train to train_iters; returns 'done' or 'stopped' (signal)."""
+        cfg = self.cfg
+        size = self.objective.metric_size
+
+        def new_window():
+            return {"loss": 0.0, "sums": torch.zeros(size, dtype=torch.float64), "n": 0}
+
+        window = new_window()
         start_iter, t_start, t_window = self.iteration, time.time(), time.time()
-        while self.iteration < args.train_iters:
-            loss, parts = self.train_step()
+        while self.iteration < cfg.train_iters:
+            loss, sums = self.train_step()
             window["loss"] += loss.item()
-            window["parts"] += parts.cpu()
+            window["sums"] += sums.cpu()
             window["n"] += 1
-            if self.iteration % args.log_interval == 0 or self.iteration == args.train_iters:
+            if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
                 now = time.time()
-                per_iter = (now - t_window) / window["n"]
-                p = window["parts"]
-                flops = self.work[1] * share / (now - t_window)
-                values = {
-                    "train/loss": window["loss"] / window["n"],
-                    "train/image_loss": (p[0] / p[1].clamp_min(1)).item(),
-                    "train/text_loss": (p[2] / p[3].clamp_min(1)).item(),
-                    "train/lr": self.engine.get_lr()[0],
-                    "train/loss_scale": loss_scale(self.engine),
-                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                    "train/skipped_steps": float(self.engine.skipped_steps),
-                    "speed/tokens_per_s": self.work[0] * mpu.get_data_parallel_world_size()
-                                          / (now - t_window),
-                    "speed/mfu": flops / self.matmul_rate,
-                }
+                values = self._window_values(window, now - t_window)
                 self.log(values)
                 if self.is_logger:
                     done = self.iteration - start_iter
-                    eta = (now - t_start) / done * (args.train_iters - self.iteration)
+                    eta = (now - t_start) / done * (cfg.train_iters - self.iteration)
+                    parts = " | ".join(f"{k[6:].replace('_loss', '')} {v:.4f}"
+                                       for k, v in values.items()
+                                       if k.startswith("train/") and k.endswith("_loss"))
                     logger.info(
-                        "iteration %d/%d | loss %.6f | image %.4f | text %.4f | lr %.3e | "
-                        "scale %g | grad-norm %.3f | skipped %d | %.0f tokens/s | MFU %.3f | "
-                        "%.2f s/it | ETA %s", self.iteration, args.train_iters,
-                        values["train/loss"], values["train/image_loss"], values["train/text_loss"],
+                        "iteration %d/%d | loss %.6f | %s | lr %.3e | scale %g | grad-norm %.3f | "
+                        "skipped %d | %.0f tokens/s | MFU %.3f | %.2f s/it | ETA %s",
+                        self.iteration, cfg.train_iters, values["train/loss"], parts,
                         values["train/lr"], values["train/loss_scale"], values["train/grad_norm"],
                         self.engine.skipped_steps, values["speed/tokens_per_s"],
-                        values["speed/mfu"], per_iter, _hms(eta))
-                window = {"loss": 0.0, "parts": torch.zeros(4, dtype=torch.float64), "n": 0}
+                        values["speed/mfu"], (now - t_window) / window["n"], _hms(eta))
+                window = new_window()
                 self.work = [0, 0.0]
                 t_window = time.time()
-            if self.eval_idx.size and args.eval_iters and (
-                    self.iteration % args.eval_interval == 0 or self.iteration == args.train_iters):
+            if self.eval_idx.size and cfg.eval_iters and (
+                    self.iteration % cfg.eval_interval == 0 or self.iteration == cfg.train_iters):
                 values = self.evaluate()
                 self.last_eval = (self.iteration, values["eval/loss"])
                 self.log(values)
                 if self.is_logger:
-                    logger.info("evaluation at iteration %d | loss %.6f | image %.4f | text %.4f",
-                                self.iteration, values["eval/loss"], values["eval/image_loss"],
-                                values["eval/text_loss"])
+                    logger.info("evaluation at iteration %d | %s", self.iteration,
+                                " | ".join(f"{k[5:]} {v:.6f}" for k, v in values.items()))
             stopping = self.stop.any_rank(self.device)
-            if args.save and (stopping or self.iteration % args.save_interval == 0
-                              or self.iteration == args.train_iters):
+            if cfg.save and (stopping or self.iteration % cfg.save_interval == 0
+                             or self.iteration == cfg.train_iters):
                 self.save()
             if stopping:
                 return "stopped"

@@ -1,0 +1,53 @@
+"""What a training run does, as one plain object: pretrain.py fills it from flags
+(megatron_t2i/arguments.py), benchmarks and tests build it directly."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_path: tuple[str, ...] = ()                 # LMDB folders (or CogView .bin files)
+    # the model: a named size (megatron_t2i/config.py) with field overrides
+    model_size: str = "demo"
+    model_overrides: dict = field(default_factory=dict)
+    # what is trained
+    tasks: dict = field(default_factory=lambda: {"text2image": 1.0})   # name -> weight
+    text_dropout: float = 0.0                       # captions dropped, for guidance
+    txt_loss_scale: float = 1.0                     # caption targets of caption-first sequences
+    holdout_fraction: float = 0.02
+    seed: int = 1234
+    # optimisation
+    train_iters: int = 1000
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    lr: float = 4e-4
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.1                             # share of train_iters
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    # precision and DeepSpeed
+    fp16: bool = False
+    bf16: bool = False
+    zero_stage: int | None = None                   # default: the DeepSpeed JSON's, else 0
+    deepspeed_config: str | None = None             # default: megatron_t2i/training/ds_config.json
+    # parallel layout
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    distributed_backend: str | None = None          # default: nccl on GPUs, gloo on CPUs
+    # checkpoints
+    save: str | None = None
+    load: str | None = None                         # default: resume from save
+    finetune: bool = False                          # with load: weights only
+    resume_fallback: bool = False                   # a damaged latest: take the previous one
+    keep_checkpoints: int = 3
+    trust_checkpoint: bool = False
+    save_interval: int = 500
+    # reporting
+    log_interval: int = 10
+    eval_interval: int = 200
+    eval_iters: int = 10
+    tensorboard_dir: str | None = None              # default: {save}/tensorboard
+    peak_flops: float | None = None                 # MFU's denominator per device (a datasheet
+    #                                                 peak); default: matmuls measured in the run

@@ -16,11 +16,11 @@ from dataclasses import fields
 
 from megatron_t2i import tasks as registry
 from megatron_t2i.config import MODEL_SIZES
+from megatron_t2i.data.synthetic import CAPTION_ORDERS
 from megatron_t2i.generation.config import GenerationConfig, LoadConfig
 from megatron_t2i.generation.sampling import SamplingConfig
-from megatron_t2i.training.config import TrainConfig
-from megatron_t2i.data.synthetic import CAPTION_ORDERS
 from megatron_t2i.tokenizers.layout import IMAGE_POSITIONS
+from megatron_t2i.training.config import TrainConfig
 
 GROUPS = ("model", "data", "tokenizers", "training", "distributed", "generation", "evaluation")
 # A query's samples are all drawn before the next query is read, and with --rerank-top held

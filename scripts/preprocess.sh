@@ -58,7 +58,7 @@ stage() { printf '\n== %s (%ds)\n' "$1" $(( $(date +%s) - start )); }
 if [[ -z "$INPUT" ]]; then
   INPUT=$DATA_DIR/synthetic
   stage "embedded default data set: $SYNTHETIC_COUNT images -> $INPUT"
-  "$PY" -m megatron_t2i.data.synthetic --synthetic-dir "$INPUT" --synthetic-count "$SYNTHETIC_COUNT" \
+  "$PY" -m megatron_t2i.cli.synthetic --synthetic-dir "$INPUT" --synthetic-count "$SYNTHETIC_COUNT" \
     --image-size "$IMAGE_SIZE" --caption-order "$CAPTION_ORDER" --seed "$SEED"
 fi
 [[ -e "$INPUT" ]] || { echo "preprocess.sh: INPUT $INPUT does not exist" >&2; exit 2; }
@@ -67,7 +67,7 @@ if [[ -f "$TEXT_TOKENIZER" ]]; then
   stage "text tokenizer: using $TEXT_TOKENIZER"
 else
   stage "text tokenizer: training SentencePiece ($TEXT_VOCAB_SIZE ids) -> $TEXT_TOKENIZER"
-  "$PY" -m megatron_t2i.tokenizers.text --input "$INPUT" --text-tokenizer "$TEXT_TOKENIZER" \
+  "$PY" -m megatron_t2i.cli.text_tokenizer --input "$INPUT" --text-tokenizer "$TEXT_TOKENIZER" \
     --text-vocab-size "$TEXT_VOCAB_SIZE"
 fi
 
@@ -75,13 +75,13 @@ if [[ -f "$IMAGE_TOKENIZER" ]]; then
   stage "image tokenizer: using $IMAGE_TOKENIZER"
 else
   stage "image tokenizer: training the VQ-VAE -> $IMAGE_TOKENIZER"
-  "$PY" -m megatron_t2i.tokenizers.train_vqvae --input "$INPUT" --image-tokenizer "$IMAGE_TOKENIZER" \
+  "$PY" -m megatron_t2i.cli.train_vqvae --input "$INPUT" --image-tokenizer "$IMAGE_TOKENIZER" \
     --image-size "$IMAGE_SIZE" --vqvae-downsample "$VQVAE_DOWNSAMPLE" --seed "$SEED" \
     --tensorboard-dir "$DATA_DIR/runs/vqvae" ${VQVAE_STEPS:+--vqvae-steps "$VQVAE_STEPS"}
 fi
 
 stage "tokenizing into LMDB -> $OUTPUT"
-"$PY" -m megatron_t2i.data.preprocess --input "$INPUT" --output "$OUTPUT" \
+"$PY" -m megatron_t2i.cli.preprocess --input "$INPUT" --output "$OUTPUT" \
   --text-tokenizer "$TEXT_TOKENIZER" --image-tokenizer "$IMAGE_TOKENIZER" \
   --image-size "$IMAGE_SIZE" --workers "$WORKERS" "$@"
 

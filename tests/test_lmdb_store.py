@@ -182,3 +182,37 @@ def test_replaced_data_set_is_reopened(tmp_path):
     records = make_records(8, seed=2)
     write_token_dataset(path, records, LAYOUT)
     assert read_all(TokenDataset(path)) == as_tuples(records)  # not the first set's cached handle
+
+
+def test_float_arrays_round_trip_beside_the_ids_and_every_version_reads(tmp_path):
+    clip = np.linspace(-1, 1, 8, dtype=np.float32)
+    latent = np.arange(24, dtype=np.float16).reshape(2, 3, 4) / 7
+    buf = encode_record([5, 6], [1, 2, 3, 4], "a.png", 512, None,
+                        {"clip_image": clip, "latent": latent})
+    assert struct.unpack_from("<BBHI", buf)[0] == 3
+    rec = decode_record(buf)
+    assert rec.text_ids.tolist() == [5, 6] and rec.image_codes.tolist() == [1, 2, 3, 4]
+    assert rec.key == "a.png" and rec.low_codes is None
+    assert np.array_equal(rec.arrays["clip_image"], clip)
+    assert rec.arrays["latent"].shape == (2, 3, 4)
+    assert np.array_equal(rec.arrays["latent"], latent.astype(np.float32))  # float16 kept exact
+    with_low = decode_record(encode_record([5], [1, 2, 3, 4], "b", 512, [7], {"x": clip}))
+    assert with_low.low_codes.tolist() == [7] and np.array_equal(with_low.arrays["x"], clip)
+    # versions 1 and 2 read as before: no arrays
+    assert decode_record(encode_record([5], [1, 2], "c", 512)).arrays is None
+    assert decode_record(encode_record([5], [1, 2], "c", 512, [3])).low_codes.tolist() == [3]
+    # a data set of such records, and one record of an unknown version: one line naming it
+    good, path = str(tmp_path / "good"), str(tmp_path / "ds")
+    for folder in (good, path):
+        write_token_dataset(folder, [([1], list(range(64)), "k0", None, {"clip_image": clip})],
+                            LAYOUT)
+    assert np.array_equal(TokenDataset(good)[0].arrays["clip_image"], clip)
+    env = lmdb.open(path)
+    with env.begin(write=True) as txn:
+        txn.put(b"%010d" % 0, b"\x09" + bytes(encode_record([1], [2], "k0", 512))[1:])
+    env.close()
+    with pytest.raises(ValueError, match=f"{path}: record 0: record version 9 .*reads versions "
+                                         f"1, 2, 3"):
+        TokenDataset(path)[0]
+    with pytest.raises(ValueError, match="array 'bad' must have .* finite values"):
+        encode_record([1], [2], "k", 512, None, {"bad": np.array([np.nan])})

@@ -18,7 +18,8 @@ from PIL import Image
 
 from megatron_t2i.data.images import BadInput, load_rgb
 from megatron_t2i.data.lmdb_store import TokenDataset
-from megatron_t2i.data.preprocess import main, preprocess
+from megatron_t2i.cli.preprocess import main
+from megatron_t2i.data.preprocess import preprocess
 from megatron_t2i.tokenizers.layout import TokenLayout
 from megatron_t2i.tokenizers.text import TextTokenizer, train_text_tokenizer
 from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer, VQVAEConfig

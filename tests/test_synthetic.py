@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from megatron_t2i.cli import synthetic as synthetic_cli
 from megatron_t2i.data import synthetic
 from megatron_t2i.data.synthetic import BACKGROUNDS, COLOURS, make_example, write_dataset
 
@@ -219,12 +220,12 @@ def test_write_dataset_failure_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    synthetic.main(["--synthetic-dir", str(out), "--synthetic-count", "4", "--seed", "3",
+    synthetic_cli.main(["--synthetic-dir", str(out), "--synthetic-count", "4", "--seed", "3",
                     "--image-size", "24", "--chinese-fraction", "0.5", "--caption-order", "random"])
     assert str(out) in capsys.readouterr().out
     meta = json.loads((out / "dataset.json").read_text())
     assert (meta["count"], meta["seed"], meta["image_size"], meta["chinese_fraction"],
             meta["caption_order"]) == (4, 3, 24, 0.5, "random")
     with pytest.raises(SystemExit) as e:
-        synthetic.main(["--synthetic-dir", str(out), "--synthetic-count", "5"])
+        synthetic_cli.main(["--synthetic-dir", str(out), "--synthetic-count", "5"])
     assert "already holds other data" in str(e.value.code) and "\n" not in str(e.value.code)

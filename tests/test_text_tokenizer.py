@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 
 from megatron_t2i.data.synthetic import make_example, write_dataset
-from megatron_t2i.tokenizers import text
+from megatron_t2i.cli import text_tokenizer as text_cli
 from megatron_t2i.tokenizers.text import TextTokenizer, train_text_tokenizer
 
 VOCAB = 600
@@ -140,10 +140,10 @@ def test_cli(tmp_path, capsys):
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(CORPUS), encoding="utf-8")
     out = tmp_path / "cli" / "text.model"
-    text.main(["--input", str(captions), "--text-tokenizer", str(out), "--text-vocab-size", str(VOCAB)])
+    text_cli.main(["--input", str(captions), "--text-tokenizer", str(out), "--text-vocab-size", str(VOCAB)])
     printed = capsys.readouterr().out
     assert f"{VOCAB} ids" in printed and str(out) in printed
     assert TextTokenizer(str(out)).vocab_size == VOCAB
     with pytest.raises(SystemExit) as e:
-        text.main(["--input", str(tmp_path / "missing"), "--text-tokenizer", str(out)])
+        text_cli.main(["--input", str(tmp_path / "missing"), "--text-tokenizer", str(out)])
     assert "no such file or folder" in str(e.value.code) and "\n" not in str(e.value.code)

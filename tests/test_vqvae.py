@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from megatron_t2i.tokenizers.train_vqvae import main as train_main, train_vqvae
+from megatron_t2i.cli.train_vqvae import main as train_main
+from megatron_t2i.tokenizers.train_vqvae import train_vqvae
 from megatron_t2i.tokenizers.vqvae import VQVAE, EMACodebook, ImageTokenizer, VQVAEConfig
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds contention

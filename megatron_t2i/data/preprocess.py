@@ -1,6 +1,6 @@
 """Images with captions -> token data set (LMDB), in parallel, resumable, robust to bad input.
 
-    python -m megatron_t2i.data.preprocess --input data/synthetic --output data/tokens \
+    python -m megatron_t2i.cli.preprocess --input data/synthetic --output data/tokens \
         --text-tokenizer text.model --image-tokenizer vqvae.pt --image-size 64 --workers 8
 
 Inputs (the source key of an example is its image path relative to the input's folder):
@@ -32,7 +32,6 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -391,28 +390,3 @@ def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers
         if pool is not None:
             pool.terminate()
             pool.join()
-
-
-def main(argv=None) -> None:
-    from megatron_t2i.arguments import parse_args  # the CLI core is only needed here
-
-    args = parse_args(argv, groups=("data", "tokenizers"), prog="python -m megatron_t2i.data.preprocess",
-                      description="Tokenize images with captions into an LMDB token data set.")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for flag in ("input", "output", "text_tokenizer", "image_tokenizer"):
-        if not getattr(args, flag):
-            sys.exit(f"preprocess: error: --{flag.replace('_', '-')} is required")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        preprocess(args.input, args.output, args.text_tokenizer,
-                   load_image_tokenizer(args.image_tokenizer, device), args.max_text_tokens,
-                   args.image_size, args.workers, args.encode_batch_size,
-                   sr_low_res=args.sr_low_res, image_positions=args.image_positions)
-    except (ValueError, OSError) as e:
-        sys.exit(f"preprocess: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(f"preprocess: interrupted; run the same command again to resume ({args.output}.partial)")
-
-
-if __name__ == "__main__":
-    main()

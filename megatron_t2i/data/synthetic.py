@@ -20,14 +20,13 @@ Checkable by construction:
     around it: 80% of the cell side, small ones 45%);
   - two shapes never share a cell.
 
-    python -m megatron_t2i.data.synthetic --synthetic-dir data/synthetic --synthetic-count 2000
+    python -m megatron_t2i.cli.synthetic --synthetic-dir data/synthetic --synthetic-count 2000
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -253,20 +252,3 @@ def write_dataset(out_dir: str, count: int, seed: int = 0, image_size: int = 64,
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
     return out_dir
-
-
-def main(argv=None) -> None:
-    from megatron_t2i.arguments import parse_args
-    prog = "python -m megatron_t2i.data.synthetic"
-    args = parse_args(argv, groups=("data",), prog=prog,
-                      description="Write the embedded default data set (captioned shapes).")
-    try:
-        path = write_dataset(args.synthetic_dir, args.synthetic_count, args.seed, args.image_size,
-                             args.chinese_fraction, args.caption_order)
-    except (ValueError, OSError) as e:
-        sys.exit(f"{prog}: error: {e}")
-    print(f"synthetic data set: {args.synthetic_count} images of {args.image_size}px in {path}")
-
-
-if __name__ == "__main__":
-    main()

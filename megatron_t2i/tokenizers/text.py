@@ -7,7 +7,7 @@ Every caption encodes to something meaningful: NFKC folds full-width forms and c
 characters first, and byte fallback spells any character the model never saw (a rare Chinese
 character, an emoji) as its UTF-8 bytes instead of one unknown id, so decode(encode(x)) == NFKC(x).
 
-    python -m megatron_t2i.tokenizers.text --input data/synthetic --text-tokenizer text.model
+    python -m megatron_t2i.cli.text_tokenizer --input data/synthetic --text-tokenizer text.model
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import io
 import logging
 import os
 import re
-import sys
 import time
 from typing import Iterable
 
@@ -161,25 +160,3 @@ class TextTokenizer:
         if bad:
             raise ValueError(f"text tokenizer: id {bad[0]} out of range [0, {self.vocab_size})")
         return self._sp.decode(ids)
-
-
-def main(argv=None) -> None:
-    from megatron_t2i.arguments import parse_args
-    prog = "python -m megatron_t2i.tokenizers.text"
-    args = parse_args(argv, groups=("data", "tokenizers"), prog=prog, outputs=("text_tokenizer",),
-                      description="Train a SentencePiece text tokenizer on captions "
-                                  "(--input: a caption file or a folder of .txt captions; "
-                                  "default: the embedded data set in --synthetic-dir).")
-    if not args.text_tokenizer or not args.text_tokenizer.endswith(".model"):
-        sys.exit(f"{prog}: error: --text-tokenizer OUT.model is required (got {args.text_tokenizer!r})")
-    source = args.input or args.synthetic_dir
-    try:
-        path = train_text_tokenizer(source, args.text_tokenizer[:-len(".model")], args.text_vocab_size)
-        tokenizer = TextTokenizer(path)
-    except (ValueError, OSError) as e:
-        sys.exit(f"{prog}: error: {e}")
-    print(f"text tokenizer: {tokenizer.vocab_size} ids (asked {args.text_vocab_size}) in {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,7 @@ megatron_t2i/generation/tasks/
 with `ctx` a GenerationContext (megatron_t2i/generation/loading.py): ctx.model (GPT in eval mode,
 this rank's tensor-parallel shard), ctx.config (ModelConfig), ctx.layout (TokenLayout),
 ctx.text_tokenizer, ctx.image_tokenizer (on the writer only, else None), ctx.device,
-ctx.is_writer (global rank 0), ctx.load_dir; and `config` the GenerationConfig these flags make
+ctx.is_writer (global rank 0); and `config` the GenerationConfig these flags make
 (megatron_t2i/generation/config.py). Every rank calls it; all ranks run the model together, only
 the writer reads input (megatron_t2i.generation.io.queries broadcasts each query) and writes
 files. A task raises ValueError/OSError with a one-line message for bad input.

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: device choice, timing, the reference matmul rate, JSON output.
+"""Helpers shared by the benchmarks: timing, the reference matmul rate, JSON output (the device
+rule is megatron_t2i.device's, re-exported here as resolve_device and sync).
 
 Every benchmark reports speed against a matmul rate measured in the same run, on the same device
 and in the same dtype (megatron_t2i.training.flops.matmul_flops), so a figure such as MFU means
@@ -14,25 +15,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_t2i.device import resolve_device, synchronize as sync  # noqa: E402,F401
 from megatron_t2i.training.flops import matmul_flops  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto': the current CUDA device if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock time covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, seconds: float, device: torch.device) -> tuple[int, float]:

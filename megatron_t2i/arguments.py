@@ -290,9 +290,10 @@ def validate(args, outputs=()) -> None:
     written, not read, so they need not exist."""
     a = vars(args)
     if "model_size" in a:
-        layers, hidden, heads = MODEL_SIZES[args.model_size][:3]
-        hidden = args.hidden_size or hidden
-        heads = args.num_attention_heads or heads
+        shape = MODEL_SIZES[args.model_size]
+        layers = shape.num_layers
+        hidden = args.hidden_size or shape.hidden_size
+        heads = args.num_attention_heads or shape.num_attention_heads
         if hidden % heads:
             raise ArgumentError(f"--num-attention-heads {heads} does not divide --hidden-size {hidden}")
         tp = a.get("tensor_model_parallel_size", 1)

@@ -78,15 +78,25 @@ class ModelConfig:
         return cls.from_dict(read_json(path, f"model config {path}", expect=dict), source=path)
 
 
-# name -> (layers, hidden, heads, layout preset or None, CogView's sandwich LN and PB-relax).
-# The demo leaves those two out: they keep a 4B model stable in fp16, while a 4-layer fp32 model
-# learns faster without them (with sandwich LN every sublayer adds a unit-norm vector to the
-# residual stream, burying the token embeddings, which start 50x smaller).
+@dataclass(frozen=True)
+class ModelSize:
+    """A named transformer shape. cogview_norms: CogView's sandwich LayerNorm and PB-relax, which
+    keep a 4B model stable in fp16; a 4-layer fp32 model learns faster without them (with
+    sandwich LN every sublayer adds a unit-norm vector to the residual stream, burying the token
+    embeddings, which start 50x smaller). layout_preset: the token layout a released model needs
+    when none is given."""
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    cogview_norms: bool = True
+    layout_preset: str | None = None
+
+
 MODEL_SIZES = {
-    "tiny": (2, 64, 4, None, True),                    # unit tests
-    "demo": (4, 256, 8, None, False),                  # the embedded default, trains on a CPU
-    "cogview-tutorial": (12, 1024, 16, None, True),    # the original's tutorial size
-    "cogview-4b": (48, 2560, 40, "cogview", True),     # the released CogView models
+    "tiny": ModelSize(2, 64, 4),                                  # unit tests
+    "demo": ModelSize(4, 256, 8, cogview_norms=False),            # the embedded default, on a CPU
+    "cogview-tutorial": ModelSize(12, 1024, 16),                  # the original's tutorial size
+    "cogview-4b": ModelSize(48, 2560, 40, layout_preset="cogview"),  # the released CogView models
 }
 LAYOUT_PRESETS = {"cogview": TokenLayout.cogview}
 
@@ -98,12 +108,13 @@ def model_config(size: str, layout: TokenLayout | None = None, max_tensor_parall
     table must hold (default: every trainable task of megatron_t2i/tasks.py)."""
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; known sizes: {', '.join(MODEL_SIZES)}")
-    layers, hidden, heads, preset, cogview_norms = MODEL_SIZES[size]
+    shape = MODEL_SIZES[size]
     if layout is None:
-        layout = LAYOUT_PRESETS[preset]() if preset else TokenLayout()
-    positions = max_positions(layout, tasks)
-    cfg = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+        layout = LAYOUT_PRESETS[shape.layout_preset]() if shape.layout_preset else TokenLayout()
+    cfg = ModelConfig(num_layers=shape.num_layers, hidden_size=shape.hidden_size,
+                      num_attention_heads=shape.num_attention_heads,
                       vocab_size=layout.padded_vocab_size(max_tensor_parallel),
-                      num_tokens=layout.vocab_size, max_position_embeddings=positions,
-                      sandwich_ln=cogview_norms, pb_relax=cogview_norms)
+                      num_tokens=layout.vocab_size,
+                      max_position_embeddings=max_positions(layout, tasks),
+                      sandwich_ln=shape.cogview_norms, pb_relax=shape.cogview_norms)
     return replace(cfg, **overrides) if overrides else cfg

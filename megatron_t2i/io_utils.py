@@ -28,6 +28,18 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_torch_atomic(path: str, obj) -> None:
+    """torch.save(obj) to path, atomically (readable with weights_only=True if obj holds tensors
+    and plain data only)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
 def write_text_atomic(path: str, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 

@@ -77,3 +77,26 @@ def guarded_torch_load(trust: bool = False, allow=()):
         yield
     finally:
         torch.load = _original_torch_load
+
+
+class StateDictMismatch(ValueError):
+    """A loaded state dict that does not fit the model; the message names the source and key."""
+
+
+def check_state_dict(state: dict, expected: dict, source: str, model: str = "") -> None:
+    """One line for the first missing or unexpected key, or wrong shape, of a loaded state dict
+    against `expected` {key: tensor or shape}; `model` describes the model in the message."""
+    shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in expected.items()}
+    suffix = f" for a model of {model}" if model else ""
+    missing = [k for k in shapes if k not in state]
+    extra = [k for k in state if k not in shapes]
+    for keys, what in ((missing, "missing key"), (extra, "unexpected key")):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise StateDictMismatch(f"{source}: {what} {keys[0]}{more}{suffix}")
+    for key, shape in shapes.items():
+        got = state[key]
+        if not torch.is_tensor(got) or tuple(got.shape) != shape:
+            found = list(got.shape) if torch.is_tensor(got) else type(got).__name__
+            raise StateDictMismatch(f"{source}: {key} has shape {found}, expected "
+                                    f"{list(shape)}{suffix}")

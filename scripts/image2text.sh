@@ -8,9 +8,11 @@
 # id<TAB>path with --with-id). Extra arguments go to generate_samples.py, e.g. --beam-size 0
 # --batch-size 4 --top-k 20 to sample 4 captions per image.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$(dirname "$0")/lib/common.sh"
 
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  script_help 9
   cat <<'HELP'
 
 Environment variables (defaults in brackets):
@@ -25,8 +27,6 @@ HELP
 }
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
 source "$ROOT/scripts/lib/synthetic.sh"
 LOAD=${LOAD:-$ROOT/checkpoints/demo}
 DATA_DIR=${DATA_DIR:-$ROOT/data}

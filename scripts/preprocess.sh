@@ -8,9 +8,11 @@
 # Your own images: INPUT=/path/to/folder_or.tsv_or.jsonl ./scripts/preprocess.sh
 # Every setting below can be overridden from the environment; extra flags go to the LMDB writer.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$(dirname "$0")/lib/common.sh"
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  script_help 9
   cat <<'EOF'
 
 Environment variables (defaults in brackets):
@@ -34,7 +36,6 @@ EOF
   exit 0
 fi
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DATA_DIR=${DATA_DIR:-$ROOT/data}
 INPUT=${INPUT:-}
 SYNTHETIC_COUNT=${SYNTHETIC_COUNT:-10000}
@@ -48,10 +49,8 @@ VQVAE_STEPS=${VQVAE_STEPS:-}
 OUTPUT=${OUTPUT:-$DATA_DIR/tokens.lmdb}
 WORKERS=${WORKERS:-$(nproc)}
 SEED=${SEED:-1234}
-PY=${PYTHON:-python3}
 
 mkdir -p "$DATA_DIR"
-cd "$ROOT"
 start=$(date +%s)
 stage() { printf '\n== %s (%ds)\n' "$1" $(( $(date +%s) - start )); }
 

@@ -8,9 +8,11 @@
 #   MP_SIZE=2 NUM_GPUS_PER_WORKER=4 ./scripts/pretrain_single_node.sh --model-size cogview-tutorial
 # Re-running the same command resumes from the newest checkpoint in $SAVE.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$(dirname "$0")/lib/common.sh"
 
 usage() {
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  script_help 10
   cat <<'EOF'
 
 Environment variables (defaults in brackets):
@@ -36,9 +38,6 @@ EOF
 }
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
-PY=${PYTHON:-python3}
 DATA_DIR=${DATA_DIR:-$ROOT/data}
 DATA_PATH=${DATA_PATH:-$DATA_DIR/tokens.lmdb}
 SAVE=${SAVE:-$ROOT/checkpoints/demo}
@@ -55,7 +54,7 @@ TEXT_DROPOUT=${TEXT_DROPOUT:-0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 LAUNCHER=${LAUNCHER:-torchrun}
 
-gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+gpus=$(gpu_count)
 if [[ -z "${NUM_GPUS_PER_WORKER:-}" ]]; then
   if (( gpus > 0 )); then NUM_GPUS_PER_WORKER=$gpus
   else NUM_GPUS_PER_WORKER=$(( $(nproc) / 2 )); (( NUM_GPUS_PER_WORKER >= 1 )) || NUM_GPUS_PER_WORKER=1
@@ -68,8 +67,7 @@ if (( NUM_GPUS_PER_WORKER % (MP_SIZE * PP_SIZE) )); then
 fi
 if (( gpus == 0 )); then
   backend=gloo
-  # split the cores between the processes instead of oversubscribing them
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NUM_GPUS_PER_WORKER > 0 ? $(nproc) / NUM_GPUS_PER_WORKER : 1 ))}
+  share_cpu_cores "$NUM_GPUS_PER_WORKER"
 else
   backend=nccl
   export NCCL_DEBUG=${NCCL_DEBUG:-WARN}

@@ -8,9 +8,11 @@
 # and print the figures and where everything is. A stage whose output exists is skipped, so an
 # interrupted quickstart resumes where it stopped (training from its newest checkpoint).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$(dirname "$0")/lib/common.sh"
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  script_help 9
   cat <<'EOF'
 
 Environment variables (defaults in brackets); the data and training defaults are those of
@@ -27,9 +29,6 @@ fi
 (( $# == 0 )) || { echo "quickstart.sh: takes no arguments (settings come from the environment;" \
                         "see --help)" >&2; exit 2; }
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
-PY=${PYTHON:-python3}
 export DATA_DIR=${DATA_DIR:-$ROOT/data}
 export SAVE=${SAVE:-$ROOT/checkpoints/demo}
 OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/quickstart}

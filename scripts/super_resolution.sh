@@ -7,9 +7,11 @@
 # With no arguments: the first images of $DATA_DIR/synthetic (DATA_DIR=data-sr for the above) with
 # their captions, by ./checkpoints/demo-sr; PNGs in $OUTPUT_PATH/{caption}/. Extra arguments go to generate_samples.py.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$(dirname "$0")/lib/common.sh"
 
 usage() {
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  script_help 8
   cat <<'HELP'
 
 Environment variables (defaults in brackets):
@@ -25,8 +27,6 @@ HELP
 }
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
 source "$ROOT/scripts/lib/synthetic.sh"
 LOAD=${LOAD:-$ROOT/checkpoints/demo-sr}
 DATA_DIR=${DATA_DIR:-$ROOT/data}

@@ -8,9 +8,11 @@
 #   ./scripts/text2image.sh --load checkpoints/run1 --task completion --input-source pairs.tsv
 # A checkpoint saved at tensor-parallel size N runs as N processes under torchrun.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$(dirname "$0")/lib/common.sh"
 
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  script_help 9
   cat <<'EOF'
 
 Environment variables (defaults in brackets):
@@ -22,9 +24,6 @@ EOF
 }
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
-PY=${PYTHON:-python3}
 LOAD=$ROOT/checkpoints/demo
 prev=""
 for arg in "$@"; do  # the checkpoint the run will use (the last --load wins, as in argparse)
@@ -56,9 +55,6 @@ args=(--load "$LOAD" --input-source interactive --output-path "$ROOT/samples")
 if (( NUM_GPUS == 1 )); then
   exec "$PY" generate_samples.py "${args[@]}" "$@"
 fi
-if [[ $("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0) == 0 ]]; then
-  # CPU: share the cores between the processes instead of oversubscribing them
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NUM_GPUS > 0 ? $(nproc) / NUM_GPUS : 1 ))}
-fi
+(( $(gpu_count) > 0 )) || share_cpu_cores "$NUM_GPUS"
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS" \
   --master_port "${MASTER_PORT:-29510}" generate_samples.py "${args[@]}" "$@"

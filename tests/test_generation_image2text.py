@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import generate_samples
-from generation_toy import make_checkpoint, make_tokenizers
+from generation_toy import make_checkpoint
 from megatron_t2i.config import model_config
 from megatron_t2i.generation.loading import GenerationContext, load_model, load_tokenizers
 from megatron_t2i.generation.sampling import SamplingConfig
@@ -208,10 +208,10 @@ def test_cached_beam_search_equals_recomputation(untrained):
 # ---- the CLI tasks -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_tokenizers):
     """A random tiny checkpoint with its tokenizers, and four images."""
     root = tmp_path_factory.mktemp("i2t")
-    tokenizers = make_tokenizers(str(root / "tokenizers"))
+    tokenizers = toy_tokenizers
     checkpoint = make_checkpoint(str(root / "ckpt"), tokenizers)
     rng = np.random.default_rng(0)
     images = []
@@ -221,7 +221,7 @@ def toy(tmp_path_factory):
         images.append(path)
     model, config, layout, stored = load_model(checkpoint)
     text, image = load_tokenizers(layout, None, None, stored=stored)
-    ctx = GenerationContext(model, config, layout, text, image, torch.device("cpu"), True, checkpoint)
+    ctx = GenerationContext(model, config, layout, text, image, torch.device("cpu"), True)
     return {"root": root, "ckpt": checkpoint, "images": images, "ctx": ctx}
 
 

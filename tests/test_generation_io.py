@@ -122,6 +122,7 @@ def _receive(rank, world_size, lines):
     return [(q.index, q.text, q.item) for q in io.broadcast_queries(queries)]
 
 
+@pytest.mark.slow
 def test_queries_reach_every_rank():
     lines = ["a red circle", "一只猫", "x" * 500]
     expected = [(i, text, len(text)) for i, text in enumerate(lines)]

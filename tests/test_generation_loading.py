@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from generation_toy import make_checkpoint, make_tokenizers, tiny_config
+from generation_toy import make_checkpoint, tiny_config
 from megatron_t2i import mpu
 from megatron_t2i.generation.scoring import score
 from megatron_t2i.generation.state import Decoding, Prompt
@@ -23,9 +23,9 @@ SAMPLING = SamplingConfig(temperature=1.0, top_k=10, top_p=0.9)
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_tokenizers):
     root = tmp_path_factory.mktemp("toy")
-    tokenizers = make_tokenizers(str(root / "tokenizers"))
+    tokenizers = toy_tokenizers
     torch.manual_seed(0)
     state = GPT(tiny_config(tokenizers[2])).state_dict()
     return {"root": root, "tokenizers": tokenizers, "state": state,
@@ -72,7 +72,7 @@ def test_damaged_checkpoints_are_one_line_errors(toy, tmp_path):
     with pytest.raises(ValueError, match="mp_rank_00_model_states.pt: .* bytes, .* when saved"):
         load_model(folder)  # the manifest sees the file changed before anything is read
     write_manifest(os.path.dirname(path))  # as if saved that way: the shard itself is checked
-    with pytest.raises(CheckpointError, match="missing key transformer.final_layernorm.bias"):
+    with pytest.raises(ValueError, match="missing key transformer.final_layernorm.bias"):
         load_model(folder)
     with open(path, "wb") as f:
         f.write(b"not a torch file")
@@ -139,6 +139,7 @@ def _tensor_parallel_generation(rank, world_size, folder, seeds):
     return run_generation(folder, seeds)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_generation_equals_single_process(toy):
     seeds = [101, 202, 303]
     reference = run_generation(toy["tp1"], seeds)

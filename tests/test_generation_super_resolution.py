@@ -13,7 +13,7 @@ from PIL import Image
 
 import generate_samples
 from distributed import run_distributed
-from generation_toy import VQ, make_checkpoint, make_tokenizers
+from generation_toy import VQ, make_checkpoint
 from megatron_t2i import mpu
 from megatron_t2i.arguments import parse_args
 from megatron_t2i.config import model_config
@@ -164,9 +164,9 @@ def test_a_model_without_the_positions_is_refused():
 # ---- the CLI -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_tokenizers):
     root = tmp_path_factory.mktemp("sr")
-    tokenizers = make_tokenizers(str(root / "tokenizers"))
+    tokenizers = toy_tokenizers
     checkpoint = make_checkpoint(str(root / "ckpt"), tokenizers)
     image = str(root / "in.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
@@ -291,6 +291,7 @@ def _tensor_parallel_super_resolution(rank, world_size, folder, codes, seeds):
     return sr.super_resolve(model, layout, [5, 6, 7], codes, Decoding(SAMPLING), gens(seeds)).numpy()
 
 
+@pytest.mark.slow
 def test_tensor_parallel_equals_one_process(toy, tmp_path):
     model, _, layout, _ = load_model(toy["ckpt"])
     tp2 = make_checkpoint(str(tmp_path / "tp2"), toy["tokenizers"], tp=2, state=model.state_dict())

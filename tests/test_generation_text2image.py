@@ -12,7 +12,7 @@ from PIL import Image
 
 import generate_samples
 from distributed import free_port
-from generation_toy import make_checkpoint, make_tokenizers
+from generation_toy import make_checkpoint
 from megatron_t2i.generation.batching import sample_seed
 from megatron_t2i.generation.config import GenerationConfig, LoadConfig
 from megatron_t2i.generation.loading import build_context
@@ -25,9 +25,9 @@ SIZE = 32  # pixels of the toy tokenizer's images
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(tmp_path_factory, toy_tokenizers):
     root = tmp_path_factory.mktemp("t2i")
-    tokenizers = make_tokenizers(str(root / "tokenizers"))
+    tokenizers = toy_tokenizers
     return {"tp1": make_checkpoint(str(root / "tp1"), tokenizers),
             "tp2": make_checkpoint(str(root / "tp2"), tokenizers, tp=2)}
 
@@ -77,6 +77,7 @@ def test_debug_grid_cfg_and_no_overwrite(ckpt, tmp_path):
     assert sorted(os.listdir(tmp_path / "plain" / "a_red_circle")) == ["000-1.png", "000.png"]
 
 
+@pytest.mark.slow
 def test_interactive_mode_through_stdin(ckpt, tmp_path):
     # through the launcher script, whose default input source is interactive
     out = tmp_path / "out"
@@ -147,6 +148,7 @@ def test_rerank_top_keeps_the_best_scored(ckpt, tmp_path, monkeypatch, capsys):
         assert any(np.array_equal(ours, image) for image in everything)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_run_under_torchrun_matches_one_process(ckpt, tmp_path):
     # two ranks load the two shards; rank 0 reads stdin and broadcasts the query
     env = dict(os.environ, OMP_NUM_THREADS="1")

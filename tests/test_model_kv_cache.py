@@ -122,6 +122,7 @@ def _tensor_parallel_decoding(rank, world_size):
     return results
 
 
+@pytest.mark.slow
 def test_cached_decoding_tensor_parallel():
     results = run_distributed(_tensor_parallel_decoding, 2)
     tokens, pos = sequence()

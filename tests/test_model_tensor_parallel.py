@@ -1,6 +1,7 @@
 """TP=2 equals TP=1: logits, loss and reassembled gradients, with dropout and activation checkpointing."""
 from dataclasses import replace
 
+import pytest
 import torch
 
 from megatron_t2i import mpu
@@ -65,6 +66,7 @@ def full_tensor(name, shards):
     return shards[0]
 
 
+@pytest.mark.slow
 def test_tensor_parallel_equals_single_process():
     logits1, loss1, grads1 = train_step(CFG)
     assert abs(train_step(replace(CFG, hidden_dropout=0.0))[1] - loss1) > 1e-4  # dropout is on

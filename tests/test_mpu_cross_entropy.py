@@ -78,5 +78,6 @@ def _run(rank, world_size):
     return "ok"
 
 
+@pytest.mark.slow
 def test_tp2_matches_torch_cross_entropy():
     assert run_distributed(_run, 2) == ["ok", "ok"]

@@ -114,6 +114,7 @@ def _run(rank, world_size):
     return "ok"
 
 
+@pytest.mark.slow
 def test_tp2_layers_are_slices_of_tp1_layers():
     assert run_distributed(_run, 2) == ["ok", "ok"]
 

@@ -56,6 +56,7 @@ def _run(rank, world_size):
     return "ok"
 
 
+@pytest.mark.slow
 def test_mappings_tp2_match_single_process_reference():
     assert run_distributed(_run, 2) == ["ok", "ok"]
 

@@ -47,6 +47,7 @@ def _run(rank, world_size):
     return "ok"
 
 
+@pytest.mark.slow
 def test_streams_across_tp_ranks():
     assert run_distributed(_run, 2) == ["ok", "ok"]
 

@@ -111,6 +111,7 @@ def _expected(layout, rank):
     return {kind: next(ranks for ranks in groups if rank in ranks) for kind, groups in layout.items()}
 
 
+@pytest.mark.slow
 def test_world4_groups_communicate_as_laid_out():
     results = run_distributed(_world4, 4)
     for rank, (tp2pp2, tp1pp2, error, tp_after_destroy) in enumerate(results):

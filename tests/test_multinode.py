@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from toy_data import write_toy_dataset
 
+pytestmark = pytest.mark.slow  # multi-process / end-to-end runs: see conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "scripts" / "pretrain_multiple_nodes.sh"
 NODES = ROOT / "tests" / "netns" / "two_nodes.sh"

@@ -16,6 +16,8 @@ from megatron_t2i.model.pipeline import (build_pipeline_model, check_ds_config, 
                                          layer_prefixes, load_gpt_state_dict, pipeline_key)
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.slow  # multi-process / end-to-end runs: see conftest.py
+
 torch.set_num_threads(2)
 CFG = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=256,
                   max_position_embeddings=16, hidden_dropout=0.1, attention_dropout=0.1)

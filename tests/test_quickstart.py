@@ -7,6 +7,10 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # multi-process / end-to-end runs: see conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

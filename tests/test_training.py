@@ -14,6 +14,8 @@ import torch
 from distributed import free_port
 from toy_data import write_toy_dataset
 
+pytestmark = pytest.mark.slow  # multi-process / end-to-end runs: see conftest.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--model-size", "tiny", "--micro-batch-size", "2", "--log-interval", "1",
         "--eval-interval", "1000", "--distributed-backend", "gloo", "--seed", "5"]

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from distributed import free_port
-from generation_toy import make_checkpoint, make_tokenizers
+from generation_toy import make_checkpoint
 from megatron_t2i.training.manifest import write_manifest
 from toy_data import write_toy_dataset
+
+pytestmark = pytest.mark.slow  # multi-process / end-to-end runs: see conftest.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--model-size", "tiny", "--micro-batch-size", "2", "--log-interval", "1",
@@ -49,14 +51,14 @@ def error_lines(out) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, toy_tokenizers):
     """A 4-iteration run: checkpoints at iterations 2 and 4, with tokenizers for generation."""
     root = tmp_path_factory.mktemp("trust")
     data = write_toy_dataset(str(root / "toy.lmdb"), count=32)
     save = str(root / "ck")
     out = pretrain(["--data-path", data, "--train-iters", "4", "--save", save])
     assert out.returncode == 0, out.stderr[-3000:]
-    tokenizers = make_tokenizers(str(root / "tokenizers"))
+    tokenizers = toy_tokenizers
     return {"root": root, "data": data, "save": save, "tokenizers": tokenizers}
 
 
@@ -175,7 +177,7 @@ def test_truncated_lmdb_is_one_line_for_training_and_preprocessing(trained, tmp_
     line, = error_lines(out)
     assert f"{mdb}: " in line and "truncated" in line
     text_path, image_path, _ = trained["tokenizers"]
-    out = run([sys.executable, "-m", "megatron_t2i.data.preprocess", "--input", str(tmp_path),
+    out = run([sys.executable, "-m", "megatron_t2i.cli.preprocess", "--input", str(tmp_path),
                "--output", data, "--text-tokenizer", text_path, "--image-tokenizer", image_path])
     assert out.returncode == 1 and "truncated" in out.stderr.strip().splitlines()[-1]
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from megatron_t2i.data.loader import SequenceBuilder, collate
 from megatron_t2i.evaluation.reader import gaussian_kernel
-from megatron_t2i.tokenizers.vqvae import code_usage
+from megatron_t2i.tokenizers.vqvae import code_usage, psnr
 from megatron_t2i.training.objectives import TokenCrossEntropy
 
 SHAPE_ATTRIBUTES = ("colour", "kind", "size", "position")  # checked once per named shape
@@ -107,12 +107,6 @@ def diversity(groups: list[torch.Tensor], threshold: float = 0.05) -> dict:
 
 
 # ---- reconstruction ------------------------------------------------------------------------------
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per image, [B] (inf for identical images)."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range ** 2 / mse)
-
-
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window: int = 11,
          sigma: float = 1.5) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004) per image, [B]: local means, variances and

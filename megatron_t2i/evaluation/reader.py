@@ -20,7 +20,6 @@ is cached on disk (`load_or_train`), keyed by its config and the tokenizer's has
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from megatron_t2i.data.synthetic import BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES, make_example
-from megatron_t2i.io_utils import dataclass_from_dict, write_bytes_atomic
+from megatron_t2i.io_utils import dataclass_from_dict, write_torch_atomic
 from megatron_t2i.safe_load import load_torch_file
 
 FORMAT = "megatron_t2i.attribute_reader/1"
@@ -314,10 +313,10 @@ def _train(config: ReaderConfig, tokenizer, progress: bool) -> AttributeReader:
 # ---- files ---------------------------------------------------------------------------------------
 def save_reader(model: AttributeReader, path: str, tokenizer_sha256: str | None = None) -> None:
     """Atomic write; readable with torch.load(weights_only=True)."""
-    buf = io.BytesIO()
-    torch.save({"format": FORMAT, "config": asdict(model.config), "tokenizer_sha256": tokenizer_sha256,
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, buf)
-    write_bytes_atomic(path, buf.getvalue())
+    write_torch_atomic(path, {"format": FORMAT, "config": asdict(model.config),
+                              "tokenizer_sha256": tokenizer_sha256,
+                              "state_dict": {k: v.detach().cpu()
+                                             for k, v in model.state_dict().items()}})
 
 
 def load_reader(path: str, device="cpu") -> AttributeReader:

@@ -21,7 +21,7 @@ from megatron_t2i.config import ModelConfig
 from megatron_t2i.device import resolve_device
 from megatron_t2i.generation.config import LoadConfig
 from megatron_t2i.model.gpt import GPT
-from megatron_t2i.safe_load import deepspeed_safe_globals, load_torch_file
+from megatron_t2i.safe_load import check_state_dict, deepspeed_safe_globals, load_torch_file
 from megatron_t2i.tokenizers.layout import TokenLayout
 from megatron_t2i.training.checkpoint import TOKENIZER_FILES, CheckpointError
 from megatron_t2i.training.convert import (check_finite, model_file, read_info,
@@ -50,19 +50,6 @@ def _read_shard(folder: str, config: ModelConfig, meta: dict, rank: int,
     if not isinstance(weights, dict) or not isinstance(weights.get("module"), dict):
         raise CheckpointError(f"{path}: no 'module' entry with the model weights")
     return weights["module"]
-
-
-def _check_shard(state: dict, expected: dict, source: str) -> None:
-    """One line for the first missing/unexpected key or wrong shape."""
-    for key, tensor in expected.items():
-        if key not in state:
-            raise CheckpointError(f"{source}: missing key {key}")
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{source}: {key} has shape {list(state[key].shape)}, the model "
-                                  f"config needs {list(tensor.shape)}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise CheckpointError(f"{source}: unexpected key {extra[0]}")
 
 
 def offload_layers(model: GPT, device: torch.device) -> None:
@@ -113,7 +100,7 @@ def load_model(load_dir: str, device="cpu", dtype: torch.dtype | None = None,
     config = replace(config, hidden_dropout=0.0, attention_dropout=0.0, checkpoint_activations=False)
     model = GPT(config, device="meta")
     state = _read_shard(folder, config, meta, rank, trust)
-    _check_shard(state, model.state_dict(), f"{folder} (tensor-parallel rank {rank})")
+    check_state_dict(state, model.state_dict(), f"{folder} (tensor-parallel rank {rank})")
     check_finite(state, f"{folder} (tensor-parallel rank {rank})")
     stored = state["word_embeddings.weight"].dtype
     if dtype is None:
@@ -178,7 +165,6 @@ class GenerationContext:
     image_tokenizer: object | None   # ImageTokenizer on the writer; None on the other ranks
     device: torch.device
     is_writer: bool
-    load_dir: str
 
     def encode_image_file(self, path: str) -> list[int]:
         """An image file -> its codes [grid^2] under the checkpoint's VQ-VAE (on the writer)."""
@@ -204,4 +190,4 @@ def build_context(load: LoadConfig) -> GenerationContext:
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
     text, image = load_tokenizers(layout, load.text_tokenizer, load.image_tokenizer,
                                   device, stored, need_image=is_writer)
-    return GenerationContext(model, config, layout, text, image, device, is_writer, load.load)
+    return GenerationContext(model, config, layout, text, image, device, is_writer)

@@ -18,7 +18,7 @@ from torch import nn
 from megatron_t2i import mpu
 from megatron_t2i.model.attention import KVCache, normal_init
 from megatron_t2i.model.heads import build_head
-from megatron_t2i.model.trunk import Transformer, seed_component
+from megatron_t2i.model.trunk import Transformer, check_inputs, seed_component
 
 
 @dataclass
@@ -53,15 +53,8 @@ class GPT(nn.Module):
     def hidden(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
                slots: Slots | None = None):
         """tokens, position_ids [B, S] -> the trunk's final hidden states [B, S, h]."""
-        if tokens.dim() != 2 or tokens.shape != position_ids.shape:
-            raise ValueError(f"GPT: tokens and position_ids must both be [batch, seq], got "
-                             f"{list(tokens.shape)} and {list(position_ids.shape)}")
-        # a sequence may be longer than the position table when its position ids restart
-        # (super-resolution); only then are the ids themselves looked at (a device sync)
-        limit = self.config.max_position_embeddings
-        if kv_cache is None and tokens.shape[1] > limit and int(position_ids.max()) >= limit:
-            raise ValueError(f"GPT: sequence of {tokens.shape[1]} tokens has position ids up to "
-                             f"{int(position_ids.max())}, beyond max_position_embeddings {limit}")
+        check_inputs(tokens, position_ids, self.config.max_position_embeddings,
+                     cached=kv_cache is not None)
         return self.transformer(self.embed(tokens, slots), position_ids, attention_mask, kv_cache)
 
     def forward(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,

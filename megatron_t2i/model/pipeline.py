@@ -61,6 +61,7 @@ from megatron_t2i import mpu
 from megatron_t2i.model.attention import block_causal_mask, normal_init
 from megatron_t2i.model.heads import language_model_loss, lm_logits
 from megatron_t2i.model.layer import LayerNorm, TransformerLayer
+from megatron_t2i.model.trunk import check_inputs
 from megatron_t2i.safe_load import load_torch_file
 
 TIED_KEY = "word_embeddings"
@@ -78,14 +79,7 @@ class WordEmbeddingPipe(mpu.VocabParallelEmbedding):
 
     def forward(self, inputs):
         tokens, position_ids, *block_ids = inputs
-        if tokens.dim() != 2 or tokens.shape != position_ids.shape:
-            raise ValueError(f"pipeline model: tokens and position_ids must both be [batch, seq], "
-                             f"got {list(tokens.shape)} and {list(position_ids.shape)}")
-        # as GPT.forward: longer sequences are fine when their position ids restart (super-res.)
-        if tokens.shape[1] > self.max_positions and int(position_ids.max()) >= self.max_positions:
-            raise ValueError(f"pipeline model: sequence of {tokens.shape[1]} tokens has position "
-                             f"ids up to {int(position_ids.max())}, beyond max_position_embeddings "
-                             f"{self.max_positions}")
+        check_inputs(tokens, position_ids, self.max_positions, what="pipeline model")
         return (super().forward(tokens), position_ids, *block_ids)
 
 

@@ -24,6 +24,19 @@ def seed_component(seed: int | None, index: int) -> None:
         mpu.model_parallel_seed(seed + index)
 
 
+def check_inputs(tokens, position_ids, limit: int, cached: bool = False,
+                 what: str = "GPT") -> None:
+    """tokens and position_ids must both be [B, S]; a sequence longer than the position table
+    (`limit`) is fine only when its position ids restart (super-resolution), and only then are
+    the ids themselves looked at (a device sync)."""
+    if tokens.dim() != 2 or tokens.shape != position_ids.shape:
+        raise ValueError(f"{what}: tokens and position_ids must both be [batch, seq], got "
+                         f"{list(tokens.shape)} and {list(position_ids.shape)}")
+    if not cached and tokens.shape[1] > limit and int(position_ids.max()) >= limit:
+        raise ValueError(f"{what}: sequence of {tokens.shape[1]} tokens has position ids up to "
+                         f"{int(position_ids.max())}, beyond max_position_embeddings {limit}")
+
+
 class Transformer(nn.Module):
     def __init__(self, config, device=None, params_dtype=torch.float32, seed: int | None = None):
         super().__init__()

@@ -5,10 +5,8 @@
     layers         ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding (+ shard helpers)
     cross_entropy  vocab-parallel cross entropy
     random         seeds, the TP RNG tracker, RNG-replaying activation checkpointing
-    data           batch broadcast inside a TP group
 """
 from megatron_t2i.mpu.cross_entropy import vocab_parallel_cross_entropy
-from megatron_t2i.mpu.data import broadcast_data
 from megatron_t2i.mpu.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                      gather_tensor_along_dim, normal_init_method,
                                      set_tensor_model_parallel_attributes, split_tensor_along_dim)

@@ -109,7 +109,7 @@ class TextTokenizer:
         if not os.path.isfile(self.model_path):
             raise FileNotFoundError(
                 f"text tokenizer: {self.model_path}: no such file (train one with `python -m "
-                f"megatron_t2i.tokenizers.text --input CAPTIONS --text-tokenizer {self.model_path}`)")
+                f"megatron_t2i.cli.text_tokenizer --input CAPTIONS --text-tokenizer {self.model_path}`)")
         with open(self.model_path, "rb") as f:
             self._load(f.read())
         self.truncated = 0  # captions cut to max_len so far

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer, VQVAEConfig, code_usage
+from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer, VQVAEConfig, code_usage, psnr
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -50,19 +50,14 @@ def load_pixels(images, tokenizer: ImageTokenizer) -> torch.Tensor:
     return torch.stack(crops)
 
 
-def psnr(recon01: torch.Tensor, target01: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of images in [0, 1]."""
-    mse = (recon01 - target01).pow(2).mean().item()
-    return 10 * math.log10(1 / max(mse, 1e-10))
-
-
 @torch.no_grad()
 def evaluate(tokenizer: ImageTokenizer, pixels: torch.Tensor, batch_size: int) -> dict:
     """PSNR, codebook usage and perplexity of uint8 images [N, 3, S, S] through encode/decode."""
     codes = tokenizer.encode_images(tokenizer.normalize(pixels), batch_size=batch_size)
     recon = tokenizer.decode_to_tensor(codes, batch_size=batch_size)
     usage, perplexity = code_usage(codes, tokenizer.codebook_size)
-    return {"psnr": psnr(recon, pixels.float() / 255), "usage": usage, "perplexity": perplexity}
+    return {"psnr": psnr(recon, pixels.float() / 255).mean().item(), "usage": usage,
+            "perplexity": perplexity}
 
 
 def train_vqvae(images, out_path: str, config: VQVAEConfig | None = None, steps: int = 3000,
@@ -114,7 +109,8 @@ def train_vqvae(images, out_path: str, config: VQVAEConfig | None = None, steps:
         optimizer.step()
         schedule.step()
         if step % log_every == 0 or step == steps:
-            train_psnr = psnr(tokenizer.denormalize(recon.detach()), batch.to(device).float() / 255)
+            train_psnr = psnr(tokenizer.denormalize(recon.detach()),
+                              batch.to(device).float() / 255).mean().item()
             bar.set_postfix(loss=f"{losses['loss'].item():.4f}", psnr=f"{train_psnr:.1f}",
                             usage=f"{losses['usage']:.2f}")
             if writer:

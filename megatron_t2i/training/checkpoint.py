@@ -76,8 +76,8 @@ def publish_checkpoint(save_dir: str, tag: str, model_config: ModelConfig, layou
     manifest.write_manifest(partial, checksums)
     replace_folder(partial, final)
     for name in ("model_config.json", "token_layout.json"):  # beside, for tools and humans
-        shutil.copyfile(os.path.join(final, name), os.path.join(save_dir, f".{name}.tmp"))
-        os.replace(os.path.join(save_dir, f".{name}.tmp"), os.path.join(save_dir, name))
+        with open(os.path.join(final, name), "rb") as f:
+            write_bytes_atomic(os.path.join(save_dir, name), f.read())
     write_text_atomic(os.path.join(save_dir, LATEST), tag)
     return final
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
 from megatron_t2i.io_utils import replace_folder, write_text_atomic
-from megatron_t2i.safe_load import deepspeed_safe_globals, load_torch_file
+from megatron_t2i.safe_load import check_state_dict, deepspeed_safe_globals, load_torch_file
 from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
 from megatron_t2i.training import manifest
 from megatron_t2i.training.checkpoint import (LATEST, CheckpointError, publish_checkpoint,
@@ -110,16 +110,6 @@ def _check_tensor_parallel(config: ModelConfig, tp: int, where: str) -> None:
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def _check_keys(state: dict, specs: dict, source: str) -> None:
-    missing = [k for k in specs if k not in state]
-    extra = [k for k in state if k not in specs]
-    for keys, what in ((missing, "missing key"), (extra, "unexpected key")):
-        if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise CheckpointError(f"{source}: {what} {keys[0]}{more} for a model of "
-                                  f"{_describe(specs)}")
-
-
 def _describe(specs: dict) -> str:
     layers = sum(1 for k in specs if k.endswith("input_layernorm.weight"))
     vocab, hidden = specs[WORD_EMBEDDINGS].shape
@@ -130,15 +120,11 @@ def merge_shards(shards: list[dict], specs: dict[str, ParamSpec], sources: list[
     """Per-rank state dicts (TP rank order) -> the full fp32 state dict. `sources` name the
     ranks' files in errors."""
     tp = len(shards)
+    expected = {key: spec.shard_shape(tp) for key, spec in specs.items()}
     for shard, source in zip(shards, sources):
-        _check_keys(shard, specs, source)
+        check_state_dict(shard, expected, source, f"{_describe(specs)} at TP={tp}")
     full = {}
     for key, spec in specs.items():
-        for shard, source in zip(shards, sources):
-            if tuple(shard[key].shape) != spec.shard_shape(tp):
-                raise CheckpointError(
-                    f"{source}: {key} has shape {list(shard[key].shape)}, expected "
-                    f"{list(spec.shard_shape(tp))} (TP={tp} of a model of {_describe(specs)})")
         parts = [shard[key].float() for shard in shards]
         full[key] = mpu.gather_tensor_along_dim(parts, spec.dim, spec.stride) if spec.parallel \
             else parts[0]
@@ -147,11 +133,8 @@ def merge_shards(shards: list[dict], specs: dict[str, ParamSpec], sources: list[
 
 def split_state_dict(full: dict, specs: dict[str, ParamSpec], tp: int) -> list[dict]:
     """The full state dict -> tp per-rank state dicts (shapes checked first)."""
-    _check_keys(full, specs, "state dict")
-    for key, spec in specs.items():
-        if tuple(full[key].shape) != spec.shape:
-            raise CheckpointError(f"state dict: {key} has shape {list(full[key].shape)}, the "
-                                  f"model config needs {list(spec.shape)}")
+    check_state_dict(full, {key: spec.shape for key, spec in specs.items()}, "state dict",
+                     _describe(specs))
     return [{key: mpu.split_tensor_along_dim(full[key], spec.dim, tp, rank, spec.stride)
              if spec.parallel else full[key] for key, spec in specs.items()}
             for rank in range(tp)]

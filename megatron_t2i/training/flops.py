@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from megatron_t2i.device import synchronize
+
 logger = logging.getLogger("megatron_t2i.train")
 
 FORMULA = "6*N_params_nonembedding + 6*V*h (head) + 12*layers*hidden*seq (attention), per token"
@@ -37,19 +39,15 @@ def matmul_flops(dtype=torch.float32, device="cpu", size: int | None = None,
     a = torch.randn(size, size, generator=g).to(device, dtype)
     b = torch.randn(size, size, generator=g).to(device, dtype)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(2):  # warm-up: kernels, clocks, allocator
         a @ b
-    sync()
+    synchronize(device)
     n, start = 0, time.perf_counter()
     while True:
         a @ b
         n += 1
         if n % 4 == 0:
-            sync()
+            synchronize(device)
             elapsed = time.perf_counter() - start
             if elapsed >= seconds:
                 return 2 * size ** 3 * n / elapsed

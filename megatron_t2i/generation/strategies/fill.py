@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from megatron_t2i.generation.sampling import sample
-from megatron_t2i.generation.state import Decoding, DecodingState, Prompt
+from megatron_t2i.generation.state import Decoding, DecodingState, Prompt, check_positions
 
 
 @torch.no_grad()
@@ -23,10 +23,8 @@ def fill(model, prompt: Prompt, given: torch.Tensor, decoding: Decoding = Decodi
         raise ValueError("fill: the given positions must be the same in every row")
     known = known.tolist()  # read on the host once, not one device sync per token
     n, last = given.shape[1], prompt.positions[:, -1]
-    limit = model.config.max_position_embeddings
-    if int(prompt.positions.max()) >= limit or int(last.max()) + n - 1 >= limit:
-        raise ValueError(f"the model has {limit} positions; this sequence needs "
-                         f"{int(last.max()) + n}")
+    check_positions(model, prompt.positions, last[:, None] + torch.arange(1, n, device=last.device),
+                    what="fill")  # the last token is never fed
     state = DecodingState(model, prompt, n, decoding.use_cache)
     out = given.clone()
     for step in range(n):

@@ -23,28 +23,24 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import DTYPES  # noqa: E402
 from megatron_t2i.config import model_config  # noqa: E402
+from megatron_t2i.device import resolve_device, synchronize  # noqa: E402
 from megatron_t2i.generation.sampling import SamplingConfig  # noqa: E402
 from megatron_t2i.generation.state import Decoding, Prompt  # noqa: E402
 from megatron_t2i.generation.strategies.raster import generate  # noqa: E402
 from megatron_t2i.generation.vocab import image_vocab_mask  # noqa: E402
 from megatron_t2i.model.gpt import GPT  # noqa: E402
 from megatron_t2i.tokenizers.layout import TokenLayout  # noqa: E402
-from megatron_t2i.training.flops import matmul_flops, model_flops_per_token  # noqa: E402
+from megatron_t2i.training.flops import MatmulReference, model_flops_per_token  # noqa: E402
 
 # the layouts these sizes are used with: the demo data (preprocess.sh defaults: 64 px images,
 # 16x16 codes of 512, 1000 text ids) and CogView's vocabulary and 32x32 grid for the tutorial size
 LAYOUTS = {"demo": TokenLayout(num_image_codes=512, num_text_tokens=1000, image_grid=16,
                                max_text_tokens=28, name="demo"),
            "cogview-tutorial": TokenLayout.cogview()}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_generate(model, layout, batch, num_tokens, use_cache, device):
@@ -84,8 +80,9 @@ def step_cost(config, prompt_len: int, step: int, use_cache: bool) -> float:
     return per_token * (length if not use_cache else 1)
 
 
-def measure(size, model, batch, use_cache, args, device) -> dict:
-    layout, config = LAYOUTS[size], model.config
+def measure(size, model, batch, use_cache, args, device, layout=None) -> dict:
+    """One case; layout: the model's token layout (default: the size's of LAYOUTS)."""
+    layout, config = layout or LAYOUTS[size], model.config
     n = layout.image_tokens
     prompt_len = layout.max_text_tokens + 3
     timed_generate(model, layout, batch, 2, use_cache, device)  # warm-up
@@ -103,7 +100,7 @@ def measure(size, model, batch, use_cache, args, device) -> dict:
     return {"model_size": size, "parameters": config.num_parameters(), "image_tokens": n,
             "batch": batch, "kv_cache": use_cache, "method": method,
             "seconds_per_batch": round(seconds, 3), "image_tokens_per_s": round(tokens_per_s, 1),
-            "images_per_s": round(batch / seconds, 4), "useful_mfu": round(useful / args.rate, 4)}
+            "images_per_s": round(batch / seconds, 4), "useful_mfu": round(args.reference.mfu(useful), 4)}
 
 
 def main():
@@ -118,9 +115,9 @@ def main():
     args = p.parse_args()
     if args.quick:
         args.steps, args.max_seconds = 3, 5.0
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     dtype = DTYPES[args.dtype]
-    args.rate = matmul_flops(dtype, device)
+    args.reference = MatmulReference(dtype, device)
     cases = []
     with torch.no_grad():
         for size in args.sizes:
@@ -134,7 +131,7 @@ def main():
                for c, u in zip(cases[::2], cases[1::2])}
     print(json.dumps({"benchmark": "generation_throughput", "device": str(device),
                       "dtype": args.dtype, "threads": torch.get_num_threads(),
-                      "matmul_gflops_per_s": round(args.rate / 1e9, 1),
+                      "matmul_gflops_per_s": round(args.reference.rate / 1e9, 1),
                       "kv_cache_speedup": speedup, "results": cases}, indent=2))
 
 

@@ -96,6 +96,7 @@ MODEL_SIZES = {
     "tiny": ModelSize(2, 64, 4),                                  # unit tests
     "demo": ModelSize(4, 256, 8, cogview_norms=False),            # the embedded default, on a CPU
     "cogview-tutorial": ModelSize(12, 1024, 16),                  # the original's tutorial size
+    "cogview-1b": ModelSize(24, 2048, 16),                        # 1.2 B: a one-GPU benchmark
     "cogview-4b": ModelSize(48, 2560, 40, layout_preset="cogview"),  # the released CogView models
 }
 LAYOUT_PRESETS = {"cogview": TokenLayout.cogview}

@@ -36,6 +36,7 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from megatron_t2i.arguments import generation_config, load_config, parse_args
 from megatron_t2i.data.synthetic import make_example, read_meta, render
@@ -58,7 +59,7 @@ def read_attributes(folder: str) -> list[dict]:
     path = os.path.join(folder, "attributes.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (a folder written by python -m "
-                                f"megatron_t2i.data.synthetic has one)")
+                                f"megatron_t2i.cli.synthetic has one)")
     entries = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -132,8 +133,9 @@ def other_captions(found: list[dict], wanted: list[dict], shift: int) -> dict | 
 def evaluate_checkpoint(args, reader=None) -> dict:
     from megatron_t2i.data.loader import open_dataset, split_indices
     from megatron_t2i.generation.loading import build_context
+    from megatron_t2i.evaluation.clip_metrics import clip_figures
     from megatron_t2i.generation.scoring import (caption_log_likelihood, image_log_likelihood,
-                                                 rerank)
+                                                 rerank, rerank_kind)
     from megatron_t2i.generation.tasks.text2image import text2image
 
     k = args.samples_per_prompt
@@ -141,6 +143,8 @@ def evaluate_checkpoint(args, reader=None) -> dict:
         raise ValueError(f"--rerank-top {args.rerank_top} exceeds --samples-per-prompt {k}")
     config = generation_config(args, samples=k)  # text2image draws `samples` per query
     ctx = build_context(load_config(args))
+    conditioned = bool(ctx.config.condition_slots)  # language-free: no caption direction
+    ranked_by = rerank_kind(ctx, config.rerank_by)
     tokenizer = ctx.image_tokenizer
     size = tokenizer.image_size
     dataset, held = None, None
@@ -155,10 +159,11 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     reader, reader_file = reader_for(args, size, tokenizer, reader)
 
     samples = []
-    for q, prompt in enumerate(prompts):
+    for q, prompt in enumerate(tqdm(prompts, desc="sampling held-out captions", unit="caption",
+                                    mininterval=0.5 if sys.stderr.isatty() else 60)):
         codes = text2image(ctx, config, prompt["caption"], q)        # [K, grid^2]
-        if args.rerank_top:  # best first by the caption score, as text2image --rerank-top
-            codes = rerank(ctx, prompt["caption"], codes, k)[0]
+        if args.rerank_top:  # best first by their score, as text2image --rerank-top
+            codes = rerank(ctx, prompt["caption"], codes, k, config.rerank_by)[0]
         samples.append(tokenizer.decode_to_tensor(codes))            # [K, 3, S, S]
     wanted = [p["attributes"] for p in prompts for _ in range(k)]
     found = reader.read(torch.cat(samples))
@@ -168,18 +173,27 @@ def evaluate_checkpoint(args, reader=None) -> dict:
 
     recon = reconstruct(tokenizer, (truth * 255).round().byte(), size).float() / 255
     batch = args.micro_batch_size
-    binding = swap_test(
+    binding = None if conditioned else swap_test(  # its likelihoods are of captions
         examples, tokenizer.encode_images(tokenizer.normalize(truth)),
         lambda text: ctx.text_tokenizer.encode(text, ctx.layout.max_text_tokens),
         lambda codes, texts: image_log_likelihood(ctx.model, ctx.layout, codes, texts, batch),
         lambda codes, texts: caption_log_likelihood(ctx.model, ctx.layout, codes, texts, batch))
+    captions = [p["caption"] for p in prompts for _ in range(k)]
+    clip = None
+    if ctx.clip is not None:
+        clip = clip_figures(ctx.clip, torch.cat(samples), captions,
+                            [e["caption"] for e in examples], truth,
+                            [e["caption"] for e in examples], best or None)
+        clip["path"] = ctx.clip.path
     report = {
         "source": {"checkpoint": os.path.abspath(args.load), "prompts": source,
                    "prompt_count": len(prompts), "samples_per_prompt": k, "image_size": size,
                    "sampling": f"temperature {args.temperature}, top-k {args.top_k}, top-p "
                                f"{args.top_p}, cfg-scale {args.cfg_scale}, seed {args.seed}",
-                   "reranked": f"best {args.rerank_top} of {k} by caption score"
+                   "reranked": f"best {args.rerank_top} of {k} by {ranked_by} score"
                                if args.rerank_top else None,
+                   "condition": "CLIP text embedding of the caption (language-free model)"
+                                if conditioned else "caption tokens",
                    "reader": reader_file},
         "alignment": without_per_image(generated),
         "alignment_reranked": without_per_image(alignment([found[i] for i in best],
@@ -189,12 +203,14 @@ def evaluate_checkpoint(args, reader=None) -> dict:
                                                      [wanted[i] for i in shown]),
         "alignment_other_captions": other_captions(found, wanted, k),
         "binding": binding,
+        "clip": clip,
         "reader_check_clean": without_per_image(alignment(reader.read(truth), truth_wanted)),
         "reader_check_reconstructed": without_per_image(alignment(reader.read(recon), truth_wanted)),
         "diversity": diversity(samples),
         "tokenizer": tokenizer_figures(tokenizer, truth),
         "heldout_loss": heldout_losses(ctx.model, ctx.layout, dataset, held, args.micro_batch_size,
-                                       ctx.device) if dataset is not None and len(held) else None,
+                                       ctx.device, task="clip2image" if conditioned else
+                                       "text2image") if dataset is not None and len(held) else None,
     }
     ok = generated["per_image"]
     report["rows"] = [{"caption": p["caption"], "attributes": p["attributes"],

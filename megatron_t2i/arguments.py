@@ -140,6 +140,20 @@ def add_tokenizer_args(parser):
                         "around it too, as CogView's (default: %(default)s)")
     g.add_argument("--vqvae-embed-dim", type=_positive_int, default=32)
     g.add_argument("--vqvae-res-blocks", type=int, choices=range(0, 9), metavar="0..8", default=2)
+    # the CLIP trained here (tokenizers/clip.py, cli/train_clip.py); defaults: the demo's
+    g.add_argument("--clip", metavar="FILE.pt",
+                   help="a CLIP checkpoint trained here (default for generation: the one stored "
+                        "with the checkpoint, if any)")
+    g.add_argument("--clip-steps", type=_positive_int, default=1000)
+    g.add_argument("--clip-batch-size", type=_positive_int, default=128)
+    g.add_argument("--clip-lr", type=float, default=1e-3)
+    g.add_argument("--clip-width", type=_positive_int, default=64,
+                   help="width of both towers and of the embedding (default: %(default)s)")
+    g.add_argument("--clip-layers", type=_positive_int, default=3,
+                   help="layers of each tower (default: %(default)s)")
+    g.add_argument("--clip-patch-size", type=_positive_int, default=12,
+                   help="pixels per side of an image patch, a divisor of --image-size (default: "
+                        "%(default)s: the 3x3 cells of the embedded default's 36-pixel images)")
 
 
 def add_training_args(parser):
@@ -184,6 +198,12 @@ def add_training_args(parser):
                         f"(trainable: {', '.join(registry.trainable())}; default: text2image)")
     g.add_argument("--text-dropout", type=_fraction, default=0.0,
                    help="probability of dropping a t2i caption, for classifier-free guidance")
+    g.add_argument("--condition-slots", type=_positive_int, default=4,
+                   help="embedding slots a conditioned task (clip2image) projects its CLIP "
+                        "embedding into (default: %(default)s)")
+    g.add_argument("--clip-noise", type=_fraction, default=0.0, dest="condition_noise",
+                   help="LAFITE's xi: the CLIP image embedding of a language-free task is "
+                        "normalise((1-xi) f + xi normalise(noise)) (default: %(default)s)")
     g.add_argument("--holdout-fraction", type=_fraction, default=0.02,
                    help="records held out for evaluation, never trained on (default: %(default)s)")
     g.add_argument("--eval-iters", type=int, default=10, help="micro-batches per evaluation")
@@ -231,6 +251,10 @@ def add_generation_args(parser):
     g.add_argument("--rerank-top", type=int, default=0, metavar="K",
                    help="keep the K of --batch-size samples whose image best explains the text "
                         "(post-selection scores; 0: keep all)")
+    g.add_argument("--rerank", choices=("auto", "caption", "clip"), default="auto",
+                   help="what --rerank-top scores by: the caption likelihood, the CLIP's cosine "
+                        "similarity, or auto: clip for a CLIP-conditioned model, else caption "
+                        "(default: %(default)s)")
     g.add_argument("--beam-size", type=int, default=0, metavar="N",
                    help="image2text: beam search with N beams (1: greedy); 0 samples --batch-size "
                         "captions per image (default: %(default)s)")
@@ -307,7 +331,8 @@ def validate(args, outputs=()) -> None:
     for path in a.get("data_path") or []:
         if not os.path.exists(path):
             raise ArgumentError(f"--data-path {path}: no such file or folder")
-    for flag in ("text_tokenizer", "image_tokenizer", "deepspeed_config", "clip_checkpoint"):
+    for flag in ("text_tokenizer", "image_tokenizer", "deepspeed_config", "clip_checkpoint",
+                 "clip"):
         path = a.get(flag)
         if path and flag not in outputs and not os.path.isfile(path):
             raise ArgumentError(f"--{flag.replace('_', '-')} {path}: no such file")
@@ -356,7 +381,8 @@ def train_config(args) -> TrainConfig:
 
 def load_config(args) -> LoadConfig:
     return LoadConfig(args.load, args.device, "fp16" if args.fp16 else "bf16" if args.bf16 else None,
-                      args.offload, args.trust_checkpoint, args.text_tokenizer, args.image_tokenizer)
+                      args.offload, args.trust_checkpoint, args.text_tokenizer, args.image_tokenizer,
+                      args.clip)
 
 
 def generation_config(args, **changes) -> GenerationConfig:
@@ -365,7 +391,8 @@ def generation_config(args, **changes) -> GenerationConfig:
         samples=args.batch_size, max_inference_batch_size=args.max_inference_batch_size,
         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
         cfg_scale=args.cfg_scale, seed=args.seed, use_cache=not args.no_kv_cache,
-        rerank_top=args.rerank_top, beam_size=args.beam_size, keep_rows=args.keep_rows,
+        rerank_top=args.rerank_top, rerank_by=args.rerank, beam_size=args.beam_size,
+        keep_rows=args.keep_rows,
         top=args.top, clip_model=args.clip_model, clip_checkpoint=args.clip_checkpoint,
         input_source=args.input_source, with_id=args.with_id, output_path=args.output_path,
         debug=args.debug)

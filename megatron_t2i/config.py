@@ -31,6 +31,11 @@ class ModelConfig:
     init_std: float = 0.02
     checkpoint_activations: bool = False
     head: str = "lm"                     # what reads the trunk's output (model/heads.py HEADS)
+    # a condition vector (a CLIP embedding) projected into slots in place of a caption
+    # (model/conditioning.py): its dimension, the number of slots, the placeholder id they take
+    condition_dim: int = 0
+    condition_slots: int = 0
+    slot_token: int = -1
 
     def __post_init__(self):
         for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -45,6 +50,11 @@ class ModelConfig:
                              f"{self.vocab_size}")
         if self.ffn_hidden_size == 0:
             object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+        if bool(self.condition_slots) != bool(self.condition_dim) or \
+                (self.condition_slots and not 0 <= self.slot_token < self.vocab_size):
+            raise ValueError(f"model config: condition_dim {self.condition_dim}, condition_slots "
+                             f"{self.condition_slots} and slot_token {self.slot_token} must be set "
+                             f"together")
 
     @property
     def head_dim(self) -> int:
@@ -53,7 +63,9 @@ class ModelConfig:
     def num_parameters(self) -> int:
         h, f, layers = self.hidden_size, self.ffn_hidden_size, self.num_layers
         per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + (4 if self.sandwich_ln else 2) * 2 * h
-        return (self.vocab_size + self.max_position_embeddings) * h + layers * per_layer + 2 * h
+        conditioning = (self.condition_dim + 2) * self.condition_slots * h
+        return ((self.vocab_size + self.max_position_embeddings) * h + layers * per_layer + 2 * h
+                + conditioning)
 
     def check_tensor_parallel(self, tp: int) -> None:
         if self.num_attention_heads % tp:

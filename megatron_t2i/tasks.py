@@ -10,6 +10,7 @@ the model config, the training set-up and generate_samples.py.
     trainable          whether pretrain.py --tasks may train it
     needs_low_codes    its records must carry half-resolution codes (preprocess --sr-low-res)
     caption_dropout    training may drop its caption (--text-dropout, for classifier-free guidance)
+    condition          the record array (a CLIP embedding) its condition slots read, if any
     temperature        the sampling temperature its generator defaults to
 
 Adding a task is one entry here (plus its template, strategy or objective where new). `aliases`
@@ -34,6 +35,7 @@ class Task:
     trainable: bool = True
     needs_low_codes: bool = False
     caption_dropout: bool = False
+    condition: str | None = None    # the record array its condition slots read (clip_image)
     temperature: float = 1.0        # the sampling temperature its generator defaults to
     aliases: tuple[str, ...] = ()
     summary: str = ""
@@ -54,6 +56,10 @@ REGISTRY: dict[str, Task] = {t.name: t for t in (
     Task("super-resolution", "super_resolution", f"{_GEN}.super_resolution:main_super_resolution",
          needs_low_codes=True, temperature=1.02, aliases=("sr",),  # CogView's 1.02
          summary="an image -> twice its side"),
+    Task("clip2image", "condition_to_image", f"{_GEN}.text2image:main_text2image",
+         caption_dropout=True, condition="clip_image",
+         summary="language-free (CLIP-GEN): trained on CLIP image embeddings of pictures alone, "
+                 "prompted with the CLIP text embedding of a caption"),
     Task("completion", "text_to_image", f"{_GEN}.text2image:main_completion", trainable=False,
          summary="a caption and the top rows of an image -> the rest (a text2image model)"),
     Task("post-selection", "image_to_text", f"{_GEN}.post_selection:main_post_selection",

@@ -30,6 +30,8 @@ Environment variables (defaults in brackets):
   IMAGE_TOKENIZER   VQ-VAE checkpoint; trained on the images if missing [$DATA_DIR/vqvae.pt]
   VQVAE_STEPS       VQ-VAE training steps [the tokenizer default]
   OUTPUT            the LMDB data set [$DATA_DIR/tokens.lmdb]
+  CLIP              a CLIP (./scripts/train_clip.sh): each record also keeps the CLIP embedding
+                    of its image, what language-free training reads [none]
   WORKERS           parallel preprocessing workers [number of cores]
   SEED              random seed [1234]
 EOF
@@ -47,6 +49,7 @@ TEXT_VOCAB_SIZE=${TEXT_VOCAB_SIZE:-1000}
 IMAGE_TOKENIZER=${IMAGE_TOKENIZER:-$DATA_DIR/vqvae.pt}
 VQVAE_STEPS=${VQVAE_STEPS:-}
 OUTPUT=${OUTPUT:-$DATA_DIR/tokens.lmdb}
+CLIP=${CLIP:-}
 WORKERS=${WORKERS:-$(nproc)}
 SEED=${SEED:-1234}
 
@@ -82,7 +85,7 @@ fi
 stage "tokenizing into LMDB -> $OUTPUT"
 "$PY" -m megatron_t2i.cli.preprocess --input "$INPUT" --output "$OUTPUT" \
   --text-tokenizer "$TEXT_TOKENIZER" --image-tokenizer "$IMAGE_TOKENIZER" \
-  --image-size "$IMAGE_SIZE" --workers "$WORKERS" "$@"
+  --image-size "$IMAGE_SIZE" --workers "$WORKERS" ${CLIP:+--clip "$CLIP"} "$@"
 
 stage "done"
 cat <<EOF

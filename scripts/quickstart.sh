@@ -5,53 +5,85 @@
 #   3. evaluate   draw samples for held-out captions, rerank them by caption score, read every
 #                 sample with the attribute reader -> report.md, report.json, grid.png
 #   4. samples    text2image.sh for two new captions, best 2 of 8 by caption score
-# and print the figures and where everything is. A stage whose output exists is skipped, so an
+# METHOD=clip-gen: language-free instead (CLIP-GEN): a CLIP trained on the data, the LMDB with
+# each picture's CLIP embedding, and a GPT trained on the pictures alone, prompted with the CLIP
+# text embedding of the held-out captions and reranked by CLIP score.
+# It prints the figures and where everything is. A stage whose output exists is skipped, so an
 # interrupted quickstart resumes where it stopped (training from its newest checkpoint).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 source "$(dirname "$0")/lib/common.sh"
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  script_help 9
+  script_help 12
   cat <<'EOF'
 
 Environment variables (defaults in brackets); the data and training defaults are those of
 ./scripts/preprocess.sh and ./scripts/pretrain_single_node.sh (see their --help):
+  METHOD           caption (paired captions) or clip-gen (language-free) [caption]
   DATA_DIR         data, tokenizers, LMDB [./data]
-  SAVE             checkpoints and TensorBoard logs [./checkpoints/demo]
-  OUTPUT_PATH      evaluation report and samples [./samples/quickstart]
+  SAVE             checkpoints and TensorBoard logs [./checkpoints/demo, ./checkpoints/clip-gen]
+  OUTPUT_PATH      evaluation report and samples [./samples/quickstart, ./samples/clip-gen]
   NUM_PROMPTS      held-out captions evaluated [64]
-  SAMPLES          samples per caption, RERANK_TOP of them kept by caption score [16, 1]
+  SAMPLES          samples per caption, RERANK_TOP of them kept by their score [16, 1]
   CFG_SCALE        classifier-free guidance of the samples (0: none) [0]
+  CLIP_NOISE       clip-gen: LAFITE's noise xi on the CLIP image embedding in training [0.2]
 EOF
   exit 0
 fi
 (( $# == 0 )) || { echo "quickstart.sh: takes no arguments (settings come from the environment;" \
                         "see --help)" >&2; exit 2; }
 
+METHOD=${METHOD:-caption}
 export DATA_DIR=${DATA_DIR:-$ROOT/data}
-export SAVE=${SAVE:-$ROOT/checkpoints/demo}
-OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/quickstart}
+case "$METHOD" in
+  caption)
+    export SAVE=${SAVE:-$ROOT/checkpoints/demo}
+    OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/quickstart}
+    LMDB=$DATA_DIR/tokens.lmdb
+    STAGES=4 ;;
+  clip-gen)
+    export SAVE=${SAVE:-$ROOT/checkpoints/clip-gen}
+    OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/clip-gen}
+    LMDB=$DATA_DIR/tokens-clip.lmdb
+    CLIP=$DATA_DIR/clip.pt
+    STAGES=6 ;;
+  *) echo "quickstart.sh: METHOD must be caption or clip-gen, got $METHOD" >&2; exit 2 ;;
+esac
 NUM_PROMPTS=${NUM_PROMPTS:-64}
 SAMPLES=${SAMPLES:-16}
 RERANK_TOP=${RERANK_TOP:-1}
 CFG_SCALE=${CFG_SCALE:-0}
-LMDB=$DATA_DIR/tokens.lmdb
 EVAL=$OUTPUT_PATH/eval
 
 start=$(date +%s)
-stage() { printf '\n==== quickstart %s (%dm%02ds)\n' "$1" $(( ($(date +%s) - start) / 60 )) \
-                  $(( ($(date +%s) - start) % 60 )); }
+n=0
+stage() { n=$((n + 1)); printf '\n==== quickstart %d/%d %s (%dm%02ds)\n' "$n" "$STAGES" "$1" \
+            $(( ($(date +%s) - start) / 60 )) $(( ($(date +%s) - start) % 60 )); }
 
-# 1. data ------------------------------------------------------------------------------------------
-if [[ -f "$LMDB/layout.json" ]]; then
-  stage "1/4 data: $LMDB exists, skipped"
+# data ---------------------------------------------------------------------------------------------
+if [[ -f "$DATA_DIR/tokens.lmdb/layout.json" ]]; then
+  stage "data: $DATA_DIR/tokens.lmdb exists, skipped"
 else
-  stage "1/4 data: embedded default -> tokenizers -> $LMDB"
-  OUTPUT=$LMDB "$ROOT/scripts/preprocess.sh"
+  stage "data: embedded default -> tokenizers -> $DATA_DIR/tokens.lmdb"
+  OUTPUT=$DATA_DIR/tokens.lmdb "$ROOT/scripts/preprocess.sh"
+fi
+if [[ "$METHOD" == clip-gen ]]; then
+  if [[ -f "$CLIP" && ! -f "$CLIP.state" ]]; then
+    stage "CLIP: $CLIP exists, skipped"
+  else
+    stage "CLIP: trained on the embedded default's pictures and captions -> $CLIP"
+    CLIP=$CLIP "$ROOT/scripts/train_clip.sh"
+  fi
+  if [[ -f "$LMDB/layout.json" ]]; then
+    stage "data with CLIP embeddings: $LMDB exists, skipped"
+  else
+    stage "data with CLIP embeddings: each picture's CLIP embedding beside its codes -> $LMDB"
+    OUTPUT=$LMDB CLIP=$CLIP "$ROOT/scripts/preprocess.sh"
+  fi
 fi
 
-# 2. pretrain --------------------------------------------------------------------------------------
+# pretrain -----------------------------------------------------------------------------------------
 # Finished when the newest checkpoint reached the --train-iters of its run (or $TRAIN_ITERS).
 reached=$("$PY" - "$SAVE" "${TRAIN_ITERS:-}" <<'EOF' 2>/dev/null || true
 import sys
@@ -62,28 +94,32 @@ if meta["iteration"] >= int(sys.argv[2] or meta["train_iters"]):
 EOF
 )
 if [[ -n "$reached" ]]; then
-  stage "2/4 pretrain: $SAVE is trained (iteration $reached), skipped"
+  stage "pretrain: $SAVE is trained (iteration $reached), skipped"
+elif [[ "$METHOD" == clip-gen ]]; then
+  stage "pretrain: demo model on the pictures alone, conditioned on their CLIP image embeddings -> $SAVE"
+  DATA_PATH=$LMDB TASKS=clip2image:1 "$ROOT/scripts/pretrain_single_node.sh" \
+    --clip-noise "${CLIP_NOISE:-0.2}"
 else
-  stage "2/4 pretrain: demo model, text->image and image->text -> $SAVE (resumes from its newest checkpoint)"
+  stage "pretrain: demo model, text->image and image->text -> $SAVE (resumes from its newest checkpoint)"
   "$ROOT/scripts/pretrain_single_node.sh"
 fi
 
-# 3. evaluate --------------------------------------------------------------------------------------
+# evaluate -----------------------------------------------------------------------------------------
 if [[ -f "$EVAL/report.json" && "$EVAL/report.json" -nt "$SAVE/latest" ]]; then
-  stage "3/4 evaluate: $EVAL/report.json is newer than the checkpoint, skipped"
+  stage "evaluate: $EVAL/report.json is newer than the checkpoint, skipped"
 else
-  stage "3/4 evaluate: $NUM_PROMPTS held-out captions x $SAMPLES samples, best $RERANK_TOP by caption score"
+  stage "evaluate: $NUM_PROMPTS held-out captions x $SAMPLES samples, best $RERANK_TOP by their score"
   "$PY" evaluate.py --load "$SAVE" --data-path "$LMDB" --synthetic-dir "$DATA_DIR/synthetic" \
     --num-prompts "$NUM_PROMPTS" --samples-per-prompt "$SAMPLES" --rerank-top "$RERANK_TOP" \
     --cfg-scale "$CFG_SCALE" --output-path "$EVAL"
 fi
 
-# 4. samples ---------------------------------------------------------------------------------------
+# samples ------------------------------------------------------------------------------------------
 SAMPLES_DIR=$OUTPUT_PATH/text2image
 if [[ -d "$SAMPLES_DIR" && "$SAMPLES_DIR" -nt "$SAVE/latest" ]]; then
-  stage "4/4 samples: $SAMPLES_DIR exists, skipped"
+  stage "samples: $SAMPLES_DIR exists, skipped"
 else
-  stage "4/4 samples: two new captions -> $SAMPLES_DIR"
+  stage "samples: two new captions -> $SAMPLES_DIR"
   rm -rf "$SAMPLES_DIR"
   mkdir -p "$OUTPUT_PATH"
   printf '%s\n' "a large red circle in the centre on a gray background" \
@@ -93,22 +129,29 @@ else
     --batch-size 8 --rerank-top 2 --cfg-scale "$CFG_SCALE" --output-path "$SAMPLES_DIR"
 fi
 
-stage "done"
+printf '\n==== quickstart done (%dm%02ds)\n' $(( ($(date +%s) - start) / 60 )) \
+  $(( ($(date +%s) - start) % 60 ))
 "$PY" - "$EVAL/report.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 a, best, tok = r["alignment"], r.get("alignment_reranked") or r["alignment"], r["tokenizer"]
+by = (r["source"].get("reranked") or "by caption score").rsplit(" by ", 1)[-1]
 def row(name, value, target, unit=""):
     mark = "ok" if value >= target else "below target"
     print(f"  {name:<44} {value:8.3f}{unit:<3} (target {target}{unit}: {mark})")
 print(f"figures on {a['images']} samples of {r['source']['prompt_count']} held-out captions "
       f"({r['source'].get('reranked') or 'all samples'}):")
-row("colour alignment, best by caption score", best["colour"], 0.9)
-row("shape alignment, best by caption score", best["kind"], 0.8)
+language_free = r["source"].get("condition", "").startswith("CLIP")
+row(f"colour alignment, best by {by}", best["colour"], 0.8 if language_free else 0.9)
+row(f"shape alignment, best by {by}", best["kind"], 0.7 if language_free else 0.8)
 row("VQ-VAE PSNR on held-out images", tok["psnr"], 28, " dB")
 print(f"  all samples: colour {a['colour']:.3f}, shape {a['kind']:.3f}, position {a['position']:.3f}, "
       f"exact {a['exact']:.3f}; chance (other captions): colour "
       f"{(r.get('alignment_other_captions') or {}).get('colour', float('nan')):.3f}")
+clip = (r.get("clip") or {}).get("clip_heldout")
+if clip:
+    row("CLIP text->image R@1 among 100 (held-out)", clip.get("text_to_image_r1_among_100")
+        or clip["text_to_image_r1_all"], 0.6)
 swap = ((r.get("binding") or {}).get("colour") or {}).get("text->image") or {}
 share = {o: f"{v:.2f}" if isinstance(v, float) and v == v else "n/a" for o, v in swap.items()}
 if any(v != "n/a" for v in share.values()):  # held-out two-shape pictures of unlike colours
@@ -123,7 +166,7 @@ cat <<EOF
   new samples      : $SAMPLES_DIR
   checkpoints      : $SAVE   (latest: $(cat "$SAVE/latest" 2>/dev/null || echo none))
   TensorBoard      : tensorboard --logdir $SAVE/tensorboard
-  data, tokenizers : $DATA_DIR   (tokenizer training: tensorboard --logdir $DATA_DIR/runs/vqvae)
+  data, tokenizers : $DATA_DIR   (tokenizer training: tensorboard --logdir $DATA_DIR/runs)
 next: ./scripts/text2image.sh --input-source interactive, ./scripts/image2text.sh,
       ./scripts/post_selection.sh (all on $SAVE by default)
 EOF

@@ -10,6 +10,8 @@ import sys
 from megatron_t2i.arguments import parse_args
 from megatron_t2i.data.preprocess import load_image_tokenizer, preprocess
 from megatron_t2i.device import resolve_device
+from megatron_t2i.tokenizers.clip import Clip
+from megatron_t2i.tokenizers.text import TextTokenizer
 
 
 def main(argv=None) -> None:
@@ -21,10 +23,12 @@ def main(argv=None) -> None:
             sys.exit(f"preprocess: error: --{flag.replace('_', '-')} is required")
     device = resolve_device()
     try:
-        preprocess(args.input, args.output, args.text_tokenizer,
+        text = TextTokenizer(args.text_tokenizer)
+        clip = Clip.load(args.clip, text, device) if args.clip else None
+        preprocess(args.input, args.output, text,
                    load_image_tokenizer(args.image_tokenizer, device), args.max_text_tokens,
                    args.image_size, args.workers, args.encode_batch_size,
-                   sr_low_res=args.sr_low_res, image_positions=args.image_positions)
+                   sr_low_res=args.sr_low_res, image_positions=args.image_positions, clip=clip)
     except (ValueError, OSError) as e:
         sys.exit(f"preprocess: error: {e}")
     except KeyboardInterrupt:

@@ -80,8 +80,12 @@ class SequenceBuilder:
     """
 
     def __init__(self, layout: TokenLayout, tasks: dict[str, float] | None = None,
-                 text_dropout: float = 0.0):
+                 text_dropout: float = 0.0, condition_slots: int = 0,
+                 condition_noise: float = 0.0):
+        """condition_slots: the [MASK] slots of a conditioned task's template (the model's);
+        condition_noise: LAFITE's xi, see perturb."""
         self.layout = layout
+        self.condition_slots, self.condition_noise = condition_slots, condition_noise
         weights = tasks or {"text2image": 1.0}
         self.tasks = [registry.get(name) for name in weights]
         not_trained = [t.name for t in self.tasks if not t.trainable]
@@ -95,16 +99,20 @@ class SequenceBuilder:
         self.text_dropout = text_dropout
         self.length = max(t.seq_length(layout) for t in self.tasks)
 
-    def __call__(self, text_ids, image_codes, sample_seed: int, low_codes=None):
+    def __call__(self, text_ids, image_codes, sample_seed: int, low_codes=None, arrays=None):
         rng = np.random.default_rng(sample_seed)
         task = self.tasks[int(np.searchsorted(self.cumulative, rng.random(), side="right").clip(
             max=len(self.tasks) - 1))]
-        if task.caption_dropout and rng.random() < self.text_dropout:
+        dropped = task.caption_dropout and rng.random() < self.text_dropout
+        if dropped:
             text_ids = []  # unconditional sample, for classifier-free guidance
         if task.needs_low_codes and low_codes is None:
             raise ValueError(f"--tasks {task.name} needs low-resolution codes in every record; "
                              f"this data set has none: preprocess it with --sr-low-res")
-        seq = self.layout.template(task.template, text_ids, image_codes, low_codes)
+        if task.condition:
+            seq = self._conditioned(task, image_codes, arrays, rng, dropped)
+        else:
+            seq = self.layout.template(task.template, text_ids, image_codes, low_codes)
         pad = self.length - seq.tokens.numel()
         if pad:  # tasks of a mixture share one length
             seq.tokens = torch.cat([seq.tokens, seq.tokens.new_full((pad,), self.layout["[PAD]"])])
@@ -118,11 +126,37 @@ class SequenceBuilder:
             seq.block_ids = torch.cat([seq.block_ids, torch.arange(after, after + pad)])
         return seq
 
+    def _conditioned(self, task, image_codes, arrays, rng, dropped: bool):
+        if not arrays or task.condition not in arrays:
+            raise ValueError(f"--tasks {task.name} needs the array {task.condition!r} in every "
+                             f"record; this data set has none: preprocess it with --clip FILE")
+        if not self.condition_slots:
+            raise ValueError(f"--tasks {task.name}: a model without condition slots")
+        seq = self.layout.condition_to_image(self.condition_slots, image_codes)
+        f = np.asarray(arrays[task.condition], dtype=np.float64).reshape(-1)
+        seq.condition = torch.from_numpy(
+            np.zeros_like(f) if dropped else perturb(f, self.condition_noise, rng)).float()
+        seq.condition_present = not dropped
+        return seq
+
     def _real_length(self, seq) -> int:
         """Tokens before the trailing [PAD]s (the first pad after a caption is its end target,
         an input to nothing, so it counts as padding too)."""
         real = (seq.tokens != self.layout["[PAD]"]).nonzero()
         return int(real.max()) + 1 if real.numel() else 0
+
+
+def perturb(f: np.ndarray, xi: float, rng: np.random.Generator) -> np.ndarray:
+    """LAFITE's noise for language-free training: normalise((1 - xi) f + xi normalise(e)), e
+    standard normal, f normalised first; xi = 0 is f itself (normalised), unchanged when it is
+    a unit vector already. It blurs the image embedding towards the cone where the CLIP's text
+    embeddings of its captions lie."""
+    f = f / max(np.linalg.norm(f), 1e-12)
+    if xi == 0:
+        return f
+    e = rng.standard_normal(f.shape)
+    h = (1 - xi) * f + xi * e / max(np.linalg.norm(e), 1e-12)
+    return h / max(np.linalg.norm(h), 1e-12)
 
 
 def collate(sequences) -> dict[str, torch.Tensor]:
@@ -138,6 +172,13 @@ def collate(sequences) -> dict[str, torch.Tensor]:
         ids = torch.stack([s.block_ids if s.block_ids is not None else torch.arange(len(s.tokens))
                            for s in sequences])
         batch["block_ids"] = ids[:, :-1]
+    conditioned = [s.condition for s in sequences if s.condition is not None]
+    if conditioned:  # rows without one (other tasks of a mixture) read no slots
+        zero = torch.zeros_like(conditioned[0])
+        batch["condition"] = torch.stack([s.condition if s.condition is not None else zero
+                                          for s in sequences])
+        batch["condition_mask"] = torch.tensor([s.condition is not None and s.condition_present
+                                                for s in sequences])
     return batch
 
 
@@ -155,7 +196,10 @@ def trim_padding(batch: dict[str, torch.Tensor], length: int | None = None) -> d
     padding after the longest sequence goes). Not for the pipeline engine, which wants one shape
     throughout."""
     length = target_length(batch["loss_mask"]) if length is None else length
-    return {k: v[:, :length] for k, v in batch.items()}
+    return {k: v[:, :length] if k in PER_TOKEN else v for k, v in batch.items()}
+
+
+PER_TOKEN = ("tokens", "position_ids", "labels", "loss_mask", "block_ids")  # [B, L] entries
 
 
 def open_dataset(paths: list[str]):

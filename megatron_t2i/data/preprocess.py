@@ -180,7 +180,7 @@ def _init_worker(text_tokenizer, image_config, image_size: int, max_text_tokens:
     _WORKER.update(text=text_tokenizer, pixels=ImageTokenizer(model), max_text=max_text_tokens)
 
 
-def _read_caption(source: Source) -> str:
+def read_caption(source: Source) -> str:
     text = source.caption
     if source.caption_file is not None:
         try:
@@ -201,7 +201,7 @@ def _load_example(source: Source):
     try:
         if not os.path.isfile(source.image):
             raise BadInput(MISSING_IMAGE, f"{source.image} not found")
-        ids = _WORKER["text"].encode(_read_caption(source))
+        ids = _WORKER["text"].encode(read_caption(source))
         if not ids:
             raise BadInput(EMPTY_CAPTION, "caption has no tokens")
         pixels = _WORKER["pixels"].crop_uint8(load_rgb(source.image))
@@ -218,6 +218,16 @@ def _encode(image_tokenizer: ImageTokenizer, pixels: list[np.ndarray]) -> np.nda
     tokenizer's training size."""
     x = torch.from_numpy(np.stack(pixels)).to(image_tokenizer.device)
     return image_tokenizer.model.encode(image_tokenizer.normalize(x)).flatten(1).cpu().numpy()
+
+
+def _clip_embed(clip, pixels: list[np.ndarray]) -> np.ndarray:
+    """uint8 [3, S, S] images -> their unit CLIP embeddings [B, D] (resized to the CLIP's size)."""
+    x = torch.from_numpy(np.stack(pixels))
+    s = clip.config.image_size
+    if x.shape[-1] != s:
+        x = torch.nn.functional.interpolate(x.float(), size=(s, s), mode="bicubic",
+                                            antialias=True).round().clamp(0, 255).byte()
+    return clip.encode_pixels(x).numpy()
 
 
 def half_resolution(pixels: np.ndarray) -> np.ndarray:
@@ -241,14 +251,16 @@ def load_image_tokenizer(path: str, device="cpu") -> ImageTokenizer:
 def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_text_tokens: int = 40,
                image_size: int | None = None, workers: int = 0, batch_size: int = 32,
                progress: bool = True, sr_low_res: bool = False,
-               image_positions: str = "fixed") -> dict:
+               image_positions: str = "fixed", clip=None) -> dict:
     """Tokenize `input` into the data set `output`; returns the report (also in the metadata).
 
     text_tokenizer / image_tokenizer: objects or paths. image_size: pixels per side after
     resize and centre crop (default: the image tokenizer's). workers: processes reading images
     (0: in this process). batch_size: images per VQ-VAE batch and per committed transaction.
     sr_low_res: also store the codes of each image at half resolution (super-resolution data).
-    image_positions: the layout's numbering of image positions (see TokenLayout)."""
+    image_positions: the layout's numbering of image positions (see TokenLayout). clip: a Clip
+    (tokenizers/clip.py): each record also stores the unit CLIP embedding of its image as the
+    float array "clip_image" (what language-free training, --tasks clip2image, reads)."""
     text_tok = TextTokenizer(text_tokenizer) if isinstance(text_tokenizer, str) else text_tokenizer
     image_tok = (load_image_tokenizer(image_tokenizer) if isinstance(image_tokenizer, str)
                  else image_tokenizer)
@@ -265,6 +277,11 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
                          f"{layout.image_grid}x{layout.image_grid}; half an image needs an even grid")
     low_res_grid = layout.image_grid // 2 if sr_low_res else 0
     config = dataset_config(layout, text_tok.sha256, image_tok.sha256, image_size, low_res_grid)
+    if clip is not None:
+        if clip.tokens.text.sha256 != text_tok.sha256:
+            raise ValueError("--clip: a CLIP trained with another text tokenizer than "
+                             "--text-tokenizer")
+        config["clip_tokenizer_sha256"] = clip.sha256  # records depend on it: resume checks it
     extend = os.path.isdir(output)
     if extend:
         _check_existing(output, config, input)
@@ -290,13 +307,14 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
             logger.info("resuming %s: %d of %d inputs already done", writer.staging, len(done),
                         len(sources) + len(listed_skips))
         _run(writer, todo, pending_skips, text_tok, image_tok, layout, image_size, workers,
-             batch_size, progress, low_res_grid > 0)
+             batch_size, progress, low_res_grid > 0, clip)
         if not writer.record_count():
             raise ValueError(f"--input {input}: no usable example (skipped: "
                              f"{dict(Counter(r for _, r in writer.skipped_items()))})")
         # where the tokenizers were, so training can copy them beside its checkpoints
         tokenizers = {f"{name}_tokenizer_path": os.path.abspath(path) for name, path in
-                      (("text", text_tok.model_path), ("image", image_tok.path)) if path}
+                      (("text", text_tok.model_path), ("image", image_tok.path),
+                       ("clip", getattr(clip, "path", None))) if path}
         meta = writer.publish({"input": os.path.abspath(input),
                                "sources": len(sources) + len(listed_skips), **tokenizers})
     finally:
@@ -344,7 +362,7 @@ def _new_inputs(output: str, input: str, sources: list[Source], listed_skips) ->
 
 
 def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers, batch_size,
-         progress, sr_low_res: bool = False) -> None:
+         progress, sr_low_res: bool = False, clip=None) -> None:
     batch, truncated, n_skipped = [], 0, len(skipped)
 
     def flush():
@@ -354,8 +372,10 @@ def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers
             codes = _encode(image_tok, [pixels for _, _, pixels in batch])
             lows = _encode(image_tok, [half_resolution(pixels) for _, _, pixels in batch]) \
                 if sr_low_res else [None] * len(batch)
-            records = [(key, encode_record(ids, c, key, layout.num_image_codes, low))
-                       for (key, ids, _), c, low in zip(batch, codes, lows)]
+            arrays = [{"clip_image": e} for e in _clip_embed(clip, [p for *_, p in batch])] \
+                if clip is not None else [None] * len(batch)
+            records = [(key, encode_record(ids, c, key, layout.num_image_codes, low, a))
+                       for (key, ids, _), c, low, a in zip(batch, codes, lows, arrays)]
         writer.add(records, skipped, counts={"truncated_captions": truncated})
         batch, skipped, truncated = [], [], 0
 

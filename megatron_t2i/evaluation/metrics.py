@@ -164,19 +164,23 @@ def tokenizer_figures(tokenizer, images: torch.Tensor, batch_size: int = 64) -> 
 # ---- held-out token loss -------------------------------------------------------------------------
 @torch.no_grad()
 def heldout_losses(model, layout, dataset, indices, batch_size: int = 8, device="cpu",
-                   progress: bool = True) -> dict:
-    """Mean loss of `model` on the text-to-image sequences of records `indices` of `dataset`,
-    over image targets and over text targets (every non-image target: caption tokens and the
-    special tokens around them), as training's evaluation splits it. Single process."""
-    builder = SequenceBuilder(layout, {"text2image": 1.0}, text_dropout=0.0)  # no randomness left
+                   progress: bool = True, task: str = "text2image") -> dict:
+    """Mean loss of `model` on the `task` sequences (text2image; clip2image of a CLIP-conditioned
+    model) of records `indices` of `dataset`, over image targets and over text targets (every
+    non-image target: caption tokens and the special tokens around them), as training's
+    evaluation splits it. Single process."""
+    builder = SequenceBuilder(layout, {task: 1.0}, text_dropout=0.0,  # no randomness left
+                              condition_slots=model.config.condition_slots)
     objective = TokenCrossEntropy(layout)
     sums = torch.zeros(objective.metric_size, dtype=torch.float64)
     for start in tqdm(range(0, len(indices), batch_size), desc="held-out loss", unit="batch",
                       disable=not progress):
         records = [dataset[int(i)] for i in indices[start:start + batch_size]]
         batch = objective.prepare({k: v.to(device) for k, v in
-                                   collate([builder(r.text_ids, r.image_codes, 0)
-                                            for r in records]).items()})
-        sums += objective.loss(model(batch["tokens"], batch["position_ids"]), batch)[1].cpu()
+                                   collate([builder(r.text_ids, r.image_codes, 0, r.low_codes,
+                                                    r.arrays) for r in records]).items()})
+        conditions = {k: batch[k] for k in ("condition", "condition_mask") if k in batch}
+        sums += objective.loss(model(batch["tokens"], batch["position_ids"], **conditions),
+                               batch)[1].cpu()
     return {**objective.summary(sums), "image_targets": int(sums[1]),
             "text_targets": int(sums[3]), "records": len(indices)}

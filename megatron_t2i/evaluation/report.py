@@ -148,6 +148,26 @@ def markdown(report: dict, grid_name: str | None, shown_rows: int = 0) -> str:
         out += _table(["attribute, direction", *ORDERS], rows) + [""]
         out += ["Pairs: " + "; ".join(f"{a} {', '.join(f'{n} {o}' for o, n in p.items())}"
                                       for a, p in pairs.items()), ""]
+    if report.get("clip"):
+        c = report["clip"]
+        out += ["## CLIP", "",
+                f"In the space of the CLIP trained here ({_fmt(c.get('path'))}): CLIP score, the mean "
+                f"cosine of a sample and its caption; R-precision, the share of samples whose "
+                f"caption is the closest among {c['candidates']} held-out captions.", ""]
+        rows = [["all samples", c["clip_score"], c["r_precision"], c["samples"]]]
+        if "clip_score_reranked" in c:
+            rows.append([f"reranked ({src.get('reranked')})", c["clip_score_reranked"],
+                         c["r_precision_reranked"], None])
+        out += _table(["samples", "CLIP score", "R-precision", "n"], rows) + [""]
+        h = c["clip_heldout"]
+        out += ["The CLIP on held-out pairs (the captions' own pictures): retrieval R@1 / R@5 "
+                "among all of them and among groups of 100, and the cosine gap.", ""]
+        out += _table(["", "R@1 all", "R@5 all", "R@1 among 100", "R@5 among 100"],
+                      [[d.replace("_to_", "->"), h[f"{d}_r1_all"], h[f"{d}_r5_all"],
+                        h.get(f"{d}_r1_among_100"), h.get(f"{d}_r5_among_100")]
+                       for d in ("text_to_image", "image_to_text")]) + [""]
+        out += [f"Paired cosine {_fmt(h['paired_cosine'])}, unpaired {_fmt(h['unpaired_cosine'])}, "
+                f"gap {_fmt(h['cosine_gap'])} ({h['pairs']} pairs).", ""]
     if report.get("diversity"):
         d = report["diversity"]
         out += ["## Diversity", "",

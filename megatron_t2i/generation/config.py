@@ -18,6 +18,7 @@ class LoadConfig:
     trust_checkpoint: bool = False         # unpickle fully (megatron_t2i/safe_load.py)
     text_tokenizer: str | None = None      # default: the ones stored with the checkpoint
     image_tokenizer: str | None = None
+    clip: str | None = None                # a CLIP trained here (default: the stored one)
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,9 @@ class GenerationConfig:
     cfg_scale: float = 0.0
     seed: int = 1234
     use_cache: bool = True
-    rerank_top: int = 0                    # keep the best K of `samples` by caption score
+    rerank_top: int = 0                    # keep the best K of `samples`, scored by:
+    rerank_by: str = "auto"                # caption (likelihood), clip, or auto: clip for a
+    #                                        CLIP-conditioned model, else caption
     beam_size: int = 0                     # image2text: beam search (0: sample)
     keep_rows: int | None = None           # completion: rows of codes kept (default: half)
     top: int = 0                           # post-selection: copy the best K images
@@ -41,6 +44,8 @@ class GenerationConfig:
     debug: bool = False                    # one grid per query
 
     def __post_init__(self):
+        if self.rerank_by not in ("auto", "caption", "clip"):
+            raise ValueError(f"--rerank {self.rerank_by}: expected caption, clip or auto")
         if self.rerank_top > self.samples:
             raise ValueError(f"--rerank-top {self.rerank_top} exceeds --batch-size {self.samples} "
                              f"(the samples it chooses from)")

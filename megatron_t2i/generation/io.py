@@ -130,6 +130,12 @@ def save_samples(images: list[Image.Image], output_path: str, query_id: str | No
             for k, image in enumerate(images, start)]
 
 
+def token_progress(is_writer: bool) -> bool:
+    """Whether to draw per-token progress bars: on the writer, in a terminal; a redirected log
+    gets the one summary line per query instead of thousands of bar updates."""
+    return is_writer and sys.stderr.isatty()
+
+
 # ----------------------------------------------------------------------------------------------
 # Queries
 

@@ -165,6 +165,7 @@ class GenerationContext:
     image_tokenizer: object | None   # ImageTokenizer on the writer; None on the other ranks
     device: torch.device
     is_writer: bool
+    clip: object | None = None       # Clip (tokenizers/clip.py), on every rank, when there is one
 
     def encode_image_file(self, path: str) -> list[int]:
         """An image file -> its codes [grid^2] under the checkpoint's VQ-VAE (on the writer)."""
@@ -190,4 +191,17 @@ def build_context(load: LoadConfig) -> GenerationContext:
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
     text, image = load_tokenizers(layout, load.text_tokenizer, load.image_tokenizer,
                                   device, stored, need_image=is_writer)
-    return GenerationContext(model, config, layout, text, image, device, is_writer)
+    clip = load_clip(load.clip or stored.get("clip"), text, device, required=bool(
+        config.condition_slots))
+    return GenerationContext(model, config, layout, text, image, device, is_writer, clip)
+
+
+def load_clip(path: str | None, text_tokenizer, device, required: bool = False):
+    """The CLIP at `path` (None: no CLIP); a CLIP-conditioned model cannot sample without one."""
+    if not path:
+        if required:
+            raise FileNotFoundError("this checkpoint is CLIP-conditioned (language-free) and has "
+                                    f"no tokenizers/{TOKENIZER_FILES['clip']}; pass --clip FILE.pt")
+        return None
+    from megatron_t2i.tokenizers.clip import Clip
+    return Clip.load(path, text_tokenizer, device)

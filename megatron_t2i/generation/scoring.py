@@ -9,6 +9,7 @@ keeps its own vocabulary slice: the vocab-parallel cross entropy never gathers t
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from megatron_t2i import mpu
 from megatron_t2i.data.loader import target_length
@@ -100,9 +101,39 @@ def score_captions(ctx, text: str, codes: torch.Tensor, batch_size: int = 8) -> 
                                   batch_size)
 
 
-def rerank(ctx, text: str, codes: torch.Tensor, top: int):
-    """The `top` best of `codes` [N, grid^2] by caption score -> (codes [top, grid^2],
-    scores [top]), best first. On every rank (scoring runs the model)."""
-    scores = score_captions(ctx, text, codes).float().cpu()
+@torch.no_grad()
+def clip_scores(ctx, text: str, codes: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the CLIP's embeddings of `text` and of the images of codes [N, grid^2]
+    -> float32 [N] (CPU), the same on every rank: the writer decodes and scores, then
+    broadcasts (the other ranks have no image tokenizer)."""
+    if ctx.clip is None:
+        raise ValueError("--rerank clip needs a CLIP: none is stored with the checkpoint; "
+                         "pass --clip FILE.pt")
+    scores = torch.zeros(len(codes))
+    if ctx.is_writer:
+        pixels = ctx.image_tokenizer.decode_to_tensor(codes)                # [N, 3, S, S]
+        s = ctx.clip.config.image_size
+        if pixels.shape[-1] != s:
+            pixels = torch.nn.functional.interpolate(pixels, size=(s, s), mode="bicubic",
+                                                     antialias=True).clamp(0, 1)
+        scores = ctx.clip.encode_pixels((pixels * 255).round().byte()) @ \
+            ctx.clip.encode_texts([text])[0]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        scores = scores.to(ctx.device)
+        dist.broadcast(scores, src=0)
+    return scores.float().cpu()
+
+
+def rerank_kind(ctx, by: str = "auto") -> str:
+    """What reranking scores by: a CLIP-conditioned model has no caption direction, so auto
+    is clip there and the caption likelihood elsewhere."""
+    return ("clip" if ctx.config.condition_slots else "caption") if by == "auto" else by
+
+
+def rerank(ctx, text: str, codes: torch.Tensor, top: int, by: str = "auto"):
+    """The `top` best of `codes` [N, grid^2] by caption score or CLIP similarity ->
+    (codes [top, grid^2], scores [top]), best first. On every rank (scoring runs the model)."""
+    kind = rerank_kind(ctx, by)
+    scores = (clip_scores if kind == "clip" else score_captions)(ctx, text, codes).float().cpu()
     order = scores.argsort(descending=True)[:top]
     return codes[order], scores[order]

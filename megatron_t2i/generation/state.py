@@ -36,6 +36,10 @@ class Decoding:
 class Prompt:
     tokens: torch.Tensor     # [B, P]
     positions: torch.Tensor  # [B, P]
+    # of a conditioned model: the vectors [B, D] its slot placeholders read, and which rows have
+    # one (False: the null embedding, e.g. classifier-free guidance's unconditional branch)
+    condition: torch.Tensor | None = None
+    condition_mask: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.tokens.dim() != 2 or self.tokens.shape != self.positions.shape \
@@ -45,9 +49,24 @@ class Prompt:
 
     @classmethod
     def of(cls, sequence, rows: int, device) -> "Prompt":
-        """A layout Sequence (one prompt) repeated for `rows` samples, on `device`."""
+        """A layout Sequence (one prompt, with its condition if any) repeated for `rows` samples,
+        on `device`."""
+        condition = mask = None
+        if sequence.condition is not None:
+            condition = sequence.condition.to(device).expand(rows, -1)
+            mask = torch.full((rows,), sequence.condition_present, device=device)
         return cls(sequence.tokens.to(device).expand(rows, -1),
-                   sequence.position_ids.to(device).expand(rows, -1))
+                   sequence.position_ids.to(device).expand(rows, -1), condition, mask)
+
+    def rows(self, index) -> "Prompt":
+        """The prompt of some of the rows."""
+        pick = (lambda t: t[index] if t is not None else None)
+        return Prompt(self.tokens[index], self.positions[index], pick(self.condition),
+                      pick(self.condition_mask))
+
+    def conditions(self) -> dict:
+        return {"condition": self.condition, "condition_mask": self.condition_mask} \
+            if self.condition is not None else {}
 
     @property
     def batch(self) -> int:
@@ -79,6 +98,7 @@ class DecodingState:
         self.blocks[:, :p] = torch.arange(p, device=device)
         self.length, self.next_block, self.causal = p, p, True
         self.cache = model.allocate_kv_cache(b, capacity) if use_cache else None
+        self.conditions = prompt.conditions()  # read with the prompt, where its slots are
 
     @property
     def batch(self) -> int:
@@ -112,7 +132,7 @@ class DecodingState:
             raise ValueError("decoding state: nothing new to read (append tokens first)")
         out = self.model(self.tokens[:, start:self.length], self.positions[:, start:self.length],
                          attention_mask=self._mask(start, self.length), kv_cache=self.cache,
-                         gather_logits=True)
+                         gather_logits=True, **(self.conditions if start == 0 else {}))
         return out[:, -last:].float()
 
     def _mask(self, start: int, end: int) -> torch.Tensor | None:
@@ -137,5 +157,6 @@ class DecodingState:
         """Keep the batch rows `rows` [B'] (they may repeat or reorder, e.g. beam search)."""
         self.tokens, self.positions, self.blocks = (self.tokens[rows], self.positions[rows],
                                                     self.blocks[rows])
+        self.conditions = {k: v[rows] for k, v in self.conditions.items()}
         if self.cache is not None:
             self.cache.select(rows)

@@ -17,6 +17,7 @@ from torch import nn
 
 from megatron_t2i import mpu
 from megatron_t2i.model.attention import KVCache, normal_init
+from megatron_t2i.model.conditioning import ConditionProjector
 from megatron_t2i.model.heads import build_head
 from megatron_t2i.model.trunk import Transformer, check_inputs, seed_component
 
@@ -42,6 +43,9 @@ class GPT(nn.Module):
             params_dtype=params_dtype, device=device)
         self.transformer = Transformer(config, device, params_dtype, seed)
         self.head = build_head(config)
+        if config.condition_slots:
+            seed_component(seed, config.num_layers + 3)
+            self.conditioning = ConditionProjector(config, device, params_dtype)
 
     def embed(self, tokens, slots: Slots | None = None):
         """tokens [B, S] -> input embeddings [B, S, h], slot values where slots.mask."""
@@ -50,21 +54,46 @@ class GPT(nn.Module):
             return embeds
         return torch.where(slots.mask[..., None], slots.values.to(embeds.dtype), embeds)
 
+    def condition_slots(self, tokens, condition, condition_mask=None) -> Slots:
+        """The Slots of a conditioned model: its projected condition [B, D] (the null embedding
+        where condition_mask [B] is False) at the slot_token placeholders, `condition_slots` of
+        them in every row that has any."""
+        if not self.config.condition_slots:
+            raise ValueError("GPT: a condition was given to a model without condition slots "
+                             "(trained on captions)")
+        mask = tokens == self.config.slot_token                               # [B, S]
+        k = self.config.condition_slots
+        per_row = mask.sum(1)
+        if not bool(((per_row == k) | (per_row == 0)).all()):
+            raise ValueError(f"GPT: a conditioned row needs its {k} slot placeholders together, "
+                             f"found {per_row.tolist()}")
+        values = self.conditioning(condition, condition_mask)                 # [B, k, h]
+        keep = per_row == k
+        dense = values.new_zeros(*tokens.shape, values.shape[-1])
+        dense[mask] = values[keep].reshape(-1, values.shape[-1])
+        return Slots(dense, mask)
+
     def hidden(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
-               slots: Slots | None = None):
+               slots: Slots | None = None, condition=None, condition_mask=None):
         """tokens, position_ids [B, S] -> the trunk's final hidden states [B, S, h]."""
         check_inputs(tokens, position_ids, self.config.max_position_embeddings,
                      cached=kv_cache is not None)
+        if condition is not None:
+            slots = self.condition_slots(tokens, condition, condition_mask)
         return self.transformer(self.embed(tokens, slots), position_ids, attention_mask, kv_cache)
 
     def forward(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
-                gather_logits: bool = False, slots: Slots | None = None):
+                gather_logits: bool = False, slots: Slots | None = None, condition=None,
+                condition_mask=None):
         """-> the head's output: logits [B, S, V/tp] (all V with gather_logits) for the LM head.
 
         attention_mask: bool [B or 1, 1, S, T] (True = may attend), T = cached + S tokens;
         None means causal. kv_cache: decode incrementally, the S tokens following the cached ones.
+        slots: float inputs in place of tokens' embeddings; condition [B, D] (+ condition_mask
+        [B]): of a conditioned model, projected into its slots (see condition_slots).
         """
-        hidden = self.hidden(tokens, position_ids, attention_mask, kv_cache, slots)
+        hidden = self.hidden(tokens, position_ids, attention_mask, kv_cache, slots, condition,
+                             condition_mask)
         return self.head(hidden, self.word_embeddings.weight, gather_logits)
 
     def allocate_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:

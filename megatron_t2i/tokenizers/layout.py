@@ -37,7 +37,7 @@ SPECIALS = (
 # sides (e.g. 12x12 codes of 48-pixel images) takes the token of the next larger one.
 SIZE_TOKENS = {8: "[TINY]", 16: "[SMALL]", 32: "[BASE]", 64: "[BIG]"}
 # The templates a task's sequences can follow (megatron_t2i/tasks.py says which task uses which).
-TEMPLATES = ("text_to_image", "image_to_text", "super_resolution")
+TEMPLATES = ("text_to_image", "image_to_text", "super_resolution", "condition_to_image")
 IMAGE_POSITIONS = ("after_text", "fixed")
 
 
@@ -75,6 +75,10 @@ class Sequence:
     # [L] int64: position i attends to j iff block_ids[j] <= block_ids[i]; None is causal
     # (block_ids() below for the attention kinds of megatron_t2i/tasks.py)
     block_ids: torch.Tensor | None = None
+    # [D] float: the vector the [MASK] slots of condition_to_image read (model/conditioning.py);
+    # condition_present False: dropped for guidance, the model's null embedding instead
+    condition: torch.Tensor | None = None
+    condition_present: bool = True
 
 
 @dataclass
@@ -176,7 +180,7 @@ class TokenLayout:
     def seq_length(self, template: str) -> int:
         """Fixed training length of a template's sequence (tokens incl. the last target)."""
         g2, t = self.image_tokens, self.max_text_tokens
-        if template in ("text_to_image", "image_to_text"):
+        if template in ("text_to_image", "image_to_text", "condition_to_image"):
             return t + g2 + 4   # [ROI1] text [size] [BOI1] codes [EOI1] | [size] [BOI1] codes [EOI1] [ROI1] text
         if template == "super_resolution":
             return t + g2 // 4 + 4 + 4 + g2         # low-res prefix, [ROI2] [POS0] [size] [BOI2] codes
@@ -238,7 +242,22 @@ class TokenLayout:
     def text_to_image(self, text_ids, image_codes=None, pad: bool = True) -> Sequence:
         """`[ROI1] text [size] [BOI1] codes [EOI1] [PAD]...`; without codes, the generation prompt
         `[ROI1] text [size] [BOI1]`."""
-        text = self._text(text_ids, self.max_text_tokens)
+        return self._image_after(self._text(text_ids, self.max_text_tokens), image_codes, pad)
+
+    def condition_to_image(self, slots: int, image_codes=None, pad: bool = True) -> Sequence:
+        """`[ROI1] [MASK] x slots [size] [BOI1] codes [EOI1] [PAD]...`: text->image with the caption
+        replaced by `slots` placeholders whose inputs are embedding slots (a projected CLIP
+        embedding, model/conditioning.py). The image has the position ids it has after a caption
+        (with fixed image positions), and the length of text->image, padding included."""
+        if not 0 < slots <= self.max_text_tokens:
+            raise ValueError(f"condition slots must be 1..{self.max_text_tokens} (the caption's "
+                             f"room), got {slots}")
+        seq = self._image_after(torch.full((slots,), self["[MASK]"], dtype=torch.long),
+                                image_codes, pad)
+        seq.loss_mask[1:1 + slots] = 0  # the placeholders are given, not something to predict
+        return seq
+
+    def _image_after(self, text: torch.Tensor, image_codes, pad: bool) -> Sequence:
         head = [[self["[ROI1]"]], text, [self.size_token, self["[BOI1]"]]]
         start = 3 + text.numel()
         if image_codes is None:
@@ -301,6 +320,9 @@ class TokenLayout:
             if low_codes is None:
                 raise ValueError("the super_resolution template needs low-resolution codes")
             return self.super_resolution(text_ids, low_codes, image_codes)
+        if name == "condition_to_image":
+            raise ValueError("the condition_to_image template takes its slot count: call "
+                             "condition_to_image(slots, codes)")
         raise ValueError(f"unknown template {name!r}; expected one of {', '.join(TEMPLATES)}")
 
     # ---- persistence ---------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from PIL import Image
 
 from megatron_t2i.io_utils import write_torch_atomic
 from megatron_t2i.safe_load import check_state_dict, load_torch_file
+from megatron_t2i.tokenizers.pixels import crop_square
 
 FORMAT = "megatron_t2i.vqvae/1"
 
@@ -350,17 +350,7 @@ class ImageTokenizer:
     # ---- pixels ----------------------------------------------------------------------------------
     def crop_uint8(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> uint8 [3, S, S]: RGB, short side resized to S, centre crop."""
-        s = self.image_size
-        image = image.convert("RGB")
-        w, h = image.size
-        if min(w, h) != s:
-            scale = s / min(w, h)
-            image = image.resize((max(s, round(w * scale)), max(s, round(h * scale))),
-                                 Image.Resampling.BICUBIC, reducing_gap=3.0)  # antialiased
-            w, h = image.size
-        left, top = (w - s) // 2, (h - s) // 2
-        image = image.crop((left, top, left + s, top + s))
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        return crop_square(image, self.image_size)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float [..., 3, S, S] -> normalised float."""

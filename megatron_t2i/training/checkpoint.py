@@ -252,7 +252,8 @@ def check_compatible(load_dir: str, config: ModelConfig, layout: TokenLayout, ta
     except LayoutMismatchError as e:
         raise CheckpointError(str(e)) from None
     for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                  "vocab_size", "max_position_embeddings", "sandwich_ln"):
+                  "vocab_size", "max_position_embeddings", "sandwich_ln", "condition_dim",
+                  "condition_slots"):
         ours, theirs = getattr(config, field), getattr(saved_config, field)
         if ours != theirs:
             raise CheckpointError(f"{where}: model {field} is {theirs}, this run's is {ours}")
@@ -305,7 +306,7 @@ def refresh_master_weights(engine) -> None:
         opt.refresh_fp32_params()
 
 
-TOKENIZER_FILES = {"text": "text.model", "image": "vqvae.pt"}
+TOKENIZER_FILES = {"text": "text.model", "image": "vqvae.pt", "clip": "clip.pt"}
 
 
 def store_tokenizers(save_dir: str, data_meta: dict) -> dict:

@@ -14,6 +14,8 @@ class TrainConfig:
     # what is trained
     tasks: dict = field(default_factory=lambda: {"text2image": 1.0})   # name -> weight
     text_dropout: float = 0.0                       # captions dropped, for guidance
+    condition_slots: int = 4                        # slots a conditioned task's vector fills
+    condition_noise: float = 0.0                    # LAFITE's xi on the CLIP image embedding
     txt_loss_scale: float = 1.0                     # caption targets of caption-first sequences
     holdout_fraction: float = 0.02
     seed: int = 1234

@@ -101,7 +101,7 @@ class Batches:
         for index, sample_seed in self.sampler.next_micro_batch():
             record = self.dataset[index]
             seqs.append(self.builder(record.text_ids, record.image_codes, sample_seed,
-                                     record.low_codes))
+                                     record.low_codes, record.arrays))
         batch = collate(seqs)
         if self.trim:
             # one length on every data-parallel replica: their dropout then draws as many random
@@ -114,9 +114,16 @@ class Batches:
                                        for k, v in batch.items()})
 
 
+def condition_inputs(batch: dict) -> dict:
+    """The model's condition keywords of a batch that has them (a conditioned task's), else {}."""
+    return {"condition": batch["condition"], "condition_mask": batch["condition_mask"]} \
+        if "condition" in batch else {}
+
+
 def forward_loss(engine, batch, objective, weights=None):
     """-> (Σ weights·loss over the micro-batch, the objective's metric sums)."""
-    outputs = engine(batch["tokens"], batch["position_ids"], attention_mask(batch))
+    outputs = engine(batch["tokens"], batch["position_ids"], attention_mask(batch),
+                     **condition_inputs(batch))
     return objective.loss(outputs, batch, weights)
 
 
@@ -159,14 +166,16 @@ class Trainer:
         self.writer, self.reference, self.objective = writer, reference, objective
         self.iteration = start_iteration
         self.device = engine.device
-        builder = SequenceBuilder(layout, config.tasks, config.text_dropout)
+        slots = model_config.condition_slots
+        builder = SequenceBuilder(layout, config.tasks, config.text_dropout, slots,
+                                  config.condition_noise)
         self.pipeline_loss = getattr(engine.module, "loss_fn", None) \
             if mpu.get_pipeline_model_parallel_world_size() > 1 else None
         self.trim = self.pipeline_loss is None  # the pipeline engine wants fixed shapes
         self.train = Batches(dataset, train_idx, builder, config.micro_batch_size, config.seed,
                              self.device, objective, consumed, self.trim)
         self.eval_idx, self.dataset = eval_idx, dataset
-        self.eval_builder = SequenceBuilder(layout, config.tasks, 0.0)
+        self.eval_builder = SequenceBuilder(layout, config.tasks, 0.0, slots)
         self.stop = StopSignal()
         self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
         self.work = [0, 0.0]  # tokens fed and their model FLOPs on this replica, since the last log

@@ -11,6 +11,7 @@ import sys
 import torch.distributed as dist
 
 from megatron_t2i import mpu
+from megatron_t2i import tasks as registry
 from megatron_t2i.config import model_config
 from megatron_t2i.data.loader import open_dataset, split_indices
 from megatron_t2i.device import resolve_device
@@ -37,6 +38,26 @@ def build_model(cfg: TrainConfig, config, objective, ds_config):
     return GPT(config, seed=cfg.seed)  # the pipeline's per-layer seeds: PP sizes start equal
 
 
+def condition_fields(cfg: TrainConfig, dataset, layout) -> dict:
+    """The ModelConfig fields of a conditioned task (clip2image): the dimension of its record
+    array, the slots, the placeholder id; {} when no task of the run is conditioned."""
+    arrays = {registry.get(n).condition for n in cfg.tasks} - {None}
+    if not arrays:
+        return {}
+    if len(arrays) > 1:
+        raise ValueError(f"--tasks read different condition arrays {sorted(arrays)}; one per run")
+    name = arrays.pop()
+    first = dataset[0].arrays or {} if len(dataset) else {}
+    if name not in first:
+        raise ValueError(f"--data-path: the records hold no {name!r} array, which --tasks "
+                         f"{', '.join(cfg.tasks)} needs; preprocess with --clip FILE")
+    if cfg.pipeline_model_parallel_size > 1:
+        raise ValueError("a conditioned model (--tasks clip2image) trains with tensor and data "
+                         "parallelism; pipeline parallelism is not supported for it yet")
+    return {"condition_dim": int(first[name].size), "condition_slots": cfg.condition_slots,
+            "slot_token": layout["[MASK]"]}
+
+
 def resume_dir(cfg: TrainConfig) -> str | None:
     """load, else save when it already holds a checkpoint (re-running resumes)."""
     if cfg.load:
@@ -56,7 +77,7 @@ def prepare(cfg: TrainConfig) -> Trainer:
     device = resolve_device()
     dataset, layout = open_dataset(list(cfg.data_path))
     config = model_config(cfg.model_size, layout, cfg.tensor_model_parallel_size, list(cfg.tasks),
-                          **cfg.model_overrides)
+                          **cfg.model_overrides, **condition_fields(cfg, dataset, layout))
     config.check_tensor_parallel(cfg.tensor_model_parallel_size)
     objective = build_objective(cfg.tasks, layout, cfg.txt_loss_scale)
     load_dir = resume_dir(cfg)

@@ -114,7 +114,8 @@ def main_super_resolution(ctx, config) -> None:
         high = in_rounds(seeds, config.max_inference_batch_size, ctx.device,
                          lambda generators, label: super_resolve(
                              ctx.model, layout, ids, codes, decoding, generators,
-                             progress=label if ctx.is_writer else False), label=f"[{query.index}]")
+                             progress=label if io.token_progress(ctx.is_writer) else False),
+                         label=f"[{query.index}]")
         if not ctx.is_writer:
             continue
         images = decode_grid(ctx.image_tokenizer, high)

@@ -14,6 +14,7 @@ Without reranking or a --debug grid, each round's images are written as soon as 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -21,7 +22,7 @@ import torch
 
 from megatron_t2i.generation import io
 from megatron_t2i.generation.batching import in_rounds, query_seeds
-from megatron_t2i.generation.scoring import rerank
+from megatron_t2i.generation.scoring import rerank, rerank_kind
 from megatron_t2i.generation.state import Prompt
 from megatron_t2i.generation.strategies.raster import generate
 from megatron_t2i.generation.vocab import image_vocab_mask
@@ -40,16 +41,28 @@ def sample_codes(ctx, config, prompt: Sequence, uncond: Sequence | None, num_tok
         return generate(ctx.model, Prompt.of(prompt, rows, ctx.device), num_tokens, decoding,
                         allowed, generators,
                         Prompt.of(uncond, rows, ctx.device) if uncond is not None else None,
-                        progress=(label or True) if ctx.is_writer else False)
+                        progress=(label or True) if io.token_progress(ctx.is_writer) else False)
 
     return in_rounds(seeds, config.max_inference_batch_size, ctx.device, draw, on_round, desc)
+
+
+def prompts(ctx, text: str, guided: bool) -> tuple[Sequence, Sequence | None]:
+    """The prompt of `text` and, for guidance, the unconditional one. A caption model reads the
+    caption's ids; a CLIP-conditioned one (language-free) the CLIP's text embedding of it in its
+    slots, and the null embedding unconditionally."""
+    layout = ctx.layout
+    if not ctx.config.condition_slots:
+        return (layout.text_to_image(ctx.text_tokenizer.encode(text)),
+                layout.text_to_image([]) if guided else None)
+    prompt = layout.condition_to_image(ctx.config.condition_slots)
+    prompt.condition = ctx.clip.encode_texts([text])[0]
+    return prompt, dataclasses.replace(prompt, condition_present=False) if guided else None
 
 
 def text2image(ctx, config, text: str, query_index: int, on_round=None) -> torch.Tensor:
     """-> codes [samples, grid^2] of `text` (query number query_index)."""
     layout = ctx.layout
-    prompt = layout.text_to_image(ctx.text_tokenizer.encode(text))
-    uncond = layout.text_to_image([]) if config.cfg_scale else None
+    prompt, uncond = prompts(ctx, text, bool(config.cfg_scale))
     return sample_codes(ctx, config, prompt, uncond, layout.image_tokens,
                         query_seeds(config.seed, query_index, config.samples), f"[{query_index}]",
                         on_round)
@@ -97,8 +110,8 @@ def finish_query(ctx, config, query, text: str, codes: torch.Tensor, started: fl
         paths = io.save_samples(images, config.output_path, query.id, text, config.debug)
         folder = paths[0] if len(paths) == 1 else os.path.dirname(paths[0])
     elapsed = time.perf_counter() - started
-    ranked = f" | caption scores {', '.join(f'{s:.2f}' for s in scores.tolist())}" \
-        if scores is not None else ""
+    ranked = (f" | {rerank_kind(ctx, config.rerank_by)} scores "
+              f"{', '.join(f'{s:.2f}' for s in scores.tolist())}") if scores is not None else ""
     ids = len(ctx.text_tokenizer.encode(text))
     cut = (f" | caption cut to {ctx.layout.max_text_tokens} of its {ids} ids (the checkpoint's "
            f"max_text_tokens)" if ids > ctx.layout.max_text_tokens else "")
@@ -114,12 +127,15 @@ def main_text2image(ctx, config) -> None:
         codes = text2image(ctx, config, query.item, query.index, on_round)
         scores = None
         if config.rerank_top:
-            codes, scores = rerank(ctx, query.item, codes, config.rerank_top)
+            codes, scores = rerank(ctx, query.item, codes, config.rerank_top, config.rerank_by)
         finish_query(ctx, config, query, query.item, codes, started,
                      config.samples * ctx.layout.image_tokens, scores, saved=on_round is not None)
 
 
 def main_completion(ctx, config) -> None:
+    if ctx.config.condition_slots:
+        raise ValueError("--task completion needs a model trained on captions; this checkpoint "
+                         "is CLIP-conditioned (language-free)")
     grid = ctx.layout.image_grid
     keep_rows = grid // 2 if config.keep_rows is None else config.keep_rows
     if not 0 < keep_rows < grid:
@@ -139,7 +155,7 @@ def main_completion(ctx, config) -> None:
         completed = complete(ctx, config, text, codes, query.index, keep_rows, on_round)
         scores = None
         if config.rerank_top:
-            completed, scores = rerank(ctx, text, completed, config.rerank_top)
+            completed, scores = rerank(ctx, text, completed, config.rerank_top, config.rerank_by)
         # the debug grid starts with the original image (as the tokenizer reconstructs it)
         original = ctx.image_tokenizer.decode_codes(torch.tensor([codes])) \
             if ctx.is_writer and config.debug else []

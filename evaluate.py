@@ -36,7 +36,6 @@ import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from megatron_t2i.arguments import generation_config, load_config, parse_args
 from megatron_t2i.data.synthetic import make_example, read_meta, render
@@ -46,6 +45,7 @@ from megatron_t2i.evaluation.metrics import (alignment, alignment_by_caption, di
 from megatron_t2i.evaluation.reader import (ReaderConfig, load_or_train, reader_path, reconstruct,
                                             resize, to_tensor)
 from megatron_t2i.evaluation.report import write_report
+from megatron_t2i.progress import progress_bar
 
 PROG = "evaluate.py"
 PROMPT_SEED = 271828      # fresh prompts: a seed no data set is made with by default
@@ -159,8 +159,8 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     reader, reader_file = reader_for(args, size, tokenizer, reader)
 
     samples = []
-    for q, prompt in enumerate(tqdm(prompts, desc="sampling held-out captions", unit="caption",
-                                    mininterval=0.5 if sys.stderr.isatty() else 60)):
+    for q, prompt in enumerate(progress_bar(prompts, desc="sampling held-out captions",
+                                            unit="caption")):
         codes = text2image(ctx, config, prompt["caption"], q)        # [K, grid^2]
         if args.rerank_top:  # best first by their score, as text2image --rerank-top
             codes = rerank(ctx, prompt["caption"], codes, k, config.rerank_by)[0]

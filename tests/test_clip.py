@@ -254,6 +254,64 @@ def test_conditioned_gpt_at_tp2_equals_tp1():
     torch.testing.assert_close(torch.cat(halves, -1), logits, atol=1e-5, rtol=1e-5)
 
 
+def _reference_training(steps: int, lr: float):
+    """GPT(seed=1234) trained by torch's AdamW on conditioned_batch: (losses, final state)."""
+    model = GPT(CFG, seed=1234)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    batch, losses = conditioned_batch(), []
+    for _ in range(steps):
+        logits = model(batch["tokens"], batch["position_ids"], condition=batch["condition"],
+                       condition_mask=batch["condition_mask"])
+        loss = language_model_loss(logits, batch["labels"], batch["loss_mask"])[0]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, model.state_dict()
+
+
+STEPS_PP = 2
+
+
+def _conditioned_pipeline(rank, world_size):
+    import deepspeed
+
+    from megatron_t2i.model.pipeline import build_pipeline_model, gpt_state_dict
+    from megatron_t2i.training.loop import pipeline_inputs
+
+    model = build_pipeline_model(CFG, pipeline_model_parallel_size=2, base_seed=1234)
+    initial = gpt_state_dict(model, CFG)  # this stage's own initialisation
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01,
+                                                 "torch_adam": True}},
+        "gradient_clipping": 0.5, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9})
+    batch = conditioned_batch()
+    data = (pipeline_inputs(batch, CFG.condition_dim), (batch["labels"], batch["loss_mask"]))
+    losses = [engine.train_batch(iter([data])).item() for _ in range(STEPS_PP)]
+    final = gpt_state_dict(model, CFG)
+    mpu.destroy_model_parallel()
+    return [{k: v.numpy() for k, v in d.items()} for d in (initial, final)], losses
+
+
+@pytest.mark.slow
+def test_conditioned_gpt_in_two_pipeline_stages_trains_like_the_gpt():
+    """PP=2 of a conditioned model (the ConditionPipe on the first stage): built with the GPT's
+    weights from the same seed, and two AdamW steps give the GPT's losses and weights."""
+    initial = GPT(CFG, seed=1234).state_dict()
+    losses, final = _reference_training(2, 1e-3)
+    stages = run_distributed(_conditioned_pipeline, 2)
+    assert "conditioning.proj.weight" in stages[0][0][0] and \
+        "conditioning.proj.weight" not in stages[1][0][0]
+    for (start, end), got in stages:
+        for key, value in start.items():
+            np.testing.assert_array_equal(value, initial[key].numpy(), err_msg=key)
+            np.testing.assert_allclose(end[key], final[key].numpy(), atol=2e-6, err_msg=key)
+    np.testing.assert_allclose(stages[1][1], losses, rtol=1e-5)  # the last stage's losses
+    assert losses[1] < losses[0]
+
+
 def test_cached_decoding_with_condition_slots_equals_recomputation():
     torch.manual_seed(0)
     model = GPT(CFG).eval()
@@ -277,12 +335,14 @@ def test_cached_decoding_with_condition_slots_equals_recomputation():
     assert not torch.equal(other, runs[True][0])  # the condition is read
 
 
-def test_a_caption_model_given_a_condition_says_so():
+def test_a_condition_the_model_does_not_take_says_so():
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(CFG, condition_dim=0, condition_slots=0, slot_token=-1))
     seq = LAYOUT.condition_to_image(3)
     with pytest.raises(ValueError, match="model without condition slots"):
         model(seq.tokens[None], seq.position_ids[None], condition=torch.randn(1, 16))
+    with pytest.raises(ValueError, match=r"shape \(1, 8\), this model's takes \[batch, 16\]"):
+        GPT(CFG)(seq.tokens[None], seq.position_ids[None], condition=torch.randn(1, 8))
 
 
 def _clip_dp2(rank, world_size, text_path, out_dir):

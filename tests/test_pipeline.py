@@ -168,6 +168,16 @@ def test_key_mapping_round_trip():
             gpt_key(bad, CFG)
     with pytest.raises(ValueError, match="no pipeline layer"):
         pipeline_key("transformer.layers.4.mlp.dense_h_to_4h.bias", CFG)
+    # a conditioned model: its ConditionPipe is layer 1, everything after it one index later
+    conditioned = replace(CFG, condition_dim=8, condition_slots=2, slot_token=3)
+    keys = GPT(conditioned).state_dict().keys()
+    assert {gpt_key(pipeline_key(k, conditioned), conditioned) for k in keys} == set(keys)
+    assert pipeline_key("conditioning.proj.weight", conditioned) == "1.proj.weight"
+    assert pipeline_key("transformer.position_embeddings.weight", conditioned) == \
+        "2.position_embeddings.weight"
+    assert pipeline_key("transformer.layers.0.mlp.dense_4h_to_h.bias", conditioned) == \
+        "3.mlp.dense_4h_to_h.bias"
+    assert pipeline_key("transformer.final_layernorm.weight", conditioned) == "7.weight"
 
 
 def test_ds_config_check():

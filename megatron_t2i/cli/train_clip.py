@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
+from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.arguments import parse_args
 from megatron_t2i.data.images import BadInput, load_rgb
@@ -44,7 +44,7 @@ def load_pairs(input_path: str, text: TextTokenizer, image_size: int, max_text_t
         input_path = source
     sources, listed_skips = list_sources(input_path)
     pixels, captions, skipped = [], [], len(listed_skips)
-    for s in tqdm(sources, desc="loading images", unit="img", disable=not progress,
+    for s in progress_bar(sources, desc="loading images", unit="img", disable=not progress,
                   mininterval=2.0):
         try:
             ids = text.encode(read_caption(s), max_text_tokens)

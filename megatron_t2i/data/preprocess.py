@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
+from megatron_t2i.progress import progress_bar
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from megatron_t2i.data.images import BadInput, load_rgb
@@ -389,7 +389,7 @@ def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers
         else:  # chunks amortise the IPC; small enough that every worker gets some
             chunk = max(1, min(16, len(todo) // (4 * workers)))
             results = pool.imap_unordered(_load_example, todo, chunksize=chunk)
-        bar = tqdm(results, total=len(todo), unit="img", desc="preprocess", disable=not progress,
+        bar = progress_bar(results, total=len(todo), unit="img", desc="preprocess", disable=not progress,
                    dynamic_ncols=True)
         with logging_redirect_tqdm():
             for result in bar:

@@ -193,6 +193,9 @@ def build_context(load: LoadConfig) -> GenerationContext:
                                   device, stored, need_image=is_writer)
     clip = load_clip(load.clip or stored.get("clip"), text, device, required=bool(
         config.condition_slots))
+    if clip and config.condition_slots and clip.config.embed_dim != config.condition_dim:
+        raise ValueError(f"--clip {clip.path}: embeddings of {clip.config.embed_dim} values, this "
+                         f"checkpoint's condition takes {config.condition_dim} (another CLIP)")
     return GenerationContext(model, config, layout, text, image, device, is_writer, clip)
 
 

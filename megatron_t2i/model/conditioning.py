@@ -1,6 +1,6 @@
 """A condition vector in place of a caption: a (unit) CLIP embedding [B, D] becomes `slots` input
 embeddings [B, k, h] that the trunk reads at the [MASK] placeholders of the condition_to_image
-template (GPT.forward builds the Slots). Rows without a condition (dropped in training for
+template (`slot_inputs`; GPT.forward and the pipeline's ConditionPipe read them). Rows without a condition (dropped in training for
 classifier-free guidance, and the unconditional branch at sampling) read a learned null embedding.
 
 Replicated on every tensor-parallel rank: its input is the same everywhere and it is built from
@@ -24,9 +24,30 @@ class ConditionProjector(nn.Module):
             nn.init.normal_(p, mean=0.0, std=config.init_std)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, condition: torch.Tensor, present: torch.Tensor | None = None):
-        """condition [B, D], present bool [B] (None: all) -> slot embeddings [B, k, h]."""
+    def project(self, condition: torch.Tensor, present: torch.Tensor | None = None):
+        """condition [B, D], present bool [B] (None: all) -> slot embeddings [B, k, h]. (A method,
+        not forward: the pipeline's ConditionPipe is a ConditionProjector with a layer's forward.)"""
+        if condition.dim() != 2 or condition.shape[1] != self.proj.in_features:
+            raise ValueError(f"a condition of shape {tuple(condition.shape)}, this model's takes "
+                             f"[batch, {self.proj.in_features}] (embeddings of another CLIP?)")
         out = self.proj(condition.to(self.proj.weight.dtype)).view(len(condition), self.slots, -1)
         if present is None:
             return out
         return torch.where(present.view(-1, 1, 1), out, self.null.expand_as(out))
+
+
+def slot_inputs(projector: ConditionProjector, slot_token: int, tokens, condition,
+                condition_mask=None):
+    """The projected condition [B, D] (the null embedding where condition_mask [B] is False) at
+    the slot_token placeholders of tokens [B, S], `projector.slots` of them in every row that has
+    any -> (values [B, S, h], where [B, S] bool)."""
+    where = tokens == slot_token                                            # [B, S]
+    k = projector.slots
+    per_row = where.sum(1)
+    if not bool(((per_row == k) | (per_row == 0)).all()):
+        raise ValueError(f"a conditioned row needs its {k} slot placeholders together, found "
+                         f"{per_row.tolist()}")
+    values = projector.project(condition, condition_mask)                         # [B, k, h]
+    dense = values.new_zeros(*tokens.shape, values.shape[-1])
+    dense[where] = values[per_row == k].reshape(-1, values.shape[-1])
+    return dense, where

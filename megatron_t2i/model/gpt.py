@@ -17,7 +17,7 @@ from torch import nn
 
 from megatron_t2i import mpu
 from megatron_t2i.model.attention import KVCache, normal_init
-from megatron_t2i.model.conditioning import ConditionProjector
+from megatron_t2i.model.conditioning import ConditionProjector, slot_inputs
 from megatron_t2i.model.heads import build_head
 from megatron_t2i.model.trunk import Transformer, check_inputs, seed_component
 
@@ -55,23 +55,12 @@ class GPT(nn.Module):
         return torch.where(slots.mask[..., None], slots.values.to(embeds.dtype), embeds)
 
     def condition_slots(self, tokens, condition, condition_mask=None) -> Slots:
-        """The Slots of a conditioned model: its projected condition [B, D] (the null embedding
-        where condition_mask [B] is False) at the slot_token placeholders, `condition_slots` of
-        them in every row that has any."""
+        """The Slots of a conditioned model (see conditioning.slot_inputs)."""
         if not self.config.condition_slots:
             raise ValueError("GPT: a condition was given to a model without condition slots "
                              "(trained on captions)")
-        mask = tokens == self.config.slot_token                               # [B, S]
-        k = self.config.condition_slots
-        per_row = mask.sum(1)
-        if not bool(((per_row == k) | (per_row == 0)).all()):
-            raise ValueError(f"GPT: a conditioned row needs its {k} slot placeholders together, "
-                             f"found {per_row.tolist()}")
-        values = self.conditioning(condition, condition_mask)                 # [B, k, h]
-        keep = per_row == k
-        dense = values.new_zeros(*tokens.shape, values.shape[-1])
-        dense[mask] = values[keep].reshape(-1, values.shape[-1])
-        return Slots(dense, mask)
+        return Slots(*slot_inputs(self.conditioning, self.config.slot_token, tokens, condition,
+                                  condition_mask))
 
     def hidden(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
                slots: Slots | None = None, condition=None, condition_mask=None):

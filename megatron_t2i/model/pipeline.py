@@ -8,6 +8,10 @@ Pipeline layer indices (L = config.num_layers), and the GPT keys they hold:
     L+2      LayerNorm              transformer.final_layernorm.*
     L+3      the head               lm_logits with the tied word embeddings (no parameters)
 
+A conditioned model (config.condition_slots: clip2image) has one more layer, ConditionPipe
+(conditioning.*, the projected condition in place of its slot placeholders' embeddings), at index
+1; every later index is one higher (FIRST_LAYER_INDEX + 1 is transformer.layers.0).
+
 Stages are cut between transformer layers only ("type:TransformerLayerPipe": the embeddings go
 with the first stage, the final LayerNorm and head with the last). Layer 0 and the head are one
 TiedLayerSpec: the first and the last stage each hold a copy of the word embeddings, DeepSpeed
@@ -16,6 +20,8 @@ broadcasts the first stage's copy at start and all-reduces their gradients every
 What travels between stages (DeepSpeed sends tensors only; floating ones get gradients back):
     batch inputs (tokens [B, S], position_ids [B, S][, block_ids [B, S]])   -> layer 0
     (word embeddings [B, S, h], position_ids[, block_ids])    -> layer 1 (int ids: no gradient)
+    conditioned: inputs (tokens, position_ids, condition [B, D], condition_mask [B][, block_ids]);
+      layer 0 hands the tokens on to ConditionPipe, which hands on what layer 1 reads above
     hidden [B, S, h] or (hidden, block_ids)                   -> layers 2..L+2
     logits [B, S, V/tp]                                       -> loss_fn(logits, labels)
 The data iterator yields (inputs, labels): inputs as above, labels what loss_fn reads (the
@@ -23,9 +29,10 @@ training objective's label_keys; for the default pipeline_loss, (labels, loss_ma
 block ids attention is causal (CogView's training mask); with them, each layer attends by
 block_causal_mask(block_ids), so every attention kind of the task registry trains pipelined.
 
-Randomness: `seed_layers=True` seeds layer i's construction with base_seed + i, so the weights do
-not depend on the number of stages (PP=2 starts from PP=1's weights), nor on TP (mpu layers
-initialise the full weight and slice it). DeepSpeed also reseeds before every layer's forward
+Randomness: every layer is built from base_seed + its GPT component index (trunk.seed_component;
+for all but ConditionPipe that is DeepSpeed's seed_layers rule, base_seed + pipeline index), so the
+weights are GPT(seed=base_seed)'s whatever the number of stages (PP=2 starts from PP=1's weights),
+nor do they depend on TP (mpu layers initialise the full weight and slice it). DeepSpeed also reseeds before every layer's forward
 (base_seed * micro-batch + i), through mpu.model_parallel_seed so the TP dropout stream is reseeded
 as well: dropout masks are the same for every pipeline size. (They are also the same on every
 data-parallel replica: DeepSpeed's seeds do not include the DP rank.)
@@ -59,28 +66,55 @@ from torch import nn
 
 from megatron_t2i import mpu
 from megatron_t2i.model.attention import block_causal_mask, normal_init
+from megatron_t2i.model.conditioning import ConditionProjector, slot_inputs
 from megatron_t2i.model.heads import language_model_loss, lm_logits
 from megatron_t2i.model.layer import LayerNorm, TransformerLayer
-from megatron_t2i.model.trunk import check_inputs
+from megatron_t2i.model.trunk import check_inputs, seed_component
 from megatron_t2i.safe_load import load_torch_file
 
 TIED_KEY = "word_embeddings"
-FIRST_LAYER_INDEX = 2  # pipeline index of transformer.layers.0
+FIRST_LAYER_INDEX = 2  # pipeline index of transformer.layers.0 (GPT component index of it)
+
+
+def first_layer_index(config) -> int:
+    """Pipeline index of transformer.layers.0."""
+    return FIRST_LAYER_INDEX + bool(config.condition_slots)
 
 
 class WordEmbeddingPipe(mpu.VocabParallelEmbedding):
-    """Layer 0: (tokens, position_ids) -> (word embeddings [B, S, h], position_ids)."""
+    """Layer 0: (tokens, position_ids, ...) -> (word embeddings [B, S, h], position_ids, ...);
+    of a conditioned model, (embeddings, position_ids, tokens, ...) for ConditionPipe."""
 
     def __init__(self, config):
         super().__init__(config.vocab_size, config.hidden_size,
                          init_method=normal_init(config.init_std))
         self.max_positions = config.max_position_embeddings
         self.num_tokens = config.num_tokens
+        self.conditioned = bool(config.condition_slots)
 
     def forward(self, inputs):
-        tokens, position_ids, *block_ids = inputs
+        tokens, position_ids, *rest = inputs
         check_inputs(tokens, position_ids, self.max_positions, what="pipeline model")
-        return (super().forward(tokens), position_ids, *block_ids)
+        embeds = super().forward(tokens)
+        return (embeds, position_ids, tokens, *rest) if self.conditioned else \
+            (embeds, position_ids, *rest)
+
+
+class ConditionPipe(ConditionProjector):
+    """Layer 1 of a conditioned model: (embeddings, position_ids, tokens, condition,
+    condition_mask[, block_ids]) -> (embeddings with the condition's slots, position_ids[,
+    block_ids]), as GPT.embed(tokens, GPT.condition_slots(...))."""
+
+    def __init__(self, config, seed: int):
+        seed_component(seed, config.num_layers + 3)  # the GPT's index: the same weights
+        super().__init__(config)
+        self.slot_token = config.slot_token
+
+    def forward(self, inputs):
+        embeds, position_ids, tokens, condition, condition_mask, *block_ids = inputs
+        values, where = slot_inputs(self, self.slot_token, tokens, condition, condition_mask)
+        embeds = torch.where(where[..., None], values.to(embeds.dtype), embeds)
+        return (embeds, position_ids, *block_ids)
 
 
 def lm_head(word_embeddings: WordEmbeddingPipe, hidden):
@@ -91,7 +125,8 @@ def lm_head(word_embeddings: WordEmbeddingPipe, hidden):
 class PositionEmbeddingPipe(nn.Module):
     """Layer 1: word + position embeddings, then embedding dropout -> hidden [B, S, h]."""
 
-    def __init__(self, config):
+    def __init__(self, config, seed: int):
+        seed_component(seed, 1)
         super().__init__()
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         normal_init(config.init_std)(self.position_embeddings.weight)
@@ -107,7 +142,8 @@ class TransformerLayerPipe(TransformerLayer):
     """A transformer layer on hidden [B, S, h] (causal) or (hidden, block_ids); recomputed in
     backward with checkpointing."""
 
-    def __init__(self, config, layer_number: int):
+    def __init__(self, config, layer_number: int, seed: int):
+        seed_component(seed, FIRST_LAYER_INDEX + layer_number)
         super().__init__(config, layer_number)
         self.checkpoint_activations = config.checkpoint_activations
 
@@ -124,7 +160,8 @@ class TransformerLayerPipe(TransformerLayer):
 class FinalLayerNormPipe(LayerNorm):
     """The final LayerNorm; the block ids, if any, stop here."""
 
-    def __init__(self, config):
+    def __init__(self, config, seed: int):
+        seed_component(seed, config.num_layers + FIRST_LAYER_INDEX)
         super().__init__(config.hidden_size, config.layernorm_epsilon, config.pb_relax)
 
     def forward(self, inputs):
@@ -138,14 +175,15 @@ def pipeline_loss(logits, labels):
     return language_model_loss(logits, targets, loss_mask)[0]
 
 
-def layer_specs(config) -> list:
-    """The layer list of the table in the module docstring."""
+def layer_specs(config, seed: int) -> list:
+    """The layer list of the table in the module docstring, built from `seed`."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    return ([TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, config),
-             LayerSpec(PositionEmbeddingPipe, config)]
-            + [LayerSpec(TransformerLayerPipe, config, i) for i in range(config.num_layers)]
-            + [LayerSpec(FinalLayerNormPipe, config),
+    condition = [LayerSpec(ConditionPipe, config, seed)] if config.condition_slots else []
+    return ([TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, config)] + condition
+            + [LayerSpec(PositionEmbeddingPipe, config, seed)]
+            + [LayerSpec(TransformerLayerPipe, config, i, seed) for i in range(config.num_layers)]
+            + [LayerSpec(FinalLayerNormPipe, config, seed),
                TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, config, forward_fn=lm_head)])
 
 
@@ -215,7 +253,7 @@ def build_pipeline_model(config, topology=None, *, tensor_model_parallel_size: i
     initialize_model_parallel_from_topology(topology)
     config.check_tensor_parallel(topology.get_dim("model"))
     with torch.no_grad():  # DeepSpeed broadcasts the tied weights in place: not an autograd op
-        return PipelineModule(layer_specs(config), topology=topology, loss_fn=loss_fn,
+        return PipelineModule(layer_specs(config, base_seed), topology=topology, loss_fn=loss_fn,
                               seed_layers=True, seed_fn=seed_layer, base_seed=base_seed,
                               partition_method=partition_method,
                               activation_checkpoint_interval=0)
@@ -248,8 +286,8 @@ def check_ds_config(ds_config: dict, pipeline_model_parallel_size: int) -> None:
 
 def layer_prefixes(config) -> list[str | None]:
     """GPT key prefix of every pipeline layer index (None: the head, no parameters)."""
-    return (["word_embeddings.", "transformer."]
-            + [f"transformer.layers.{i}." for i in range(config.num_layers)]
+    return (["word_embeddings."] + ["conditioning."] * bool(config.condition_slots)
+            + ["transformer."] + [f"transformer.layers.{i}." for i in range(config.num_layers)]
             + ["transformer.final_layernorm.", None])
 
 
@@ -272,12 +310,15 @@ _GPT_LAYER_KEY = re.compile(r"transformer\.layers\.(\d+)\.(.+)")
 def pipeline_key(gpt_key_: str, config) -> str:
     """GPT key -> PipelineModule state-dict key (the inverse of gpt_key)."""
     layer = _GPT_LAYER_KEY.fullmatch(gpt_key_)
+    first = first_layer_index(config)
     if layer and int(layer[1]) < config.num_layers:
-        return f"{int(layer[1]) + FIRST_LAYER_INDEX}.{layer[2]}"
-    for prefix, pipe_prefix in (("word_embeddings.", f"tied_modules.{TIED_KEY}."),
-                                ("transformer.position_embeddings.", "1.position_embeddings."),
-                                ("transformer.final_layernorm.",
-                                 f"{config.num_layers + FIRST_LAYER_INDEX}.")):
+        return f"{int(layer[1]) + first}.{layer[2]}"
+    conditioning = [("conditioning.", "1.")] if config.condition_slots else []
+    for prefix, pipe_prefix in [("word_embeddings.", f"tied_modules.{TIED_KEY}."),
+                                ("transformer.position_embeddings.",
+                                 f"{first - 1}.position_embeddings."),
+                                ("transformer.final_layernorm.", f"{config.num_layers + first}.")
+                                ] + conditioning:
         if gpt_key_.startswith(prefix):
             return pipe_prefix + gpt_key_[len(prefix):]
     raise ValueError(f"pipeline model: GPT key {gpt_key_!r} has no pipeline layer "
@@ -315,7 +356,7 @@ def gpt_state_dict_from_layer_files(directory: str, config, tp_rank: int = 0,
         path = os.path.join(directory, f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pipeline checkpoint: {path} missing (pipeline layer {index} "
-                                    f"of {config.num_layers + 4}, tensor-parallel rank {tp_rank})")
+                                    f"of {len(layer_prefixes(config))}, tensor-parallel rank {tp_rank})")
         layer = load_torch_file(path, trust)
         state.update({prefix + k: v for k, v in layer.items()})
     return state

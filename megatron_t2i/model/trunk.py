@@ -18,8 +18,9 @@ from megatron_t2i.model.layer import LayerNorm, TransformerLayer
 
 def seed_component(seed: int | None, index: int) -> None:
     """With a seed, build component `index` (0 word embeddings, 1 position embeddings, 2+i layer i,
-    L+2 final LayerNorm, L+3 the conditioning projector) from seed + index: DeepSpeed's seed_layers rule, so the GPT and its
-    pipeline stages (model/pipeline.py) start from the same weights whatever the pipeline size."""
+    L+2 final LayerNorm, L+3 the conditioning projector) from seed + index: DeepSpeed's seed_layers
+    rule, so the GPT and its pipeline stages (model/pipeline.py) start from the same weights
+    whatever the pipeline size."""
     if seed is not None:
         mpu.model_parallel_seed(seed + index)
 

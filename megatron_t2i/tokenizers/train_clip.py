@@ -20,7 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
+from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.io_utils import write_torch_atomic
 from megatron_t2i.safe_load import load_torch_file
@@ -137,7 +137,7 @@ def train_clip(pixels: torch.Tensor, captions: list, out_path: str, config: Clip
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(tensorboard_dir, purge_step=step + 1 if step else None)
     start = time.time()
-    bar = tqdm(total=steps, initial=step, desc="clip", unit="step",
+    bar = progress_bar(total=steps, initial=step, desc="clip", unit="step",
                disable=not progress or rank != 0, mininterval=1.0)
     model.train()
     while step < steps:

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 from PIL import Image
-from tqdm import tqdm
+from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer, VQVAEConfig, code_usage, psnr
 
@@ -37,7 +37,7 @@ def load_pixels(images, tokenizer: ImageTokenizer) -> torch.Tensor:
     """A folder or a list of PIL images -> uint8 [N, 3, S, S], resized and centre-cropped."""
     if isinstance(images, (str, os.PathLike)):
         paths, crops = list_images(str(images)), []
-        for path in tqdm(paths, desc="loading images", unit="img", disable=len(paths) < 1000):
+        for path in progress_bar(paths, desc="loading images", unit="img", disable=len(paths) < 1000):
             try:
                 with Image.open(path) as im:
                     crops.append(tokenizer.crop_uint8(im))
@@ -95,7 +95,7 @@ def train_vqvae(images, out_path: str, config: VQVAEConfig | None = None, steps:
         writer = SummaryWriter(tensorboard_dir)
 
     start, perm, cursor = time.time(), torch.randperm(len(train_pixels)), 0
-    bar = tqdm(range(1, steps + 1), desc="vqvae", unit="step", disable=not progress)
+    bar = progress_bar(range(1, steps + 1), desc="vqvae", unit="step", disable=not progress)
     model.train()
     for step in bar:
         if cursor + batch_size > len(perm):  # a new epoch

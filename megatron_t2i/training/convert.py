@@ -34,7 +34,7 @@ import shutil
 from dataclasses import dataclass, replace
 
 import torch
-from tqdm import tqdm
+from megatron_t2i.progress import progress_bar
 
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
@@ -220,7 +220,7 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None):
     _check_tensor_parallel(config, tp, f"{folder}/model_config.json")
     specs = parameter_specs(config)
     shards, sources = [], []
-    for rank in tqdm(range(tp), desc="reading tensor-parallel ranks", disable=tp == 1):
+    for rank in progress_bar(range(tp), desc="reading tensor-parallel ranks", disable=tp == 1):
         if pp > 1:
             from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files
             try:
@@ -307,7 +307,7 @@ def merge_zero_to_fp32(ckpt_dir: str, tag: str | None = None, trust: bool = Fals
     _check_tensor_parallel(config, tp, f"{folder}/model_config.json")
     dp = int(meta.get("data_parallel_size", 1))
     shards = [_zero_master_weights(folder, r, dp, trust)
-              for r in tqdm(range(tp), desc="reading ZeRO shards", disable=tp == 1)]
+              for r in progress_bar(range(tp), desc="reading ZeRO shards", disable=tp == 1)]
     for r, shard in enumerate(shards):
         check_finite(shard, f"{folder} (ZeRO shards of tensor rank {r})")
     return merge_shards(shards, parameter_specs(config),
@@ -333,7 +333,7 @@ def save_model_checkpoint(out_dir: str, state_dict: dict, config: ModelConfig,
     partial = os.path.join(out_dir, f"{tag}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # an earlier crash
     os.makedirs(partial)
-    for rank, shard in enumerate(tqdm(shards, desc="writing tensor-parallel ranks",
+    for rank, shard in enumerate(progress_bar(shards, desc="writing tensor-parallel ranks",
                                       disable=tp == 1)):
         # copy=True: own, exact-size storage per tensor (torch.save writes a view's whole storage)
         module = {k: v.to(dtype=dtype, copy=True) for k, v in shard.items()}
@@ -435,7 +435,7 @@ def import_cogview(src_dir: str, out_dir: str, tp: int = 1,
     layout. Returns the checkpoint folder."""
     folder, iteration, paths = read_cogview_folder(src_dir)
     shards = []
-    for path in tqdm(paths, desc="reading CogView ranks", disable=len(paths) == 1):
+    for path in progress_bar(paths, desc="reading CogView ranks", disable=len(paths) == 1):
         shards.append(_entry(load_torch_file(path, trust), "module", path))
         check_finite(shards[-1], path)
     config = cogview_config(shards[0], len(paths), paths[0], num_attention_heads)
@@ -468,7 +468,7 @@ def export_cogview(ckpt_dir: str, out_dir: str, mp: int = 1, tag: str | None = N
     partial = f"{final}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    for rank, shard in enumerate(tqdm(shards, desc="writing CogView ranks", disable=mp == 1)):
+    for rank, shard in enumerate(progress_bar(shards, desc="writing CogView ranks", disable=mp == 1)):
         module = {k: v.to(dtype=torch.float16, copy=True) for k, v in shard.items()}
         torch.save({"module": module}, os.path.join(partial, model_file(rank)))
     replace_folder(partial, final)

@@ -152,10 +152,18 @@ class PipelineLoss:
         return sums / mpu.get_tensor_model_parallel_world_size()
 
 
-def pipeline_inputs(batch: dict) -> tuple:
-    """What the pipeline's first stage reads: (tokens, position_ids[, block_ids])."""
+def pipeline_inputs(batch: dict, condition_dim: int = 0) -> tuple:
+    """What the pipeline's first stage reads: (tokens, position_ids[, block_ids]); of a
+    conditioned model (condition_dim > 0), (tokens, position_ids, condition, condition_mask[,
+    block_ids]), a batch without conditioned rows reading none."""
+    tokens = batch["tokens"]
+    condition = ()
+    if condition_dim:
+        condition = (batch["condition"], batch["condition_mask"]) if "condition" in batch else \
+            (tokens.new_zeros(len(tokens), condition_dim, dtype=torch.float),
+             tokens.new_zeros(len(tokens), dtype=torch.bool))
     extra = (batch["block_ids"],) if "block_ids" in batch else ()
-    return (batch["tokens"], batch["position_ids"]) + extra
+    return (tokens, batch["position_ids"]) + condition + extra
 
 
 class Trainer:
@@ -215,7 +223,9 @@ class Trainer:
     def _pipeline_step(self, batches, scale: float):
         """DeepSpeed's pipeline engine runs the step's micro-batches through the stages; its
         returned loss is already the global objective (averaged over accumulation and DP)."""
-        data = iter([(pipeline_inputs(b), self._labels(b, b["weights"] * scale)) for b in batches])
+        dim = self.config.condition_dim
+        data = iter([(pipeline_inputs(b, dim), self._labels(b, b["weights"] * scale))
+                     for b in batches])
         loss = self.engine.train_batch(data_iter=data)
         self._check_finite(loss, before_step=False)
         self.iteration += 1
@@ -246,7 +256,8 @@ class Trainer:
         sums = torch.zeros(self.objective.metric_size, dtype=torch.float64, device=self.device)
         if self.pipeline_loss is not None:
             data = [batches.next() for _ in range(self.cfg.eval_iters)]
-            self.engine.eval_batch(iter([(pipeline_inputs(b), self._labels(b, b["weights"]))
+            dim = self.config.condition_dim
+            self.engine.eval_batch(iter([(pipeline_inputs(b, dim), self._labels(b, b["weights"]))
                                          for b in data]), num_micro_batches=len(data))
             sums = self.pipeline_loss.take(self.device)
         else:

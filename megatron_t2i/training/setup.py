@@ -51,9 +51,6 @@ def condition_fields(cfg: TrainConfig, dataset, layout) -> dict:
     if name not in first:
         raise ValueError(f"--data-path: the records hold no {name!r} array, which --tasks "
                          f"{', '.join(cfg.tasks)} needs; preprocess with --clip FILE")
-    if cfg.pipeline_model_parallel_size > 1:
-        raise ValueError("a conditioned model (--tasks clip2image) trains with tensor and data "
-                         "parallelism; pipeline parallelism is not supported for it yet")
     return {"condition_dim": int(first[name].size), "condition_slots": cfg.condition_slots,
             "slot_token": layout["[MASK]"]}
 

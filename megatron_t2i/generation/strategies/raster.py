@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm import tqdm
+from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.generation.sampling import classifier_free_guidance, sample
 from megatron_t2i.generation.state import Decoding, DecodingState, Prompt, check_positions
@@ -62,7 +62,7 @@ def generate(model, prompt: Prompt, num_tokens: int, decoding: Decoding = Decodi
     tokens = prompt.tokens.new_empty(prompt.batch, num_tokens)
     seen = []
     vocab = decoding.vocab_size
-    for step in tqdm(range(num_tokens), desc=progress if isinstance(progress, str) else None,
+    for step in progress_bar(range(num_tokens), desc=progress if isinstance(progress, str) else None,
                      unit="tok", disable=not progress, leave=False):
         logits = states[0].logits()[:, -1, :vocab]
         if guided:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
-from tqdm import tqdm
+from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.generation import io
 from megatron_t2i.generation.batching import in_rounds, query_seeds
@@ -79,7 +79,7 @@ def super_resolve(model, layout, text_ids, low_codes, decoding: Decoding = Decod
     high = torch.full((b, 4 * g * g), -1, dtype=torch.long, device=device)
     index = torch.arange(4 * g * g, device=device).view(2 * g, 2 * g)
     allowed = image_vocab_mask(layout, model.config.vocab_size).to(device)
-    for window in tqdm(windows(g), desc=progress if isinstance(progress, str) else None,
+    for window in progress_bar(windows(g), desc=progress if isinstance(progress, str) else None,
                        unit="window", disable=not progress, leave=False):
         prompt = Prompt.of(layout.super_resolution(text_ids, low[window.low]), b, device)
         cells = index[window.high].reshape(-1)                                # [g^2]

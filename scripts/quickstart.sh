@@ -85,6 +85,7 @@ fi
 
 # pretrain -----------------------------------------------------------------------------------------
 # Finished when the newest checkpoint reached the --train-iters of its run (or $TRAIN_ITERS).
+train_s=""  # wall seconds of this run's training stage (empty when skipped)
 reached=$("$PY" - "$SAVE" "${TRAIN_ITERS:-}" <<'EOF' 2>/dev/null || true
 import sys
 from megatron_t2i.training.convert import read_info
@@ -97,11 +98,15 @@ if [[ -n "$reached" ]]; then
   stage "pretrain: $SAVE is trained (iteration $reached), skipped"
 elif [[ "$METHOD" == clip-gen ]]; then
   stage "pretrain: demo model on the pictures alone, conditioned on their CLIP image embeddings -> $SAVE"
+  t0=$(date +%s)
   DATA_PATH=$LMDB TASKS=clip2image:1 "$ROOT/scripts/pretrain_single_node.sh" \
     --clip-noise "${CLIP_NOISE:-0.2}"
+  train_s=$(( $(date +%s) - t0 ))
 else
   stage "pretrain: demo model, text->image and image->text -> $SAVE (resumes from its newest checkpoint)"
+  t0=$(date +%s)
   "$ROOT/scripts/pretrain_single_node.sh"
+  train_s=$(( $(date +%s) - t0 ))
 fi
 
 # evaluate -----------------------------------------------------------------------------------------
@@ -131,7 +136,7 @@ fi
 
 printf '\n==== quickstart done (%dm%02ds)\n' $(( ($(date +%s) - start) / 60 )) \
   $(( ($(date +%s) - start) % 60 ))
-"$PY" - "$EVAL/report.json" <<'EOF'
+"$PY" - "$EVAL/report.json" "$train_s" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 a, best, tok = r["alignment"], r.get("alignment_reranked") or r["alignment"], r["tokenizer"]
@@ -148,6 +153,12 @@ row("VQ-VAE PSNR on held-out images", tok["psnr"], 28, " dB")
 print(f"  all samples: colour {a['colour']:.3f}, shape {a['kind']:.3f}, position {a['position']:.3f}, "
       f"exact {a['exact']:.3f}; chance (other captions): colour "
       f"{(r.get('alignment_other_captions') or {}).get('colour', float('nan')):.3f}")
+speed = r.get("speed")
+if speed:
+    trained = f"; training took {int(sys.argv[2]) // 60} min {int(sys.argv[2]) % 60:02d} s" \
+        if sys.argv[2] else ""
+    print(f"  sampling: {speed['images_per_s']:.1f} images/s drawn, "
+          f"{speed['images_per_s_with_reranking']:.1f} with reranking ({speed['device']}){trained}")
 clip = (r.get("clip") or {}).get("clip_heldout")
 if clip:
     row("CLIP text->image R@1 among 100 (held-out)", clip.get("text_to_image_r1_among_100")

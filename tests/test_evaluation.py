@@ -356,8 +356,12 @@ def test_evaluate_checkpoint_generates_and_reports_every_figure(tmp_path, toy, r
     assert report["reader_check_clean"]["images"] == len(held)  # the captions' own pictures
     assert report["reader_check_clean"]["colour"] >= 0.95
     assert report["diversity"]["pairwise_distance"] > 0  # random samples of a random model
+    v = report["speed"]  # no reranking asked: drawing is all the time
+    assert v["images"] == 6 and v["reranking_s"] < 0.05 * v["drawing_s"]
+    assert v["images_per_s"] == pytest.approx(6 / v["drawing_s"])
     md = open(os.path.join(out, "report.md"), encoding="utf-8").read()
-    for section in ("Caption alignment", "Diversity", "Image tokenizer", "Held-out token loss"):
+    for section in ("Caption alignment", "Diversity", "Image tokenizer", "Held-out token loss",
+                    "Sampling speed"):
         assert f"## {section}" in md
     assert sum(a["images"] for a in report["alignment_by_caption"].values()) == 6
     assert "### By kind of caption" in md

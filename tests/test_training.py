@@ -103,6 +103,40 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data):
         assert torch.equal(value, weights(interrupted)[key]), key
 
 
+def kill_at(flags, line: str):
+    """Start pretrain.py with flags, SIGKILL every process once `line` is printed."""
+    proc = subprocess.Popen(command(flags), cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for out in proc.stdout:
+        if line in out:
+            kill_tree(proc.pid)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_a_clip_conditioned_model_at_tp2_resumes_bitwise(tmp_path):
+    """clip2image (condition slots, LAFITE noise, dropped conditions) with tensor parallelism:
+    killed and resumed, it trains on exactly as the uninterrupted run."""
+    data = write_toy_dataset(str(tmp_path / "clip.lmdb"), count=48, clip_dim=12)
+    flags = BASE + ["--data-path", data, "--train-iters", "8", "--save-interval", "4",
+                    "--tasks", "clip2image", "--clip-noise", "0.3", "--text-dropout", "0.3",
+                    "--tensor-model-parallel-size", "2", "--condition-slots", "2"]
+    full = str(tmp_path / "full")
+    run(flags + ["--save", full])
+    interrupted = str(tmp_path / "interrupted")
+    kill_at(flags + ["--save", interrupted], "iteration 6/8")
+    start = int(open(os.path.join(interrupted, "latest")).read()[5:])
+    out = run(flags + ["--save", interrupted])
+    assert f"at iteration {start}" in out.stdout
+    reference, resumed = metrics(full), metrics(interrupted)
+    for it in range(start + 1, 9):
+        assert resumed[it]["train/loss"] == reference[it]["train/loss"], it
+    for key, value in weights(full).items():
+        assert torch.equal(value, weights(interrupted)[key]), key
+    assert "conditioning.proj.weight" in weights(full)
+
+
 def test_crash_during_a_checkpoint_write_leaves_latest_loadable(tmp_path, data):
     save = str(tmp_path / "ck")
     flags = BASE + ["--data-path", data, "--train-iters", "8", "--save-interval", "4", "--save", save]

@@ -12,12 +12,16 @@ TOY_LAYOUT = TokenLayout(num_image_codes=32, num_text_tokens=40, image_grid=8, m
 
 
 def write_toy_dataset(path: str, count: int = 64, seed: int = 0,
-                      layout: TokenLayout = TOY_LAYOUT) -> str:
+                      layout: TokenLayout = TOY_LAYOUT, clip_dim: int = 0) -> str:
+    """clip_dim: also a unit 'clip_image' array per record (for --tasks clip2image)."""
     rng = np.random.default_rng(seed)
     records = []
     for i in range(count):
         text = rng.integers(0, layout.num_text_tokens, size=rng.integers(2, layout.max_text_tokens + 1))
         base = (text[0] * 7 + np.arange(layout.image_tokens) * text[1]) % layout.num_image_codes
         records.append((text, base, f"toy/{i:05d}"))
+        if clip_dim:
+            f = rng.standard_normal(clip_dim)
+            records[-1] += (None, {"clip_image": f / np.linalg.norm(f)})
     write_token_dataset(path, records, layout)
     return path

@@ -18,13 +18,13 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.arguments import parse_args
 from megatron_t2i.data.images import BadInput, load_rgb
 from megatron_t2i.data.lmdb_store import TokenDataset
 from megatron_t2i.data.preprocess import list_sources, read_caption
 from megatron_t2i.device import resolve_device
+from megatron_t2i.progress import progress_bar
 from megatron_t2i.tokenizers.clip import config_for
 from megatron_t2i.tokenizers.pixels import crop_square
 from megatron_t2i.tokenizers.text import TextTokenizer
@@ -44,8 +44,7 @@ def load_pairs(input_path: str, text: TextTokenizer, image_size: int, max_text_t
         input_path = source
     sources, listed_skips = list_sources(input_path)
     pixels, captions, skipped = [], [], len(listed_skips)
-    for s in progress_bar(sources, desc="loading images", unit="img", disable=not progress,
-                  mininterval=2.0):
+    for s in progress_bar(sources, desc="loading images", unit="img", disable=not progress):
         try:
             ids = text.encode(read_caption(s), max_text_tokens)
             if not ids:

@@ -331,12 +331,13 @@ class LMDBWriter:
 def write_token_dataset(out: str, records, layout: TokenLayout, text_tokenizer_sha256: str = "",
                         image_tokenizer_sha256: str = "", image_size: int = 0,
                         report: dict | None = None, low_res_grid: int = 0) -> dict:
-    """Write [(text_ids, image_codes, key)] (or with a 4th item, low-resolution codes) as a
-    published data set at once (tests, benchmarks, conversions). Returns the metadata."""
+    """Write [(text_ids, image_codes, key)] (or with a 4th item, low-resolution codes or None,
+    and a 5th, {name: float array}) as a published data set at once (tests, benchmarks,
+    conversions). Returns the metadata."""
     writer = LMDBWriter(out, dataset_config(layout, text_tokenizer_sha256, image_tokenizer_sha256,
                                             image_size, low_res_grid))
-    writer.add([(key, encode_record(t, c, key, layout.num_image_codes, *low))
-                for t, c, key, *low in records])
+    writer.add([(key, encode_record(t, c, key, layout.num_image_codes, *extra))
+                for t, c, key, *extra in records])
     return writer.publish(report)
 
 

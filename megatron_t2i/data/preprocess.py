@@ -38,11 +38,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from PIL import Image
-from megatron_t2i.progress import progress_bar
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from megatron_t2i.data.images import BadInput, load_rgb
 from megatron_t2i.data.lmdb_store import LMDBWriter, TokenDataset, dataset_config, encode_record
+from megatron_t2i.progress import progress_bar
 from megatron_t2i.tokenizers.layout import TokenLayout
 from megatron_t2i.tokenizers.text import TextTokenizer
 from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer
@@ -389,8 +389,8 @@ def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers
         else:  # chunks amortise the IPC; small enough that every worker gets some
             chunk = max(1, min(16, len(todo) // (4 * workers)))
             results = pool.imap_unordered(_load_example, todo, chunksize=chunk)
-        bar = progress_bar(results, total=len(todo), unit="img", desc="preprocess", disable=not progress,
-                   dynamic_ncols=True)
+        bar = progress_bar(results, total=len(todo), unit="img", desc="preprocess",
+                           disable=not progress, dynamic_ncols=True)
         with logging_redirect_tqdm():
             for result in bar:
                 if result[0] == "skip":

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.io_utils import ordinary_mode
+from megatron_t2i.progress import progress_bar
 
 FORMAT = "megatron_t2i.synthetic/1"
 
@@ -231,7 +231,8 @@ def write_dataset(out_dir: str, count: int, seed: int = 0, image_size: int = 64,
     os.chmod(tmp, ordinary_mode(0o777))  # mkdtemp's folders are private; this one is not
     try:
         with open(os.path.join(tmp, "attributes.jsonl"), "w", encoding="utf-8") as jsonl:
-            for index in progress_bar(range(count), desc="synthetic images", unit="img", disable=not progress):
+            for index in progress_bar(range(count), desc="synthetic images", unit="img",
+                                      disable=not progress):
                 ex = make_example(index, seed, image_size, chinese_fraction, caption_order)
                 name = f"{index:06d}"
                 ex.image.save(os.path.join(tmp, name + ".png"))

@@ -15,10 +15,10 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.data.loader import SequenceBuilder, collate
 from megatron_t2i.evaluation.reader import gaussian_kernel
+from megatron_t2i.progress import progress_bar
 from megatron_t2i.tokenizers.vqvae import code_usage, psnr
 from megatron_t2i.training.objectives import TokenCrossEntropy
 
@@ -173,8 +173,8 @@ def heldout_losses(model, layout, dataset, indices, batch_size: int = 8, device=
                               condition_slots=model.config.condition_slots)
     objective = TokenCrossEntropy(layout)
     sums = torch.zeros(objective.metric_size, dtype=torch.float64)
-    for start in progress_bar(range(0, len(indices), batch_size), desc="held-out loss", unit="batch",
-                      disable=not progress):
+    for start in progress_bar(range(0, len(indices), batch_size), desc="held-out loss",
+                              unit="batch", disable=not progress):
         records = [dataset[int(i)] for i in indices[start:start + batch_size]]
         batch = objective.prepare({k: v.to(device) for k, v in
                                    collate([builder(r.text_ids, r.image_codes, 0, r.low_codes,

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.data.synthetic import BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES, make_example
 from megatron_t2i.io_utils import dataclass_from_dict, write_torch_atomic
+from megatron_t2i.progress import progress_bar
 from megatron_t2i.safe_load import load_torch_file
 
 FORMAT = "megatron_t2i.attribute_reader/1"
@@ -176,7 +176,8 @@ def training_pool(config: ReaderConfig, tokenizer=None, progress: bool = True):
     reader's seed; with a tokenizer, a share of the images replaced by its reconstructions."""
     n, s = config.pool_size, config.image_size
     images, targets = [], []
-    for index in progress_bar(range(n), desc="reader training images", unit="img", disable=not progress):
+    for index in progress_bar(range(n), desc="reader training images", unit="img",
+                              disable=not progress):
         ex = make_example(index, config.seed, s)
         images.append(np.asarray(ex.image))
         targets.append(labels(ex.attributes))
@@ -195,8 +196,8 @@ def reconstruct(tokenizer, pixels: torch.Tensor, image_size: int, progress: bool
                 batch_size: int = 64) -> torch.Tensor:
     """uint8 [N, 3, S, S] -> the tokenizer's encode-decode round trip, uint8 [N, 3, S, S]."""
     out = []
-    for start in progress_bar(range(0, pixels.shape[0], batch_size), desc="tokenizer reconstructions",
-                      unit="batch", disable=not progress):
+    for start in progress_bar(range(0, pixels.shape[0], batch_size),
+                              desc="tokenizer reconstructions", unit="batch", disable=not progress):
         x = pixels[start:start + batch_size].float() / 255
         x = resize(x, tokenizer.image_size)
         codes = tokenizer.encode_images(tokenizer.normalize(x))
@@ -294,7 +295,7 @@ def _train(config: ReaderConfig, tokenizer, progress: bool) -> AttributeReader:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps,
                                                 pct_start=0.15)
     bar = progress_bar(range(config.steps), desc="training the attribute reader", unit="step",
-               disable=not progress)
+                       disable=not progress)
     for _ in bar:
         idx = torch.from_numpy(rng.choice(pixels.shape[0], config.batch_size, replace=False))
         x = pixels[idx].float() / 255

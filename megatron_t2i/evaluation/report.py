@@ -168,6 +168,14 @@ def markdown(report: dict, grid_name: str | None, shown_rows: int = 0) -> str:
                        for d in ("text_to_image", "image_to_text")]) + [""]
         out += [f"Paired cosine {_fmt(h['paired_cosine'])}, unpaired {_fmt(h['unpaired_cosine'])}, "
                 f"gap {_fmt(h['cosine_gap'])} ({h['pairs']} pairs).", ""]
+    if report.get("speed"):
+        v = report["speed"]
+        out += ["## Sampling speed", "",
+                f"{v['images']} samples on {v['device']} ({v['threads']} threads): "
+                f"{_fmt(v['images_per_s'])} images/s drawn (KV-cached decoding, batches of the "
+                f"samples of one caption), {_fmt(v['images_per_s_with_reranking'])} images/s "
+                f"with their reranking ({_fmt(v['drawing_s'])} s + {_fmt(v['reranking_s'])} s).",
+                ""]
     if report.get("diversity"):
         d = report["diversity"]
         out += ["## Diversity", "",

@@ -130,10 +130,16 @@ def rerank_kind(ctx, by: str = "auto") -> str:
     return ("clip" if ctx.config.condition_slots else "caption") if by == "auto" else by
 
 
-def rerank(ctx, text: str, codes: torch.Tensor, top: int, by: str = "auto"):
-    """The `top` best of `codes` [N, grid^2] by caption score or CLIP similarity ->
-    (codes [top, grid^2], scores [top]), best first. On every rank (scoring runs the model)."""
+def ranked(ctx, text: str, codes: torch.Tensor, by: str = "auto"):
+    """codes [N, grid^2] by caption score or CLIP similarity -> (order [N], best first; their
+    scores [N] in that order). On every rank (scoring runs the model)."""
     kind = rerank_kind(ctx, by)
     scores = (clip_scores if kind == "clip" else score_captions)(ctx, text, codes).float().cpu()
-    order = scores.argsort(descending=True)[:top]
-    return codes[order], scores[order]
+    order = scores.argsort(descending=True)
+    return order, scores[order]
+
+
+def rerank(ctx, text: str, codes: torch.Tensor, top: int, by: str = "auto"):
+    """The `top` best of `codes` [N, grid^2] (see ranked) -> (codes [top, grid^2], scores [top])."""
+    order, scores = ranked(ctx, text, codes, by)
+    return codes[order[:top]], scores[:top]

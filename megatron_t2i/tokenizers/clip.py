@@ -83,10 +83,12 @@ def build_open_clip(config: ClipConfig):
     digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
     name = f"megatron-t2i-clip-{digest[:12]}"
     if name not in open_clip.list_models():
-        folder = tempfile.mkdtemp(prefix="megatron_t2i_clip_")
-        with open(os.path.join(folder, f"{name}.json"), "w", encoding="utf-8") as f:
-            json.dump(config.open_clip_config(), f)
-        open_clip.add_model_config(folder)
+        # open_clip reads the file when it is added and keeps what it read: the folder can go
+        with tempfile.TemporaryDirectory(prefix="megatron_t2i_clip_") as folder:
+            path = os.path.join(folder, f"{name}.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(config.open_clip_config(), f)
+            open_clip.add_model_config(path)
     return open_clip.create_model(name, pretrained=None)
 
 

@@ -20,9 +20,9 @@ import time
 
 import torch
 import torch.distributed as dist
-from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.io_utils import write_torch_atomic
+from megatron_t2i.progress import progress_bar
 from megatron_t2i.safe_load import load_torch_file
 from megatron_t2i.tokenizers.clip import Clip, ClipConfig, ClipTextTokens, build_open_clip
 
@@ -138,7 +138,7 @@ def train_clip(pixels: torch.Tensor, captions: list, out_path: str, config: Clip
         writer = SummaryWriter(tensorboard_dir, purge_step=step + 1 if step else None)
     start = time.time()
     bar = progress_bar(total=steps, initial=step, desc="clip", unit="step",
-               disable=not progress or rank != 0, mininterval=1.0)
+                       disable=not progress or rank != 0)
     model.train()
     while step < steps:
         index = batch_indices(train, step, batch_size, seed, rank, world)
@@ -155,7 +155,8 @@ def train_clip(pixels: torch.Tensor, captions: list, out_path: str, config: Clip
         step += 1
         bar.update(1)
         if rank == 0 and (step % 25 == 0 or step == steps):
-            bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{logit_scale.item():.1f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{logit_scale.item():.1f}",
+                            refresh=False)
             if writer:
                 writer.add_scalar("clip/loss", loss.item(), step)
                 writer.add_scalar("clip/logit_scale", logit_scale.item(), step)

@@ -16,8 +16,8 @@ from dataclasses import replace
 
 import torch
 from PIL import Image
-from megatron_t2i.progress import progress_bar
 
+from megatron_t2i.progress import progress_bar
 from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer, VQVAEConfig, code_usage, psnr
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -37,7 +37,8 @@ def load_pixels(images, tokenizer: ImageTokenizer) -> torch.Tensor:
     """A folder or a list of PIL images -> uint8 [N, 3, S, S], resized and centre-cropped."""
     if isinstance(images, (str, os.PathLike)):
         paths, crops = list_images(str(images)), []
-        for path in progress_bar(paths, desc="loading images", unit="img", disable=len(paths) < 1000):
+        for path in progress_bar(paths, desc="loading images", unit="img",
+                                 disable=len(paths) < 1000):
             try:
                 with Image.open(path) as im:
                     crops.append(tokenizer.crop_uint8(im))
@@ -112,7 +113,7 @@ def train_vqvae(images, out_path: str, config: VQVAEConfig | None = None, steps:
             train_psnr = psnr(tokenizer.denormalize(recon.detach()),
                               batch.to(device).float() / 255).mean().item()
             bar.set_postfix(loss=f"{losses['loss'].item():.4f}", psnr=f"{train_psnr:.1f}",
-                            usage=f"{losses['usage']:.2f}")
+                            usage=f"{losses['usage']:.2f}", refresh=False)
             if writer:
                 for name, value in (("recon_loss", losses["recon"].item()), ("psnr", train_psnr),
                                     ("code_usage", losses["usage"]),

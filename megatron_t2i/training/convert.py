@@ -34,11 +34,11 @@ import shutil
 from dataclasses import dataclass, replace
 
 import torch
-from megatron_t2i.progress import progress_bar
 
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
 from megatron_t2i.io_utils import replace_folder, write_text_atomic
+from megatron_t2i.progress import progress_bar
 from megatron_t2i.safe_load import check_state_dict, deepspeed_safe_globals, load_torch_file
 from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
 from megatron_t2i.training import manifest
@@ -334,7 +334,7 @@ def save_model_checkpoint(out_dir: str, state_dict: dict, config: ModelConfig,
     shutil.rmtree(partial, ignore_errors=True)  # an earlier crash
     os.makedirs(partial)
     for rank, shard in enumerate(progress_bar(shards, desc="writing tensor-parallel ranks",
-                                      disable=tp == 1)):
+                                              disable=tp == 1)):
         # copy=True: own, exact-size storage per tensor (torch.save writes a view's whole storage)
         module = {k: v.to(dtype=dtype, copy=True) for k, v in shard.items()}
         # DeepSpeed's load_module_only reads 'module' and 'dp_world_size'
@@ -468,7 +468,8 @@ def export_cogview(ckpt_dir: str, out_dir: str, mp: int = 1, tag: str | None = N
     partial = f"{final}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    for rank, shard in enumerate(progress_bar(shards, desc="writing CogView ranks", disable=mp == 1)):
+    for rank, shard in enumerate(progress_bar(shards, desc="writing CogView ranks",
+                                              disable=mp == 1)):
         module = {k: v.to(dtype=torch.float16, copy=True) for k, v in shard.items()}
         torch.save({"module": module}, os.path.join(partial, model_file(rank)))
     replace_folder(partial, final)

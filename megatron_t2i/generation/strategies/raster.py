@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.generation.sampling import classifier_free_guidance, sample
 from megatron_t2i.generation.state import Decoding, DecodingState, Prompt, check_positions
+from megatron_t2i.progress import progress_bar
 
 Allowed = torch.Tensor | Callable[[int], torch.Tensor] | None
 
@@ -62,8 +62,9 @@ def generate(model, prompt: Prompt, num_tokens: int, decoding: Decoding = Decodi
     tokens = prompt.tokens.new_empty(prompt.batch, num_tokens)
     seen = []
     vocab = decoding.vocab_size
-    for step in progress_bar(range(num_tokens), desc=progress if isinstance(progress, str) else None,
-                     unit="tok", disable=not progress, leave=False):
+    desc = progress if isinstance(progress, str) else None
+    for step in progress_bar(range(num_tokens), desc=desc, unit="tok", disable=not progress,
+                             leave=False):
         logits = states[0].logits()[:, -1, :vocab]
         if guided:
             logits = classifier_free_guidance(logits, states[1].logits()[:, -1, :vocab],

@@ -36,13 +36,13 @@ from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
-from megatron_t2i.progress import progress_bar
 
 from megatron_t2i.generation import io
 from megatron_t2i.generation.batching import in_rounds, query_seeds
 from megatron_t2i.generation.state import Decoding, Prompt
 from megatron_t2i.generation.strategies.fill import fill
 from megatron_t2i.generation.vocab import image_vocab_mask
+from megatron_t2i.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def super_resolve(model, layout, text_ids, low_codes, decoding: Decoding = Decod
     index = torch.arange(4 * g * g, device=device).view(2 * g, 2 * g)
     allowed = image_vocab_mask(layout, model.config.vocab_size).to(device)
     for window in progress_bar(windows(g), desc=progress if isinstance(progress, str) else None,
-                       unit="window", disable=not progress, leave=False):
+                               unit="window", disable=not progress, leave=False):
         prompt = Prompt.of(layout.super_resolution(text_ids, low[window.low]), b, device)
         cells = index[window.high].reshape(-1)                                # [g^2]
         high[:, cells] = fill(model, prompt, high[:, cells], decoding, allowed, generators)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install everything megatron_t2i needs on a fresh machine (CPU or GPU): the Debian tools of the
-# multi-node launcher (pdsh, sshd, ip, shellcheck), the pinned Python packages and the project
-# itself in editable mode. Safe to re-run: each step is skipped when already done.
+# multi-node launcher (pdsh, sshd, ip, shellcheck) and chromium + chromedriver for the web demo's
+# browser test, the pinned Python packages and the project itself in editable mode. Safe to
+# re-run: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages, only when a tool is missing and we may install (root with apt-get); otherwise
 # a one-line note, since only multi-node launching and its tests need them.
 declare -A DEB_FOR=([pdsh]=pdsh [sshd]=openssh-server [ssh]=openssh-client [ip]=iproute2
-                    [shellcheck]=shellcheck)
+                    [shellcheck]=shellcheck [chromium]=chromium [chromedriver]=chromium-driver)
 missing=()
 for tool in "${!DEB_FOR[@]}"; do
   command -v "$tool" >/dev/null || [[ -x /usr/sbin/$tool ]] || missing+=("${DEB_FOR[$tool]}")
@@ -21,7 +22,7 @@ if (( ${#missing[@]} )); then
       || { printf '%s\n' "$log" >&2; echo "install.sh: apt-get install ${missing[*]} failed" >&2; exit 1; }
   else
     echo "install.sh: skipping Debian packages ${missing[*]} (needs root and apt-get);" \
-         "multi-node launching needs them" >&2
+         "multi-node launching and the browser test need them" >&2
   fi
 fi
 

@@ -144,7 +144,7 @@ def add_tokenizer_args(parser):
     g.add_argument("--clip", metavar="FILE.pt",
                    help="a CLIP checkpoint trained here (default for generation: the one stored "
                         "with the checkpoint, if any)")
-    g.add_argument("--clip-steps", type=_positive_int, default=1000)
+    g.add_argument("--clip-steps", type=_positive_int, default=3000)
     g.add_argument("--clip-batch-size", type=_positive_int, default=128)
     g.add_argument("--clip-lr", type=float, default=1e-3)
     g.add_argument("--clip-width", type=_positive_int, default=64,

@@ -59,7 +59,7 @@ def start_demo(loads: list[str], port: int, output_dir: str, *flags: str,
     raise TimeoutError(f"the demo did not answer on {url} within {timeout} s")
 
 
-def chromium(width: int = 1280, height: int = 1000):
+def chromium(width: int = 1280, height: int = 1150):
     """A headless Chromium under selenium; a one-line error when it is not installed."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -106,8 +106,12 @@ def generate_in_page(driver, url: str, prompt: str, samples: int | None = None,
         _set(driver, "#samples input[type=number]", samples)
     if seed is not None:
         _set(driver, "#seed input", seed)
-    if compare is not None:
-        _set(driver, "#compare input", compare)
+    if compare is not None:  # a dropdown: type to filter, Enter picks the match
+        from selenium.webdriver.common.keys import Keys
+        box = driver.find_element("css selector", "#compare input")
+        box.click()
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(compare, Keys.ENTER)
     driver.find_element("css selector", "#generate").click()
     wait.until(lambda d: d.find_element("css selector", "#status").text not in ("", before))
     text = driver.find_element("css selector", "#status").text

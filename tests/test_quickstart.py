@@ -78,6 +78,29 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
     assert bad.returncode == 2 and "takes no arguments" in bad.stderr
 
 
+def test_the_language_free_quickstart_trains_a_clip_and_a_model_that_never_reads_a_caption(
+        tmp_path):
+    env = {"METHOD": "clip-gen", "DATA_DIR": str(tmp_path / "data"), "SAVE": str(tmp_path / "ckpt"),
+           "OUTPUT_PATH": str(tmp_path / "out"), "SYNTHETIC_COUNT": "150", "VQVAE_STEPS": "20",
+           "TEXT_VOCAB_SIZE": "400", "CLIP_STEPS": "5", "MODEL_SIZE": "tiny", "TRAIN_ITERS": "4",
+           "MICRO_BATCH_SIZE": "2", "NUM_PROMPTS": "3", "SAMPLES": "2", "RERANK_TOP": "1",
+           "NUM_GPUS_PER_WORKER": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    first = run(env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    stages = stage_lines(first.stdout)
+    assert [s.split()[2] for s in stages] == ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6", "done"]
+    report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
+    assert report["source"]["reranked"] == "best 1 of 2 by clip score"
+    assert report["source"]["condition"].startswith("CLIP text embedding")
+    assert report["binding"] is None  # no caption direction to score a swap with
+    printed = re.search(r"CLIP text->image R@1 among 100 \(held-out\)\s+([0-9.]+)", first.stdout)
+    assert printed, first.stdout[-2000:]
+    assert re.search(r"sampling: [0-9.]+ images/s drawn, [0-9.]+ with reranking \(cpu\); "
+                     r"training took \d+ min \d\d s", first.stdout), first.stdout[-2000:]
+    assert (tmp_path / "ckpt" / "tokenizers" / "clip.pt").is_file()  # generation needs it
+    assert len(list((tmp_path / "out" / "text2image").rglob("*.png"))) == 2 * 2
+
+
 def test_default_inputs_from_a_large_folder_reach_the_generator(tmp_path):
     """image2text.sh / super_resolution.sh / post_selection.sh pick the first images of a large
     synthetic folder: under pipefail a `| head` used to kill them silently (SIGPIPE, exit 141)."""

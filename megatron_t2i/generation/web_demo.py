@@ -90,7 +90,8 @@ def check(request: Request, ctx, limits: DemoLimits, name: str) -> None:
 def draw(ctx, request: Request, folder: str, max_inference_batch_size: int = 8,
          on_progress=None) -> list[tuple[str, str]]:
     """The request's samples as PNGs in `folder` -> [(path, label)], best first when reranked.
-    on_progress(fraction, text) is called as each round of samples is done."""
+    on_progress(fraction, text) is called as each round of samples is done; with it, each round
+    also runs a progress bar over its tokens (which gradio's track_tqdm shows)."""
     text = request.prompt.strip()
     config = request.config(max_inference_batch_size)
 
@@ -99,7 +100,8 @@ def draw(ctx, request: Request, folder: str, max_inference_batch_size: int = 8,
             done = first + len(rows)
             on_progress(done / config.samples, f"drew {done} of {config.samples} samples")
 
-    codes = text2image(ctx, config, text, 0, on_round)                # [N, grid^2]
+    codes = text2image(ctx, config, text, 0, on_round,              # [N, grid^2]
+                       token_progress=on_progress is not None)
     order, scores = list(range(len(codes))), None
     if request.rerank != "none":
         order, scores = ranked(ctx, text, codes, request.rerank)
@@ -134,7 +136,7 @@ def build_app(contexts: dict, limits: DemoLimits, output_dir: str,
     first = generators(contexts[names[0]])
 
     def run(prompt, name, generator, compare, samples, seed, temperature, top_k, top_p,
-            cfg_scale, rerank, progress=gr.Progress()):
+            cfg_scale, rerank, progress=gr.Progress(track_tqdm=True)):
         try:
             request = Request(prompt, generator, int(samples), int(seed), float(temperature),
                               int(top_k), float(top_p), float(cfg_scale), rerank)

@@ -30,18 +30,22 @@ from megatron_t2i.tokenizers.layout import Sequence
 
 
 def sample_codes(ctx, config, prompt: Sequence, uncond: Sequence | None, num_tokens: int,
-                 seeds: list[int], desc: str = "", on_round=None) -> torch.Tensor:
+                 seeds: list[int], desc: str = "", on_round=None,
+                 token_progress: bool | None = None) -> torch.Tensor:
     """Image codes after `prompt`, one row per seed -> LongTensor [len(seeds), num_tokens] (CPU).
-    `uncond` is CFG's prompt (None: no CFG); on_round as in batching.in_rounds."""
+    `uncond` is CFG's prompt (None: no CFG); on_round as in batching.in_rounds; token_progress:
+    a bar over the tokens of each round (None: on the writer, in a terminal)."""
     allowed = image_vocab_mask(ctx.layout, ctx.config.vocab_size).to(ctx.device)
     decoding = config.decoding(ctx.layout.vocab_size)
+    if token_progress is None:
+        token_progress = io.token_progress(ctx.is_writer)
 
     def draw(generators, label):
         rows = len(generators)
         return generate(ctx.model, Prompt.of(prompt, rows, ctx.device), num_tokens, decoding,
                         allowed, generators,
                         Prompt.of(uncond, rows, ctx.device) if uncond is not None else None,
-                        progress=(label or True) if io.token_progress(ctx.is_writer) else False)
+                        progress=(label or True) if token_progress else False)
 
     return in_rounds(seeds, config.max_inference_batch_size, ctx.device, draw, on_round, desc)
 
@@ -59,13 +63,14 @@ def prompts(ctx, text: str, guided: bool) -> tuple[Sequence, Sequence | None]:
     return prompt, dataclasses.replace(prompt, condition_present=False) if guided else None
 
 
-def text2image(ctx, config, text: str, query_index: int, on_round=None) -> torch.Tensor:
+def text2image(ctx, config, text: str, query_index: int, on_round=None,
+               token_progress: bool | None = None) -> torch.Tensor:
     """-> codes [samples, grid^2] of `text` (query number query_index)."""
     layout = ctx.layout
     prompt, uncond = prompts(ctx, text, bool(config.cfg_scale))
     return sample_codes(ctx, config, prompt, uncond, layout.image_tokens,
                         query_seeds(config.seed, query_index, config.samples), f"[{query_index}]",
-                        on_round)
+                        on_round, token_progress)
 
 
 def complete(ctx, config, text: str, codes, query_index: int, keep_rows: int,

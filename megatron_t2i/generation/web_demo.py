@@ -138,10 +138,17 @@ def build_app(contexts: dict, limits: DemoLimits, output_dir: str,
     def run(prompt, name, generator, compare, samples, seed, temperature, top_k, top_p,
             cfg_scale, rerank, progress=gr.Progress(track_tqdm=True)):
         try:
-            request = Request(prompt, generator, int(samples), int(seed), float(temperature),
-                              int(top_k), float(top_p), float(cfg_scale), rerank)
+            try:  # an emptied number field arrives as None
+                request = Request(prompt or "", generator, int(samples), int(seed),
+                                  float(temperature), int(top_k), float(top_p), float(cfg_scale),
+                                  rerank)
+            except (TypeError, ValueError):
+                raise ValueError("samples, seed, top-k, temperature, top-p and guidance scale "
+                                 "must all be numbers") from None
+            if compare not in (None, NO_COMPARISON, *contexts):
+                raise ValueError(f"compare with: no checkpoint {compare!r}")
             jobs = [(name, request)]
-            if compare and compare != NO_COMPARISON:
+            if compare in contexts:
                 other = contexts[compare]
                 jobs.append((compare, request if generator in generators(other) else
                              dataclasses.replace(request, generator=generators(other)[0])))

@@ -28,6 +28,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on [%(default)s]")
     p.add_argument("--port", type=int, default=7860, help="[%(default)s]")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N [%(default)s]")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoints and tokenizers fully (only files you trust)")
     p.add_argument("--max-samples", type=int, default=DemoLimits.max_samples,
                    help="samples per prompt at most [%(default)s]")
     p.add_argument("--concurrency", type=int, default=DemoLimits.concurrency,
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
             name = os.path.basename(os.path.normpath(folder))
             while name in contexts:
                 name += "'"
-            contexts[name] = build_context(LoadConfig(folder, device=args.device))
+            contexts[name] = build_context(LoadConfig(folder, device=args.device,
+                                                        trust_checkpoint=args.trust_checkpoint))
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2

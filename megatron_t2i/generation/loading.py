@@ -192,14 +192,15 @@ def build_context(load: LoadConfig) -> GenerationContext:
     text, image = load_tokenizers(layout, load.text_tokenizer, load.image_tokenizer,
                                   device, stored, need_image=is_writer)
     clip = load_clip(load.clip or stored.get("clip"), text, device, required=bool(
-        config.condition_slots))
+        config.condition_slots), trust=load.trust_checkpoint)
     if clip and config.condition_slots and clip.config.embed_dim != config.condition_dim:
         raise ValueError(f"--clip {clip.path}: embeddings of {clip.config.embed_dim} values, this "
                          f"checkpoint's condition takes {config.condition_dim} (another CLIP)")
     return GenerationContext(model, config, layout, text, image, device, is_writer, clip)
 
 
-def load_clip(path: str | None, text_tokenizer, device, required: bool = False):
+def load_clip(path: str | None, text_tokenizer, device, required: bool = False,
+              trust: bool = False):
     """The CLIP at `path` (None: no CLIP); a CLIP-conditioned model cannot sample without one."""
     if not path:
         if required:
@@ -207,4 +208,4 @@ def load_clip(path: str | None, text_tokenizer, device, required: bool = False):
                                     f"no tokenizers/{TOKENIZER_FILES['clip']}; pass --clip FILE.pt")
         return None
     from megatron_t2i.tokenizers.clip import Clip
-    return Clip.load(path, text_tokenizer, device)
+    return Clip.load(path, text_tokenizer, device, trust)

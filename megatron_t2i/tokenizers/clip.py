@@ -167,11 +167,11 @@ class Clip:
                                                  self.model.state_dict().items()}})
 
     @classmethod
-    def load(cls, path: str, text_tokenizer, device="cpu") -> "Clip":
+    def load(cls, path: str, text_tokenizer, device="cpu", trust: bool = False) -> "Clip":
         """A CLIP checkpoint of ours; one line if it is not one, or of another vocabulary."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
-        ckpt = load_torch_file(path)
+        ckpt = load_torch_file(path, trust)
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise ValueError(f"{path}: not a CLIP checkpoint of format {FORMAT}")
         config = dataclass_from_dict(ClipConfig, ckpt["config"], f"{path} config")

@@ -19,7 +19,7 @@ from megatron_t2i.config import MODEL_SIZES
 from megatron_t2i.data.synthetic import CAPTION_ORDERS
 from megatron_t2i.generation.config import GenerationConfig, LoadConfig
 from megatron_t2i.generation.sampling import SamplingConfig
-from megatron_t2i.tokenizers.layout import IMAGE_POSITIONS
+from megatron_t2i.tokenizers.layout import IMAGE_ORDERS, IMAGE_POSITIONS
 from megatron_t2i.training.config import TrainConfig
 
 GROUPS = ("model", "data", "tokenizers", "training", "distributed", "generation", "evaluation")
@@ -124,6 +124,11 @@ def add_tokenizer_args(parser):
                    help="position ids of the image after a caption: the same for every caption "
                         "length (fixed), or numbered on from the text as CogView does (after_text); "
                         "stored in the data set's layout (default: %(default)s)")
+    g.add_argument("--image-order", choices=IMAGE_ORDERS, default="raster",
+                   help="the order text->image sequences generate an image in: raster (one code "
+                        "per step) or lshape (Lformer: an h x h grid in h L-shaped blocks); "
+                        "stored in the data set's layout, so a model trained on it generates "
+                        "in that order (records keep raster codes) (default: %(default)s)")
     g.add_argument("--image-tokenizer", metavar="FILE.pt", help="VQ-VAE checkpoint")
     g.add_argument("--tensorboard-dir", metavar="DIR", help="write TensorBoard logs here")
     # training the VQ-VAE (tokenizers/train_vqvae.py); the defaults are the demo tokenizer
@@ -246,8 +251,13 @@ def add_generation_args(parser):
     g.add_argument("--cfg-scale", type=float, default=0.0,
                    help="classifier-free guidance: logits + s * (logits - unconditional logits); "
                         "0 disables it (default: %(default)s)")
+    g.add_argument("--decoding", choices=("auto", *IMAGE_ORDERS), default="auto",
+                   help="text->image decoding: raster (one code per step, KV-cached) or lshape "
+                        "(Lformer: an h x h grid in h block-parallel steps); it must be the order "
+                        "the checkpoint was trained in, which auto takes (default: %(default)s)")
     g.add_argument("--keep-rows", type=_positive_int,
-                   help="completion: rows of the input image's codes kept (default: half)")
+                   help="completion: rows of the input image's codes kept (default: half); of "
+                        "an L-shape model, its first K blocks (the top-left K x K square)")
     g.add_argument("--rerank-top", type=int, default=0, metavar="K",
                    help="keep the K of --batch-size samples whose image best explains the text "
                         "(post-selection scores; 0: keep all)")
@@ -392,7 +402,7 @@ def generation_config(args, **changes) -> GenerationConfig:
         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
         cfg_scale=args.cfg_scale, seed=args.seed, use_cache=not args.no_kv_cache,
         rerank_top=args.rerank_top, rerank_by=args.rerank, beam_size=args.beam_size,
-        keep_rows=args.keep_rows,
+        keep_rows=args.keep_rows, decoding_order=args.decoding,
         top=args.top, clip_model=args.clip_model, clip_checkpoint=args.clip_checkpoint,
         input_source=args.input_source, with_id=args.with_id, output_path=args.output_path,
         debug=args.debug)

@@ -32,6 +32,8 @@ Environment variables (defaults in brackets):
   OUTPUT            the LMDB data set [$DATA_DIR/tokens.lmdb]
   CLIP              a CLIP (./scripts/train_clip.sh): each record also keeps the CLIP embedding
                     of its image, what language-free training reads [none]
+  IMAGE_ORDER       the order models trained on the data generate an image in: raster, or lshape
+                    (Lformer's L-shaped blocks, an h x h grid in h steps) [raster]
   WORKERS           parallel preprocessing workers [number of cores]
   SEED              random seed [1234]
 EOF
@@ -50,6 +52,7 @@ IMAGE_TOKENIZER=${IMAGE_TOKENIZER:-$DATA_DIR/vqvae.pt}
 VQVAE_STEPS=${VQVAE_STEPS:-}
 OUTPUT=${OUTPUT:-$DATA_DIR/tokens.lmdb}
 CLIP=${CLIP:-}
+IMAGE_ORDER=${IMAGE_ORDER:-raster}
 WORKERS=${WORKERS:-$(nproc)}
 SEED=${SEED:-1234}
 
@@ -85,7 +88,8 @@ fi
 stage "tokenizing into LMDB -> $OUTPUT"
 "$PY" -m megatron_t2i.cli.preprocess --input "$INPUT" --output "$OUTPUT" \
   --text-tokenizer "$TEXT_TOKENIZER" --image-tokenizer "$IMAGE_TOKENIZER" \
-  --image-size "$IMAGE_SIZE" --workers "$WORKERS" ${CLIP:+--clip "$CLIP"} "$@"
+  --image-size "$IMAGE_SIZE" --workers "$WORKERS" --image-order "$IMAGE_ORDER" \
+  ${CLIP:+--clip "$CLIP"} "$@"
 
 stage "done"
 cat <<EOF

@@ -28,7 +28,8 @@ def main(argv=None) -> None:
         preprocess(args.input, args.output, text,
                    load_image_tokenizer(args.image_tokenizer, device), args.max_text_tokens,
                    args.image_size, args.workers, args.encode_batch_size,
-                   sr_low_res=args.sr_low_res, image_positions=args.image_positions, clip=clip)
+                   sr_low_res=args.sr_low_res, image_positions=args.image_positions, clip=clip,
+                   image_order=args.image_order)
     except (ValueError, OSError) as e:
         sys.exit(f"preprocess: error: {e}")
     except KeyboardInterrupt:

@@ -118,6 +118,9 @@ class SequenceBuilder:
             seq.tokens = torch.cat([seq.tokens, seq.tokens.new_full((pad,), self.layout["[PAD]"])])
             seq.position_ids = torch.cat([seq.position_ids, seq.position_ids[-1:].expand(pad)])
             seq.loss_mask = torch.cat([seq.loss_mask, seq.loss_mask.new_zeros(pad)])
+            if seq.targets is not None:
+                seq.targets = torch.cat([seq.targets, seq.targets.new_full((pad,),
+                                                                           self.layout["[PAD]"])])
         if task.attention != "causal" and seq.block_ids is None:
             seq.block_ids = block_ids(task.attention, self.length, prefix=seq.image_start,
                                       real=self._real_length(seq))
@@ -160,13 +163,14 @@ def perturb(f: np.ndarray, xi: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def collate(sequences) -> dict[str, torch.Tensor]:
-    """Stack sequences into model inputs: tokens/positions [B, L-1], labels/loss_mask [B, L-1],
-    and block_ids [B, L-1] of the inputs when any sequence is not causal (the attention mask the
+    """Stack sequences into model inputs: tokens/positions [B, L-1], labels/loss_mask [B, L-1]
+    (labels: the sequences' targets where they have them, e.g. L-shape slots), and block_ids [B, L-1] of the inputs when any sequence is not causal (the attention mask the
     model gets is model.attention.block_causal_mask of them; causal rows count 0, 1, 2...)."""
     tokens = torch.stack([s.tokens for s in sequences])
     positions = torch.stack([s.position_ids for s in sequences])
     loss_mask = torch.stack([s.loss_mask for s in sequences])
-    batch = {"tokens": tokens[:, :-1], "position_ids": positions[:, :-1], "labels": tokens[:, 1:],
+    labels = torch.stack([s.targets if s.targets is not None else s.tokens for s in sequences])
+    batch = {"tokens": tokens[:, :-1], "position_ids": positions[:, :-1], "labels": labels[:, 1:],
              "loss_mask": loss_mask[:, 1:]}
     if any(s.block_ids is not None for s in sequences):
         ids = torch.stack([s.block_ids if s.block_ids is not None else torch.arange(len(s.tokens))

@@ -251,14 +251,15 @@ def load_image_tokenizer(path: str, device="cpu") -> ImageTokenizer:
 def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_text_tokens: int = 40,
                image_size: int | None = None, workers: int = 0, batch_size: int = 32,
                progress: bool = True, sr_low_res: bool = False,
-               image_positions: str = "fixed", clip=None) -> dict:
+               image_positions: str = "fixed", clip=None, image_order: str = "raster") -> dict:
     """Tokenize `input` into the data set `output`; returns the report (also in the metadata).
 
     text_tokenizer / image_tokenizer: objects or paths. image_size: pixels per side after
     resize and centre crop (default: the image tokenizer's). workers: processes reading images
     (0: in this process). batch_size: images per VQ-VAE batch and per committed transaction.
     sr_low_res: also store the codes of each image at half resolution (super-resolution data).
-    image_positions: the layout's numbering of image positions (see TokenLayout). clip: a Clip
+    image_positions, image_order: the layout's numbering of image positions and the order its
+    sequences generate an image in (see TokenLayout; records keep raster codes). clip: a Clip
     (tokenizers/clip.py): each record also stores the unit CLIP embedding of its image as the
     float array "clip_image" (what language-free training, --tasks clip2image, reads)."""
     text_tok = TextTokenizer(text_tokenizer) if isinstance(text_tokenizer, str) else text_tokenizer
@@ -269,7 +270,8 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
         layout = TokenLayout(num_image_codes=image_tok.codebook_size,
                              num_text_tokens=text_tok.vocab_size,
                              image_grid=image_tok.model.grid_size(image_size),
-                             max_text_tokens=max_text_tokens, image_positions=image_positions)
+                             max_text_tokens=max_text_tokens, image_positions=image_positions,
+                             image_order=image_order)
     except ValueError as e:
         raise ValueError(f"--image-size {image_size}: {e}") from None
     if sr_low_res and layout.image_grid % 2:

@@ -34,7 +34,9 @@ class GenerationConfig:
     rerank_by: str = "auto"                # caption (likelihood), clip, or auto: clip for a
     #                                        CLIP-conditioned model, else caption
     beam_size: int = 0                     # image2text: beam search (0: sample)
-    keep_rows: int | None = None           # completion: rows of codes kept (default: half)
+    decoding_order: str = "auto"           # raster | lshape: the checkpoint's order, or auto
+    keep_rows: int | None = None           # completion: rows of codes kept (default: half); of
+    #                                        an L-shape model, blocks (a top-left square)
     top: int = 0                           # post-selection: copy the best K images
     clip_model: str | None = None          # post-selection: an open_clip score too
     clip_checkpoint: str | None = None
@@ -46,6 +48,8 @@ class GenerationConfig:
     def __post_init__(self):
         if self.rerank_by not in ("auto", "caption", "clip"):
             raise ValueError(f"--rerank {self.rerank_by}: expected caption, clip or auto")
+        if self.decoding_order not in ("auto", "raster", "lshape"):
+            raise ValueError(f"--decoding {self.decoding_order}: expected auto, raster or lshape")
         if self.rerank_top > self.samples:
             raise ValueError(f"--rerank-top {self.rerank_top} exceeds --batch-size {self.samples} "
                              f"(the samples it chooses from)")

@@ -34,19 +34,19 @@ class SamplingConfig:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """logits [B, V] -> a copy with every token outside each row's top-k / top-p set at -inf.
+    """logits [..., V] (a row per position) -> a copy with every token outside each row's top-k / top-p set at -inf.
 
     Ties at the k-th value are all kept. A row always keeps at least its most probable token."""
     logits = logits.clone()
     if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # [..., 1]
         logits.masked_fill_(logits < kth, float("-inf"))
     if top_p > 0.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # per row
         # drop a token when the tokens ranked above it already hold more than top_p of the mass
         drop = torch.zeros_like(cumulative, dtype=torch.bool)
-        drop[:, 1:] = cumulative[:, :-1] > top_p
+        drop[..., 1:] = cumulative[..., :-1] > top_p
         logits.masked_fill_(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -59,7 +59,7 @@ def classifier_free_guidance(cond_logits: torch.Tensor, uncond_logits: torch.Ten
 
 
 def gumbel_noise(shape, generators: list[torch.Generator] | None, device) -> torch.Tensor:
-    """Standard Gumbel noise [B, V]; row i from generators[i] (all from the default generator when
+    """Standard Gumbel noise [B, ..., V]; row i from generators[i] (all from the default generator when
     None)."""
     if generators is None:
         uniform = torch.rand(shape, device=device)
@@ -74,8 +74,9 @@ def gumbel_noise(shape, generators: list[torch.Generator] | None, device) -> tor
 
 def sample(logits: torch.Tensor, config: SamplingConfig = SamplingConfig(),
            generators: list[torch.Generator] | None = None) -> torch.Tensor:
-    """logits [B, V] -> one token id per row, LongTensor [B]. Tokens masked to -inf beforehand
-    (e.g. outside the allowed vocabulary) are never drawn."""
+    """logits [B, V] -> one token id per row, LongTensor [B]; logits [B, N, V] (N positions drawn
+    together, block-parallel decoding) -> [B, N], row i's N draws from generators[i]. Tokens
+    masked to -inf beforehand (e.g. outside the allowed vocabulary) are never drawn."""
     logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
     noise = gumbel_noise(logits.shape, generators, logits.device)
     return (logits + noise).argmax(dim=-1)

@@ -15,14 +15,16 @@ from megatron_t2i import mpu
 from megatron_t2i.data.loader import target_length
 from megatron_t2i.generation.state import check_positions
 from megatron_t2i.generation.vocab import caption_vocab_mask, image_vocab_mask
+from megatron_t2i.model.attention import block_causal_mask
 
 
 @torch.no_grad()
 def score(model, tokens: torch.Tensor, position_ids: torch.Tensor, target_mask: torch.Tensor,
           allowed: torch.Tensor | None = None, attention_mask=None,
-          vocab_size: int | None = None) -> torch.Tensor:
+          vocab_size: int | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Log-likelihood of each sequence: Σ over positions i with target_mask[:, i] of
-    log p(tokens[:, i] | tokens[:, :i]) -> float32 [B].
+    log p(targets[:, i] | tokens[:, :i]) -> float32 [B] (targets [B, L]: default tokens; an
+    L-shape sequence's slots predict their own cells, see TokenLayout.lshape_sequence).
 
     tokens, position_ids, target_mask [B, L] (target_mask[:, 0] is ignored: nothing predicts the
     first token). allowed: bool [V] over the model's (padded) vocabulary; the distribution is
@@ -37,7 +39,8 @@ def score(model, tokens: torch.Tensor, position_ids: torch.Tensor, target_mask: 
     if allowed is not None:
         keep &= allowed.to(logits.device)[start:start + rows]
     logits = logits.masked_fill(~keep, float("-inf"))
-    nll = mpu.vocab_parallel_cross_entropy(logits, tokens[:, 1:])  # [B, L-1]
+    targets = tokens if targets is None else targets
+    nll = mpu.vocab_parallel_cross_entropy(logits, targets[:, 1:])  # [B, L-1]
     weights = target_mask[:, 1:].to(nll.device, torch.float32)
     # where the weight is 0 the token may be disallowed (nll inf): select instead of multiplying
     return -torch.where(weights > 0, nll * weights, torch.zeros_like(nll)).sum(dim=1)
@@ -47,8 +50,8 @@ def score(model, tokens: torch.Tensor, position_ids: torch.Tensor, target_mask: 
 def score_sequences(model, seqs, targets, allowed: torch.Tensor, vocab_size: int,
                     batch_size: int = 8) -> torch.Tensor:
     """score() over training-template sequences of one padded length (layout templates with
-    pad=True), in rounds of batch_size -> float32 [N] (CPU). targets(tokens [b, L], loss_mask
-    [b, L]) -> bool [b, L] marks what is scored; each round drops the columns after its last
+    pad=True), in rounds of batch_size -> float32 [N] (CPU). targets(labels [b, L], loss_mask
+    [b, L]) -> bool [b, L] marks what is scored (labels: the sequences' targets, else tokens); each round drops the columns after its last
     target (trailing pads, which nothing before them attends to)."""
     device = model.word_embeddings.weight.device
     allowed = allowed.to(device)
@@ -57,10 +60,15 @@ def score_sequences(model, seqs, targets, allowed: torch.Tensor, vocab_size: int
         part = seqs[start:start + batch_size]
         tokens = torch.stack([s.tokens for s in part])                # [b, L]
         positions = torch.stack([s.position_ids for s in part])
-        mask = targets(tokens, torch.stack([s.loss_mask for s in part]))
+        labels = torch.stack([s.targets if s.targets is not None else s.tokens for s in part])
+        mask = targets(labels, torch.stack([s.loss_mask for s in part]))
         length = target_length(mask)
+        blocks = [s.block_ids for s in part]
+        attention = block_causal_mask(torch.stack(blocks)[:, :length - 1].to(device)) \
+            if blocks[0] is not None else None
         out.append(score(model, tokens[:, :length].to(device), positions[:, :length].to(device),
-                         mask[:, :length].to(device), allowed, vocab_size=vocab_size).cpu())
+                         mask[:, :length].to(device), allowed, attention, vocab_size,
+                         labels[:, :length].to(device)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -70,7 +78,7 @@ def image_log_likelihood(model, layout, codes: torch.Tensor, texts: list[list[in
     (CPU): the text->image template, only the image codes as targets, each normalised over the
     codes. Runs in rounds of batch_size images."""
     seqs = [layout.text_to_image(t, c) for t, c in zip(texts, codes)]
-    return score_sequences(model, seqs, lambda tokens, _: tokens < layout.num_image_codes,
+    return score_sequences(model, seqs, lambda labels, _: labels < layout.num_image_codes,
                            image_vocab_mask(layout, model.config.vocab_size), layout.vocab_size,
                            batch_size)
 
@@ -83,7 +91,7 @@ def caption_log_likelihood(model, layout, codes: torch.Tensor, texts: list[list[
     well here, as in caption decoding."""
     caption_start = layout.image_tokens + 4  # after [size] [BOI1] codes [EOI1] [ROI1]
 
-    def targets(tokens, loss_mask):
+    def targets(labels, loss_mask):
         mask = loss_mask > 0
         mask[:, :caption_start] = False  # the image is given, not scored
         return mask

@@ -39,6 +39,43 @@ SIZE_TOKENS = {8: "[TINY]", 16: "[SMALL]", 32: "[BASE]", 64: "[BIG]"}
 # The templates a task's sequences can follow (megatron_t2i/tasks.py says which task uses which).
 TEMPLATES = ("text_to_image", "image_to_text", "super_resolution", "condition_to_image")
 IMAGE_POSITIONS = ("after_text", "fixed")
+# The order in which an image to generate is laid out: raster (row by row, one code per step) or
+# lshape (Lformer: h L-shaped blocks of a grid of side h, each drawn in one step, see lshape_rank)
+IMAGE_ORDERS = ("raster", "lshape")
+
+
+def lshape_rank(side: int) -> torch.Tensor:
+    """[side^2]: the place in L order of each cell, in raster order. Block t holds the cells
+    (r, c) with max(r, c) = t, 2t + 1 of them: down the right column (0, t) ... (t, t), then
+    right to left along the bottom row (t, t-1) ... (t, 0). Block t starts at t^2."""
+    r, c = torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)
+    t = torch.maximum(r, c)
+    return t * t + torch.where(c == t, r, 2 * t - c)
+
+
+def lshape_order(side: int) -> torch.Tensor:
+    """[side^2]: the raster index of the k-th cell in L order (the inverse of lshape_rank):
+    codes_in_l_order = raster_codes[..., lshape_order(side)]."""
+    return torch.argsort(lshape_rank(side))
+
+
+def lshape_blocks(side: int) -> torch.Tensor:
+    """[side^2]: the block of each place in L order (floor of its square root)."""
+    return torch.arange(side).repeat_interleave(2 * torch.arange(side) + 1)
+
+
+def lshape_inputs(codes: torch.Tensor, pad: int) -> torch.Tensor:
+    """codes [..., side^2] in L order -> the inputs [..., side^2] of the L-shape slots that predict
+    them: slot k reads the code of its target cell's up-left diagonal neighbour, `pad` where there
+    is none. For block t >= 1 that is [pad, block t-1 (2t-1 codes), pad]; slot 0 (block 0) has no
+    neighbour (the caller puts its context token there)."""
+    n = codes.shape[-1]
+    side = math.isqrt(n)
+    t = lshape_blocks(side)
+    offset = torch.arange(n) - t * t
+    source = ((t - 1).clamp(min=0) ** 2 + offset - 1).clamp(0, n - 1)
+    none = (offset == 0) | (offset == 2 * t)
+    return torch.where(none, torch.full_like(codes, pad), codes[..., source])
 
 
 def block_ids(kind: str, length: int, prefix: int = 0, real: int | None = None) -> torch.Tensor:
@@ -75,6 +112,9 @@ class Sequence:
     # [L] int64: position i attends to j iff block_ids[j] <= block_ids[i]; None is causal
     # (block_ids() below for the attention kinds of megatron_t2i/tasks.py)
     block_ids: torch.Tensor | None = None
+    # [L] int64: what position i-1 predicts at position i where that is not tokens[i] (L-shape:
+    # slots read a neighbour's code and predict their own cell); None means tokens itself
+    targets: torch.Tensor | None = None
     # [D] float: the vector the [MASK] slots of condition_to_image read (model/conditioning.py);
     # condition_present False: dropped for guidance, the model's null embedding instead
     condition: torch.Tensor | None = None
@@ -93,6 +133,10 @@ class TokenLayout:
     # direction (image first) at the same ids, so every code of the grid has one position id in
     # every task and a small model learns where things are much sooner.
     image_positions: str = "fixed"
+    # the order of an image to generate in text->image sequences (IMAGE_ORDERS): raster, or
+    # Lformer's L-shaped blocks (an h x h grid in h steps, see lshape_sequence). Records always
+    # store codes in raster order; the decoder always receives them so.
+    image_order: str = "raster"
     name: str = "custom"
     stats: dict = field(default_factory=lambda: {"truncated_text": 0}, compare=False, repr=False)
 
@@ -103,6 +147,9 @@ class TokenLayout:
         if self.image_positions not in IMAGE_POSITIONS:
             raise ValueError(f"token layout: image_positions must be one of "
                              f"{', '.join(IMAGE_POSITIONS)}, got {self.image_positions!r}")
+        if self.image_order not in IMAGE_ORDERS:
+            raise ValueError(f"token layout: image_order must be one of {', '.join(IMAGE_ORDERS)}, "
+                             f"got {self.image_order!r}")
         if not 1 <= self.image_grid <= max(SIZE_TOKENS):
             raise ValueError(f"token layout: image_grid must be between 1 and {max(SIZE_TOKENS)}, "
                              f"got {self.image_grid}")
@@ -264,9 +311,42 @@ class TokenLayout:
             return self._finish(head, None, start, self._after_text(start, text))
         codes = self.image_codes(image_codes, self.image_tokens)
         n = start + codes.numel() + 1
-        return self._finish(head + [codes, [self["[EOI1]"]]],
-                            self.seq_length("text_to_image") if pad else None, start,
-                            self._after_text(n, text))
+        seq = self._finish(head + [codes, [self["[EOI1]"]]],
+                           self.seq_length("text_to_image") if pad else None, start,
+                           self._after_text(n, text))
+        return self.lshape_sequence(seq) if self.image_order == "lshape" else seq
+
+    def lshape_sequence(self, seq: Sequence) -> Sequence:
+        """The raster sequence `... [BOI1] codes [EOI1] [PAD]...` as Lformer trains it: [BOI1] is
+        the context slot predicting block 0, then the h^2 - 1 slots of blocks 1..h-1, each reading
+        its cell's up-left neighbour (lshape_inputs) and predicting its cell (`targets`), at the
+        position id its cell has in raster order. Block-causal: a slot sees the caption, every
+        earlier block and its whole own block. No end token is predicted; the sequence is one
+        token shorter and keeps the raster length with one more [PAD]."""
+        s, n, side = seq.image_start, self.image_tokens, self.image_grid
+        order = lshape_order(side)
+        codes = seq.tokens[s:s + n][order]                                   # L order
+        tokens, positions = seq.tokens.clone(), seq.position_ids.clone()
+        tokens[s:s + n - 1] = lshape_inputs(codes, self["[PAD]"])[1:]
+        tokens[s + n - 1], tokens[s + n] = self["[EOI1]"], self["[PAD]"]
+        positions[s:s + n - 1] = positions[s - 1] + order[1:]
+        targets = tokens.clone()
+        targets[s:s + n] = codes
+        loss_mask = seq.loss_mask.clone()
+        loss_mask[s + n] = 0
+        length = tokens.numel()
+        blocks = torch.arange(length)
+        blocks[s - 1:s - 1 + n] = s - 1 + lshape_blocks(side)
+        blocks[s - 1 + n:] = s - 1 + side + torch.arange(length - (s - 1 + n))
+        return Sequence(tokens, positions, loss_mask, s, block_ids=blocks, targets=targets)
+
+    def to_lshape(self, codes: torch.Tensor) -> torch.Tensor:
+        """Raster codes [..., grid^2] -> L order."""
+        return codes[..., lshape_order(self.image_grid).to(codes.device)]
+
+    def from_lshape(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [..., grid^2] in L order -> raster order (what the decoder reads)."""
+        return codes[..., lshape_rank(self.image_grid).to(codes.device)]
 
     def completion(self, text_ids, prefix_codes) -> Sequence:
         """Prompt for "text and part of an image": the t2i prompt followed by the first codes."""
@@ -339,7 +419,8 @@ class TokenLayout:
         if d.get("specials") != list(SPECIALS):
             raise LayoutMismatchError(f"{source}: special tokens differ from this version's")
         known = {f.name for f in fields(cls) if f.compare}
-        d = {"image_positions": "after_text", **d}  # files written before the field existed
+        # files written before these fields existed
+        d = {"image_positions": "after_text", "image_order": "raster", **d}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: str) -> None:

@@ -1,13 +1,15 @@
-"""text2image and completion ("text and part of an image"), raster-decoded.
+"""text2image and completion ("text and part of an image"), raster or L-shape decoded.
 
-text2image: prompt `[ROI1] text [size] [BOI1]`, then grid^2 image codes sampled in raster order
-(inside the image only codes may be drawn). `samples` per query in rounds of at most
+text2image: prompt `[ROI1] text [size] [BOI1]`, then grid^2 image codes sampled in the order of
+the checkpoint's layout (inside the image only codes may be drawn): raster, one code per step, or
+L-shape (Lformer), one L-shaped block of codes per step (strategies/lshape.py). `samples` per query in rounds of at most
 `max_inference_batch_size` (generation/batching.py: per-sample seeds). With `cfg_scale` s,
 classifier-free guidance against the unconditional prompt `[ROI1] [size] [BOI1]` (what training
 with --text-dropout sees when it drops the caption).
 
 completion: input lines `text<TAB>image_path`; the image is encoded with the VQ-VAE, its first
-`keep_rows` rows of codes are kept unchanged and the rest is generated.
+`keep_rows` rows of codes are kept unchanged and the rest is generated; of an L-shape model, its
+first `keep_rows` blocks (the top-left square of that side: Lformer's regeneration from a block).
 
 `rerank_top` K keeps the K samples whose image best explains the text (generation/scoring.py).
 Without reranking or a --debug grid, each round's images are written as soon as it is drawn.
@@ -24,28 +26,46 @@ from megatron_t2i.generation import io
 from megatron_t2i.generation.batching import in_rounds, query_seeds
 from megatron_t2i.generation.scoring import rerank, rerank_kind
 from megatron_t2i.generation.state import Prompt
+from megatron_t2i.generation.strategies.lshape import generate_lshape
 from megatron_t2i.generation.strategies.raster import generate
 from megatron_t2i.generation.vocab import image_vocab_mask
 from megatron_t2i.tokenizers.layout import Sequence
 
 
+def decoding_order(layout, requested: str = "auto") -> str:
+    """The order a checkpoint of `layout` decodes in; --decoding may name it, not another."""
+    if requested in ("auto", layout.image_order):
+        return layout.image_order
+    raise ValueError(f"--decoding {requested}: this checkpoint was trained to generate in "
+                     f"{layout.image_order} order (its token layout's image_order); for {requested} "
+                     f"decoding train on data preprocessed with --image-order {requested}")
+
+
 def sample_codes(ctx, config, prompt: Sequence, uncond: Sequence | None, num_tokens: int,
                  seeds: list[int], desc: str = "", on_round=None,
-                 token_progress: bool | None = None) -> torch.Tensor:
+                 token_progress: bool | None = None, given=None) -> torch.Tensor:
     """Image codes after `prompt`, one row per seed -> LongTensor [len(seeds), num_tokens] (CPU).
     `uncond` is CFG's prompt (None: no CFG); on_round as in batching.in_rounds; token_progress:
-    a bar over the tokens of each round (None: on the writer, in a terminal)."""
+    a bar over the tokens (L-shape: blocks) of each round (None: on the writer, in a terminal).
+    L-shape: the whole image [len(seeds), grid^2] in raster order; given: raster codes [k^2] of
+    its top-left k x k square (the first k blocks), kept."""
     allowed = image_vocab_mask(ctx.layout, ctx.config.vocab_size).to(ctx.device)
     decoding = config.decoding(ctx.layout.vocab_size)
+    lshape = decoding_order(ctx.layout, config.decoding_order) == "lshape"
     if token_progress is None:
         token_progress = io.token_progress(ctx.is_writer)
 
     def draw(generators, label):
         rows = len(generators)
-        return generate(ctx.model, Prompt.of(prompt, rows, ctx.device), num_tokens, decoding,
-                        allowed, generators,
-                        Prompt.of(uncond, rows, ctx.device) if uncond is not None else None,
-                        progress=(label or True) if token_progress else False)
+        first = Prompt.of(prompt, rows, ctx.device)
+        second = Prompt.of(uncond, rows, ctx.device) if uncond is not None else None
+        progress = (label or True) if token_progress else False
+        if lshape:
+            square = given.to(ctx.device).expand(rows, -1) if given is not None else None
+            return generate_lshape(ctx.model, first, ctx.layout.image_grid, ctx.layout["[PAD]"],
+                                   decoding, allowed, generators, second, square, progress)
+        return generate(ctx.model, first, num_tokens, decoding, allowed, generators, second,
+                        progress=progress)
 
     return in_rounds(seeds, config.max_inference_batch_size, ctx.device, draw, on_round, desc)
 
@@ -76,8 +96,16 @@ def text2image(ctx, config, text: str, query_index: int, on_round=None,
 def complete(ctx, config, text: str, codes, query_index: int, keep_rows: int,
              on_round=None) -> torch.Tensor:
     """-> codes [samples, grid^2]: the first keep_rows rows of `codes` [grid^2] unchanged, the
-    rest generated after `text` and them."""
+    rest generated after `text` and them; of an L-shape model, the first keep_rows blocks."""
     layout = ctx.layout
+    if decoding_order(layout, config.decoding_order) == "lshape":
+        grid = layout.image_grid
+        square = layout.image_codes(codes, layout.image_tokens).view(grid, grid)
+        square = square[:keep_rows, :keep_rows].reshape(-1)
+        prompt, uncond = prompts(ctx, text, bool(config.cfg_scale))
+        return sample_codes(ctx, config, prompt, uncond, layout.image_tokens,
+                            query_seeds(config.seed, query_index, config.samples),
+                            f"[{query_index}]", on_round, given=square)
     kept = layout.image_codes(codes, layout.image_tokens)[:keep_rows * layout.image_grid]
     prompt = layout.completion(ctx.text_tokenizer.encode(text), kept)
     uncond = layout.completion([], kept) if config.cfg_scale else None
@@ -165,6 +193,7 @@ def main_completion(ctx, config) -> None:
         original = ctx.image_tokenizer.decode_codes(torch.tensor([codes])) \
             if ctx.is_writer and config.debug else []
         finish_query(ctx, config, query, text, completed, started,
-                     config.samples * (ctx.layout.image_tokens - keep_rows * grid), scores,
+                     config.samples * (ctx.layout.image_tokens - keep_rows * (
+                         keep_rows if ctx.layout.image_order == "lshape" else grid)), scores,
                      original, saved=on_round is not None)
 

@@ -199,6 +199,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
                                if args.rerank_top else None,
                    "condition": "CLIP text embedding of the caption (language-free model)"
                                 if conditioned else "caption tokens",
+                   "decoding": ctx.layout.image_order,
                    "reader": reader_file},
         "speed": {"images": len(prompts) * k, "threads": torch.get_num_threads(),
                   "device": str(ctx.device), "drawing_s": seconds["drawing"],

@@ -12,10 +12,17 @@ uncached step recomputes the whole, longer sequence): method "first K steps, ext
 
     python bench/generation_throughput.py --quick          # ~2 minutes on 2 CPU cores
     python bench/generation_throughput.py --dtype bf16     # a GPU
+    python bench/generation_throughput.py --lshape         # L-shape against raster, ~3 minutes
+
+--lshape: Lformer's block-parallel decoding (strategies/lshape.py, grid-side steps) against raster
+KV-cached decoding on the same model, batch and grid, for each grid side of --grids (the demo
+data's 9 and 32), both timed over the whole image in the same run; `lshape_speedup` is raster
+seconds / L-shape seconds.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,6 +37,7 @@ from megatron_t2i.config import model_config  # noqa: E402
 from megatron_t2i.device import resolve_device, synchronize  # noqa: E402
 from megatron_t2i.generation.sampling import SamplingConfig  # noqa: E402
 from megatron_t2i.generation.state import Decoding, Prompt  # noqa: E402
+from megatron_t2i.generation.strategies.lshape import generate_lshape  # noqa: E402
 from megatron_t2i.generation.strategies.raster import generate  # noqa: E402
 from megatron_t2i.generation.vocab import image_vocab_mask  # noqa: E402
 from megatron_t2i.model.gpt import GPT  # noqa: E402
@@ -73,6 +81,38 @@ def timed_generate(model, layout, batch, num_tokens, use_cache, device):
     return seconds, stamps[0] - start, per_step
 
 
+def timed_lshape(model, layout, batch, device) -> float:
+    """Seconds of one `generate_lshape` call over the whole grid (the prompt of timed_generate)."""
+    seq = layout.text_to_image(torch.arange(layout.max_text_tokens) % layout.num_text_tokens)
+    prompt = Prompt(seq.tokens.to(device).expand(batch, -1),
+                    seq.position_ids.to(device).expand(batch, -1))
+    generators = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
+    mask = image_vocab_mask(layout, model.config.vocab_size).to(device)
+    synchronize(device)
+    start = time.perf_counter()
+    generate_lshape(model, prompt, layout.image_grid, layout["[PAD]"],
+                    Decoding(SamplingConfig(top_k=200), vocab_size=layout.vocab_size), mask,
+                    generators)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def compare_lshape(size, grid, batch, args, device, dtype) -> dict:
+    """L-shape and raster (KV-cached, every step run) on one model of `size` at a grid side."""
+    layout = dataclasses.replace(LAYOUTS[size], image_grid=grid, image_order="lshape")
+    config = model_config(size, layout, hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = GPT(config, device=device, params_dtype=dtype).eval()
+    timed_lshape(model, layout, batch, device)  # warm-up
+    lshape = timed_lshape(model, layout, batch, device)
+    timed_generate(model, layout, batch, 2, True, device)
+    raster = timed_generate(model, layout, batch, layout.image_tokens, True, device)[0]
+    return {"model_size": size, "grid": grid, "batch": batch, "raster_steps": layout.image_tokens,
+            "lshape_steps": grid, "raster_images_per_s": round(batch / raster, 3),
+            "lshape_images_per_s": round(batch / lshape, 3),
+            "lshape_speedup": round(raster / lshape, 2)}
+
+
 def step_cost(config, prompt_len: int, step: int, use_cache: bool) -> float:
     """Relative FLOPs of decoding step `step` (0 = the token after the prompt; its prefill aside)."""
     length = prompt_len + step
@@ -105,22 +145,36 @@ def measure(size, model, batch, use_cache, args, device, layout=None) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    p.add_argument("--sizes", nargs="+", choices=list(LAYOUTS),
+                   help="default: all; with --lshape, demo")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--steps", type=int, default=8, help="timed steps of an extrapolated case")
     p.add_argument("--max-seconds", type=float, default=60.0,
                    help="run every step of a case whose estimate is at most this")
     p.add_argument("--quick", action="store_true", help="3 timed steps, no full runs over 5 s")
+    p.add_argument("--lshape", action="store_true",
+                   help="L-shape against raster decoding at each of --grids (sizes default: demo)")
+    p.add_argument("--grids", nargs="+", type=int, default=[9, 32])
     args = p.parse_args()
     if args.quick:
         args.steps, args.max_seconds = 3, 5.0
     device = resolve_device()
     dtype = DTYPES[args.dtype]
     args.reference = MatmulReference(dtype, device)
+    if args.lshape:
+        with torch.no_grad():
+            cases = [compare_lshape(size, grid, batch, args, device, dtype)
+                     for size in args.sizes or ["demo"] for grid in args.grids
+                     for batch in args.batches]
+        print(json.dumps({"benchmark": "generation_throughput --lshape", "device": str(device),
+                          "dtype": args.dtype, "threads": torch.get_num_threads(),
+                          "matmul_gflops_per_s": round(args.reference.rate / 1e9, 1),
+                          "results": cases}, indent=2))
+        return
     cases = []
     with torch.no_grad():
-        for size in args.sizes:
+        for size in args.sizes or list(LAYOUTS):
             config = model_config(size, LAYOUTS[size], hidden_dropout=0.0, attention_dropout=0.0)
             torch.manual_seed(0)
             model = GPT(config, device=device, params_dtype=dtype).eval()

@@ -209,6 +209,14 @@ def add_training_args(parser):
     g.add_argument("--clip-noise", type=_fraction, default=0.0, dest="condition_noise",
                    help="LAFITE's xi: the CLIP image embedding of a language-free task is "
                         "normalise((1-xi) f + xi normalise(noise)) (default: %(default)s)")
+    g.add_argument("--cvae-latent-dim", type=int, default=0, metavar="D",
+                   help="Lformer's CVAE global latent of D dimensions for text->image (0: none): "
+                        "its posterior reads each record's CLIP image embedding (preprocess "
+                        "with --clip FILE), its prior the caption (default: %(default)s)")
+    g.add_argument("--cvae-kl-weight", type=float, default=1.0,
+                   help="beta of CE + beta * KL, per token (default: %(default)s)")
+    g.add_argument("--cvae-kl-warmup", type=int, default=500, metavar="ITERS",
+                   help="iterations over which beta rises from 0 (default: %(default)s)")
     g.add_argument("--holdout-fraction", type=_fraction, default=0.02,
                    help="records held out for evaluation, never trained on (default: %(default)s)")
     g.add_argument("--eval-iters", type=int, default=10, help="micro-batches per evaluation")

@@ -36,6 +36,14 @@ class ModelConfig:
     condition_dim: int = 0
     condition_slots: int = 0
     slot_token: int = -1
+    # Lformer's CVAE global latent (model/cvae.py): its dimension (0: none), the dimension of the
+    # record array its posterior reads (a CLIP image embedding), the caption's id range its prior
+    # pools and the id of the context slot its w joins
+    latent_dim: int = 0
+    latent_source_dim: int = 0
+    text_token_start: int = 0
+    text_token_end: int = 0
+    context_token: int = -1
 
     def __post_init__(self):
         for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -55,6 +63,13 @@ class ModelConfig:
             raise ValueError(f"model config: condition_dim {self.condition_dim}, condition_slots "
                              f"{self.condition_slots} and slot_token {self.slot_token} must be set "
                              f"together")
+        if self.latent_dim and not (self.latent_source_dim > 0 and
+                                    0 <= self.text_token_start < self.text_token_end
+                                    and 0 <= self.context_token < self.vocab_size):
+            raise ValueError(f"model config: latent_dim {self.latent_dim} needs latent_source_dim, "
+                             f"the text id range and context_token (got {self.latent_source_dim}, "
+                             f"{self.text_token_start}..{self.text_token_end}, "
+                             f"{self.context_token})")
 
     @property
     def head_dim(self) -> int:
@@ -64,8 +79,11 @@ class ModelConfig:
         h, f, layers = self.hidden_size, self.ffn_hidden_size, self.num_layers
         per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + (4 if self.sandwich_ln else 2) * 2 * h
         conditioning = (self.condition_dim + 2) * self.condition_slots * h
+        d = self.latent_dim
+        cvae = (h * d + d + self.latent_source_dim * 2 * d + 2 * d + d * h + h + h * h + h) if d \
+            else 0
         return ((self.vocab_size + self.max_position_embeddings) * h + layers * per_layer + 2 * h
-                + conditioning)
+                + conditioning + cvae)
 
     def check_tensor_parallel(self, tp: int) -> None:
         if self.num_attention_heads % tp:

@@ -10,6 +10,8 @@
 # text embedding of the held-out captions and reranked by CLIP score.
 # METHOD=lformer: the same data and training as caption, laid out in Lformer's L-shaped blocks
 # (IMAGE_ORDER=lshape), so every image is drawn in grid-side steps instead of one per code.
+# CVAE=D with it: Lformer's CVAE global latent of D dimensions, whose posterior reads each
+# picture's CLIP embedding (so a CLIP is trained first, as for clip-gen).
 # It prints the figures and where everything is. A stage whose output exists is skipped, so an
 # interrupted quickstart resumes where it stopped (training from its newest checkpoint).
 set -euo pipefail
@@ -33,6 +35,8 @@ Environment variables (defaults in brackets); the data and training defaults are
   SAMPLES          samples per caption, RERANK_TOP of them kept by their score [16, 1]
   CFG_SCALE        classifier-free guidance of the samples (0: none) [0]
   CLIP_NOISE       clip-gen: LAFITE's noise xi on the CLIP image embedding in training [0.2]
+  CVAE             lformer: the CVAE latent's dimension, 0 for none [0]; its checkpoints and
+                   samples go to ./checkpoints/lformer-cvae and ./samples/lformer-cvae
 EOF
   exit 0
 fi
@@ -40,6 +44,8 @@ fi
                         "see --help)" >&2; exit 2; }
 
 METHOD=${METHOD:-caption}
+TRAIN_FLAGS=()  # extra pretrain.py flags of a method
+CLIP=""         # the CLIP a method trains first
 export DATA_DIR=${DATA_DIR:-$ROOT/data}
 case "$METHOD" in
   caption)
@@ -54,10 +60,15 @@ case "$METHOD" in
     CLIP=$DATA_DIR/clip.pt
     STAGES=6 ;;
   lformer)
-    export SAVE=${SAVE:-$ROOT/checkpoints/lformer}
-    OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/lformer}
-    LMDB=$DATA_DIR/tokens-lshape.lmdb
-    STAGES=5 ;;
+    CVAE=${CVAE:-0}
+    if ((CVAE > 0)); then
+      name=lformer-cvae LMDB=$DATA_DIR/tokens-lshape-clip.lmdb CLIP=$DATA_DIR/clip.pt STAGES=6
+      TRAIN_FLAGS=(--cvae-latent-dim "$CVAE")
+    else
+      name=lformer LMDB=$DATA_DIR/tokens-lshape.lmdb STAGES=5
+    fi
+    export SAVE=${SAVE:-$ROOT/checkpoints/$name}
+    OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/$name} ;;
   *) echo "quickstart.sh: METHOD must be caption, clip-gen or lformer, got $METHOD" >&2; exit 2 ;;
 esac
 NUM_PROMPTS=${NUM_PROMPTS:-64}
@@ -78,13 +89,15 @@ else
   stage "data: embedded default -> tokenizers -> $DATA_DIR/tokens.lmdb"
   OUTPUT=$DATA_DIR/tokens.lmdb "$ROOT/scripts/preprocess.sh"
 fi
-if [[ "$METHOD" == clip-gen ]]; then
+if [[ -n "$CLIP" ]]; then  # clip-gen and the CVAE read a CLIP
   if [[ -f "$CLIP" && ! -f "$CLIP.state" ]]; then
     stage "CLIP: $CLIP exists, skipped"
   else
     stage "CLIP: trained on the embedded default's pictures and captions -> $CLIP"
     CLIP=$CLIP "$ROOT/scripts/train_clip.sh"
   fi
+fi
+if [[ "$METHOD" == clip-gen ]]; then
   if [[ -f "$LMDB/layout.json" ]]; then
     stage "data with CLIP embeddings: $LMDB exists, skipped"
   else
@@ -98,7 +111,7 @@ if [[ "$METHOD" == lformer ]]; then
     stage "data in L-shape order: $LMDB exists, skipped"
   else
     stage "data in L-shape order: the same records, sequences in Lformer's blocks -> $LMDB"
-    OUTPUT=$LMDB IMAGE_ORDER=lshape "$ROOT/scripts/preprocess.sh"
+    OUTPUT=$LMDB IMAGE_ORDER=lshape CLIP=${CLIP:-} "$ROOT/scripts/preprocess.sh"
   fi
 fi
 
@@ -124,7 +137,7 @@ elif [[ "$METHOD" == clip-gen ]]; then
 else
   stage "pretrain: demo model, text->image and image->text -> $SAVE (resumes from its newest checkpoint)"
   t0=$(date +%s)
-  DATA_PATH=$LMDB "$ROOT/scripts/pretrain_single_node.sh"
+  DATA_PATH=$LMDB "$ROOT/scripts/pretrain_single_node.sh" "${TRAIN_FLAGS[@]}"
   train_s=$(( $(date +%s) - t0 ))
 fi
 

@@ -101,6 +101,31 @@ def test_the_language_free_quickstart_trains_a_clip_and_a_model_that_never_reads
     assert len(list((tmp_path / "out" / "text2image").rglob("*.png"))) == 2 * 2
 
 
+def test_the_lformer_quickstart_decodes_in_l_shapes_with_and_without_the_cvae(tmp_path):
+    env = {"METHOD": "lformer", "DATA_DIR": str(tmp_path / "data"),
+           "SYNTHETIC_COUNT": "150", "VQVAE_STEPS": "20", "TEXT_VOCAB_SIZE": "400",
+           "CLIP_STEPS": "5", "MODEL_SIZE": "tiny", "TRAIN_ITERS": "4", "MICRO_BATCH_SIZE": "2",
+           "NUM_PROMPTS": "3", "SAMPLES": "2", "RERANK_TOP": "1", "NUM_GPUS_PER_WORKER": "1",
+           "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    for cvae, stages in (("0", 5), ("8", 6)):
+        out = tmp_path / f"out{cvae}"
+        first = run({**env, "CVAE": cvae, "SAVE": str(tmp_path / f"ckpt{cvae}"),
+                     "OUTPUT_PATH": str(out)})
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        names = [s.split()[2] for s in stage_lines(first.stdout)]
+        assert names == [f"{i}/{stages}" for i in range(1, stages + 1)] + ["done"], names
+        report = json.loads((out / "eval" / "report.json").read_text())
+        assert report["source"]["decoding"] == "lshape"
+        assert re.search(r"colour alignment, best by caption score\s+[0-9.]+ +\(target 0.85",
+                         first.stdout), first.stdout[-2000:]
+        assert len(list((out / "text2image").rglob("*.png"))) == 2 * 2
+        config = json.loads((tmp_path / f"ckpt{cvae}" / "iter_0000004" / "model_config.json")
+                            .read_text())
+        assert config["latent_dim"] == int(cvae)
+    layout = json.loads((tmp_path / "data" / "tokens-lshape.lmdb" / "layout.json").read_text())
+    assert layout["image_order"] == "lshape"
+
+
 def test_default_inputs_from_a_large_folder_reach_the_generator(tmp_path):
     """image2text.sh / super_resolution.sh / post_selection.sh pick the first images of a large
     synthetic folder: under pipefail a `| head` used to kill them silently (SIGPIPE, exit 141)."""

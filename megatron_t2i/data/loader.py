@@ -81,10 +81,12 @@ class SequenceBuilder:
 
     def __init__(self, layout: TokenLayout, tasks: dict[str, float] | None = None,
                  text_dropout: float = 0.0, condition_slots: int = 0,
-                 condition_noise: float = 0.0):
+                 condition_noise: float = 0.0, latent_dim: int = 0):
         """condition_slots: the [MASK] slots of a conditioned task's template (the model's);
-        condition_noise: LAFITE's xi, see perturb."""
-        self.layout = layout
+        condition_noise: LAFITE's xi, see perturb; latent_dim: of a CVAE model, the size of the
+        noise each text->image sample draws for its latent (its posterior reads the record's
+        clip_image array)."""
+        self.layout, self.latent_dim = layout, latent_dim
         self.condition_slots, self.condition_noise = condition_slots, condition_noise
         weights = tasks or {"text2image": 1.0}
         self.tasks = [registry.get(name) for name in weights]
@@ -113,6 +115,9 @@ class SequenceBuilder:
             seq = self._conditioned(task, image_codes, arrays, rng, dropped)
         else:
             seq = self.layout.template(task.template, text_ids, image_codes, low_codes)
+        if self.latent_dim and task.template == "text_to_image":
+            seq.latent_source = self._array(task, arrays, "clip_image")
+            seq.latent_noise = torch.from_numpy(rng.standard_normal(self.latent_dim)).float()
         pad = self.length - seq.tokens.numel()
         if pad:  # tasks of a mixture share one length
             seq.tokens = torch.cat([seq.tokens, seq.tokens.new_full((pad,), self.layout["[PAD]"])])
@@ -129,10 +134,15 @@ class SequenceBuilder:
             seq.block_ids = torch.cat([seq.block_ids, torch.arange(after, after + pad)])
         return seq
 
+    @staticmethod
+    def _array(task, arrays, name: str) -> torch.Tensor:
+        if not arrays or name not in arrays:
+            raise ValueError(f"--tasks {task.name} needs the array {name!r} in every record; "
+                             f"this data set has none: preprocess it with --clip FILE")
+        return torch.from_numpy(np.asarray(arrays[name], dtype=np.float32).reshape(-1))
+
     def _conditioned(self, task, image_codes, arrays, rng, dropped: bool):
-        if not arrays or task.condition not in arrays:
-            raise ValueError(f"--tasks {task.name} needs the array {task.condition!r} in every "
-                             f"record; this data set has none: preprocess it with --clip FILE")
+        self._array(task, arrays, task.condition)
         if not self.condition_slots:
             raise ValueError(f"--tasks {task.name}: a model without condition slots")
         seq = self.layout.condition_to_image(self.condition_slots, image_codes)
@@ -183,6 +193,15 @@ def collate(sequences) -> dict[str, torch.Tensor]:
                                           for s in sequences])
         batch["condition_mask"] = torch.tensor([s.condition is not None and s.condition_present
                                                 for s in sequences])
+    latent = [s for s in sequences if s.latent_noise is not None]
+    if latent:  # rows without one (the caption direction) get no CVAE context
+        source, noise = torch.zeros_like(latent[0].latent_source), torch.zeros_like(
+            latent[0].latent_noise)
+        batch["latent_source"] = torch.stack([s.latent_source if s.latent_noise is not None
+                                              else source for s in sequences])
+        batch["latent_noise"] = torch.stack([s.latent_noise if s.latent_noise is not None
+                                             else noise for s in sequences])
+        batch["latent_mask"] = torch.tensor([s.latent_noise is not None for s in sequences])
     return batch
 
 

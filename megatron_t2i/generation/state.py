@@ -40,6 +40,8 @@ class Prompt:
     # one (False: the null embedding, e.g. classifier-free guidance's unconditional branch)
     condition: torch.Tensor | None = None
     condition_mask: torch.Tensor | None = None
+    # of a CVAE model: the latent z [B, d] its context slot reads (GPT.prior_latent)
+    latent: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.tokens.dim() != 2 or self.tokens.shape != self.positions.shape \
@@ -62,11 +64,13 @@ class Prompt:
         """The prompt of some of the rows."""
         pick = (lambda t: t[index] if t is not None else None)
         return Prompt(self.tokens[index], self.positions[index], pick(self.condition),
-                      pick(self.condition_mask))
+                      pick(self.condition_mask), pick(self.latent))
 
     def conditions(self) -> dict:
-        return {"condition": self.condition, "condition_mask": self.condition_mask} \
+        """The keywords the model reads with the prompt (GPT.forward)."""
+        out = {"condition": self.condition, "condition_mask": self.condition_mask} \
             if self.condition is not None else {}
+        return {**out, "latent": self.latent} if self.latent is not None else out
 
     @property
     def batch(self) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 from megatron_t2i import mpu
 from megatron_t2i.model.attention import KVCache, normal_init
 from megatron_t2i.model.conditioning import ConditionProjector, slot_inputs
+from megatron_t2i.model.cvae import CVAE
 from megatron_t2i.model.heads import build_head
 from megatron_t2i.model.trunk import Transformer, check_inputs, seed_component
 
@@ -46,6 +47,9 @@ class GPT(nn.Module):
         if config.condition_slots:
             seed_component(seed, config.num_layers + 3)
             self.conditioning = ConditionProjector(config, device, params_dtype)
+        if config.latent_dim:
+            seed_component(seed, config.num_layers + 4)
+            self.cvae = CVAE(config, device, params_dtype)
 
     def embed(self, tokens, slots: Slots | None = None):
         """tokens [B, S] -> input embeddings [B, S, h], slot values where slots.mask."""
@@ -62,28 +66,62 @@ class GPT(nn.Module):
         return Slots(*slot_inputs(self.conditioning, self.config.slot_token, tokens, condition,
                                   condition_mask))
 
-    def hidden(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
-               slots: Slots | None = None, condition=None, condition_mask=None):
-        """tokens, position_ids [B, S] -> the trunk's final hidden states [B, S, h]."""
-        check_inputs(tokens, position_ids, self.config.max_position_embeddings,
-                     cached=kv_cache is not None)
+    def prior_latent(self, tokens, noise) -> torch.Tensor:
+        """A CVAE model's z [B, d] drawn from its prior p(z | the caption in tokens [B, S]): the
+        prior mean plus noise [B, d] (standard normal, drawn by the caller per sample)."""
+        mean = self.cvae.prior_mean(tokens, self.word_embeddings(tokens))
+        return mean + noise.to(mean.dtype)
+
+    def inputs(self, tokens, slots: Slots | None = None, condition=None, condition_mask=None,
+               latent=None, latent_source=None, latent_noise=None, latent_mask=None):
+        """tokens [B, S] -> the trunk's input embeddings [B, S, h] (with the condition's slots and
+        the CVAE's context, see forward), and the KL [B] of a CVAE trained on latent_source (else
+        None)."""
         if condition is not None:
             slots = self.condition_slots(tokens, condition, condition_mask)
-        return self.transformer(self.embed(tokens, slots), position_ids, attention_mask, kv_cache)
+        embeds, kl = self.embed(tokens, slots), None
+        if latent_source is None and latent is None:
+            return embeds, kl
+        if not self.config.latent_dim:
+            raise ValueError("GPT: a latent was given to a model without a CVAE")
+        if latent is None:  # training: z from the posterior of the image's CLIP embedding
+            prior = self.cvae.prior_mean(tokens, self.word_embeddings(tokens))
+            latent, kl = self.cvae.posterior_sample(latent_source, latent_noise, prior)
+            if latent_mask is not None:
+                kl = kl * latent_mask.to(kl.dtype)
+        return self.cvae.add_context(tokens, embeds, latent, latent_mask), kl
+
+    def hidden(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
+               **inputs):
+        """tokens, position_ids [B, S] -> the trunk's final hidden states [B, S, h] (inputs: the
+        keywords of forward that fill slots or the CVAE context)."""
+        check_inputs(tokens, position_ids, self.config.max_position_embeddings,
+                     cached=kv_cache is not None)
+        return self.transformer(self.inputs(tokens, **inputs)[0], position_ids, attention_mask,
+                                kv_cache)
 
     def forward(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
                 gather_logits: bool = False, slots: Slots | None = None, condition=None,
-                condition_mask=None):
-        """-> the head's output: logits [B, S, V/tp] (all V with gather_logits) for the LM head.
+                condition_mask=None, latent=None, latent_source=None, latent_noise=None,
+                latent_mask=None):
+        """-> the head's output: logits [B, S, V/tp] (all V with gather_logits) for the LM head;
+        (logits, KL [B]) when a CVAE model is given latent_source.
 
         attention_mask: bool [B or 1, 1, S, T] (True = may attend), T = cached + S tokens;
         None means causal. kv_cache: decode incrementally, the S tokens following the cached ones.
         slots: float inputs in place of tokens' embeddings; condition [B, D] (+ condition_mask
-        [B]): of a conditioned model, projected into its slots (see condition_slots).
+        [B]): of a conditioned model, projected into its slots (see condition_slots). Of a CVAE
+        model (model/cvae.py), in rows where latent_mask [B] (None: all): latent z [B, d] (sampling,
+        from prior_latent), or latent_source [B, D] and latent_noise [B, d] (training: z from the
+        posterior, and its KL returned).
         """
-        hidden = self.hidden(tokens, position_ids, attention_mask, kv_cache, slots, condition,
-                             condition_mask)
-        return self.head(hidden, self.word_embeddings.weight, gather_logits)
+        check_inputs(tokens, position_ids, self.config.max_position_embeddings,
+                     cached=kv_cache is not None)
+        embeds, kl = self.inputs(tokens, slots, condition, condition_mask, latent, latent_source,
+                                 latent_noise, latent_mask)
+        hidden = self.transformer(embeds, position_ids, attention_mask, kv_cache)
+        out = self.head(hidden, self.word_embeddings.weight, gather_logits)
+        return out if kl is None else (out, kl)
 
     def allocate_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         """A KV cache for `batch` sequences of up to `max_len` tokens, on this rank's heads; dtype

@@ -119,6 +119,10 @@ class Sequence:
     # condition_present False: dropped for guidance, the model's null embedding instead
     condition: torch.Tensor | None = None
     condition_present: bool = True
+    # of a CVAE model (model/cvae.py): the [D] vector its posterior reads (the image's CLIP
+    # embedding) and the [d] standard-normal noise of its reparameterised z
+    latent_source: torch.Tensor | None = None
+    latent_noise: torch.Tensor | None = None
 
 
 @dataclass

@@ -17,6 +17,9 @@ class TrainConfig:
     condition_slots: int = 4                        # slots a conditioned task's vector fills
     condition_noise: float = 0.0                    # LAFITE's xi on the CLIP image embedding
     txt_loss_scale: float = 1.0                     # caption targets of caption-first sequences
+    cvae_latent_dim: int = 0                        # Lformer's CVAE latent (0: none)
+    cvae_kl_weight: float = 1.0                     # beta of CE + beta KL, per token
+    cvae_kl_warmup: int = 500                       # iterations of beta's linear ramp
     holdout_fraction: float = 0.02
     seed: int = 1234
     # optimisation

@@ -114,10 +114,13 @@ class Batches:
                                        for k, v in batch.items()})
 
 
+CONDITION_KEYS = ("condition", "condition_mask", "latent_source", "latent_noise", "latent_mask")
+
+
 def condition_inputs(batch: dict) -> dict:
-    """The model's condition keywords of a batch that has them (a conditioned task's), else {}."""
-    return {"condition": batch["condition"], "condition_mask": batch["condition_mask"]} \
-        if "condition" in batch else {}
+    """The model's condition keywords a batch has: a conditioned task's vector, a CVAE's latent
+    inputs (GPT.forward); {} for plain token sequences."""
+    return {k: batch[k] for k in CONDITION_KEYS if k in batch}
 
 
 def forward_loss(engine, batch, objective, weights=None):
@@ -176,14 +179,15 @@ class Trainer:
         self.device = engine.device
         slots = model_config.condition_slots
         builder = SequenceBuilder(layout, config.tasks, config.text_dropout, slots,
-                                  config.condition_noise)
+                                  config.condition_noise, model_config.latent_dim)
         self.pipeline_loss = getattr(engine.module, "loss_fn", None) \
             if mpu.get_pipeline_model_parallel_world_size() > 1 else None
         self.trim = self.pipeline_loss is None  # the pipeline engine wants fixed shapes
         self.train = Batches(dataset, train_idx, builder, config.micro_batch_size, config.seed,
                              self.device, objective, consumed, self.trim)
         self.eval_idx, self.dataset = eval_idx, dataset
-        self.eval_builder = SequenceBuilder(layout, config.tasks, 0.0, slots)
+        self.eval_builder = SequenceBuilder(layout, config.tasks, 0.0, slots,
+                                            latent_dim=model_config.latent_dim)
         self.stop = StopSignal()
         self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
         self.work = [0, 0.0]  # tokens fed and their model FLOPs on this replica, since the last log
@@ -197,6 +201,7 @@ class Trainer:
         averages over accumulation steps and data-parallel ranks. So any split of the global
         batch over ranks and accumulation steps gives the same gradient."""
         gas = self.cfg.gradient_accumulation_steps
+        self.objective.at_iteration(self.iteration)
         batches = [self.train.next() for _ in range(gas)]
         for b in batches:
             self.work[0] += b["tokens"].numel()

@@ -26,13 +26,26 @@ class TokenCrossEntropy:
     """Cross entropy of the LM head's logits at every target token; the caption's targets in
     caption-first sequences (text->image, super-resolution: those starting with [ROI1]) weighted
     by txt_loss_scale. In the caption direction the text is what the model learns to write, so
-    its targets keep weight 1. Reported apart for image and text targets."""
+    its targets keep weight 1. Reported apart for image and text targets.
+
+    Of a CVAE model (model/cvae.py; outputs (logits, KL [B])), plus beta * Σ KL over its images:
+    the objective is normalised per target, so beta = 1 is the ELBO per token. beta rises
+    linearly from 0 over the first kl_warmup iterations (the loop calls at_iteration), so the
+    decoder learns to read z before the prior pulls the posterior in."""
 
     label_keys = ("labels", "loss_mask", "weights")
-    metric_size = 4  # [image loss sum, image targets, text loss sum, text targets]
+    # [image loss sum, image targets, text loss sum, text targets, KL sum, images with a latent]
+    metric_size = 6
 
-    def __init__(self, layout, txt_loss_scale: float = 1.0):
+    def __init__(self, layout, txt_loss_scale: float = 1.0, kl_weight: float = 1.0,
+                 kl_warmup: int = 0):
         self.layout, self.txt_loss_scale = layout, txt_loss_scale
+        self.kl_weight, self.kl_warmup, self.beta = kl_weight, kl_warmup, kl_weight
+
+    def at_iteration(self, iteration: int) -> None:
+        """Set the KL weight of the step after `iteration` steps."""
+        ramp = min(1.0, (iteration + 1) / self.kl_warmup) if self.kl_warmup else 1.0
+        self.beta = self.kl_weight * ramp
 
     def prepare(self, batch: dict) -> dict:
         is_image = batch["labels"] < self.layout.num_image_codes
@@ -43,31 +56,39 @@ class TokenCrossEntropy:
     def weight(self, batch: dict) -> torch.Tensor:
         return batch["weights"].sum()
 
-    def loss(self, logits, batch: dict, weights=None):
-        """-> (Σ weights · per-token loss, [image loss sum, image count, text loss sum, text
-        count]). weights: instead of batch["weights"] (already scaled by the loop)."""
+    def loss(self, outputs, batch: dict, weights=None):
+        """-> (Σ weights · per-token loss [+ beta Σ KL], [image loss sum, image count, text loss
+        sum, text count, KL sum, latent count]). weights: instead of batch["weights"] (already
+        scaled by the loop)."""
+        logits, kl = outputs if isinstance(outputs, tuple) else (outputs, None)
         labels, loss_mask = batch["labels"], batch["loss_mask"]
         per_token = mpu.vocab_parallel_cross_entropy(logits.float(), labels)
         with torch.no_grad():
             mask = loss_mask > 0
             image = mask & (labels < self.layout.num_image_codes)
             text = mask & ~image
+            latents = batch["latent_mask"].sum() if kl is not None else per_token.new_zeros(())
             sums = torch.stack([(per_token * image).sum(), image.sum(), (per_token * text).sum(),
-                                text.sum()]).double()
+                                text.sum(), kl.sum() if kl is not None else latents,
+                                latents]).double()
         weights = batch["weights"] if weights is None else weights
-        return (per_token * weights).sum(), sums
+        total = (per_token * weights).sum()
+        return (total + self.beta * kl.float().sum() if kl is not None else total), sums
 
     @staticmethod
     def summary(sums: torch.Tensor) -> dict[str, float]:
         s = sums.tolist()
-        return {"image_loss": s[0] / max(s[1], 1), "text_loss": s[2] / max(s[3], 1),
-                "loss": (s[0] + s[2]) / max(s[1] + s[3], 1)}
+        out = {"image_loss": s[0] / max(s[1], 1), "text_loss": s[2] / max(s[3], 1),
+               "loss": (s[0] + s[2]) / max(s[1] + s[3], 1)}
+        if s[5]:
+            out["kl"] = s[4] / s[5]  # nats per image
+        return out
 
 
 OBJECTIVES = {"token-ce": TokenCrossEntropy}
 
 
-def build_objective(names, layout, txt_loss_scale: float = 1.0):
+def build_objective(names, layout, txt_loss_scale: float = 1.0, **options):
     """The one objective the tasks `names` train with (megatron_t2i/tasks.py)."""
     kinds = {registry.get(n).objective for n in names}
     if len(kinds) != 1:
@@ -77,4 +98,4 @@ def build_objective(names, layout, txt_loss_scale: float = 1.0):
     if kind not in OBJECTIVES:
         raise ValueError(f"objective {kind!r} of --tasks is not known; known: "
                          f"{', '.join(OBJECTIVES)}")
-    return OBJECTIVES[kind](layout, txt_loss_scale)
+    return OBJECTIVES[kind](layout, txt_loss_scale, **options)

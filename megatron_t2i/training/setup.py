@@ -55,6 +55,28 @@ def condition_fields(cfg: TrainConfig, dataset, layout) -> dict:
             "slot_token": layout["[MASK]"]}
 
 
+def latent_fields(cfg: TrainConfig, dataset, layout) -> dict:
+    """The ModelConfig fields of a CVAE latent (--cvae-latent-dim); {} without one."""
+    if not cfg.cvae_latent_dim:
+        return {}
+    if cfg.cvae_latent_dim < 0:
+        raise ValueError(f"--cvae-latent-dim {cfg.cvae_latent_dim}: must be >= 0")
+    if cfg.pipeline_model_parallel_size > 1:
+        raise ValueError("--cvae-latent-dim: the CVAE latent trains without pipeline parallelism "
+                         "(its KL is computed on the first stage); use "
+                         "--pipeline-model-parallel-size 1 with TP or DP")
+    if "text2image" not in cfg.tasks:
+        raise ValueError("--cvae-latent-dim: the latent is text->image's; add text2image to "
+                         "--tasks")
+    first = dataset[0].arrays or {} if len(dataset) else {}
+    if "clip_image" not in first:
+        raise ValueError("--cvae-latent-dim: the CVAE's posterior reads each record's CLIP image "
+                         "embedding; --data-path has none: preprocess with --clip FILE")
+    return {"latent_dim": cfg.cvae_latent_dim, "latent_source_dim": int(first["clip_image"].size),
+            "text_token_start": layout.text_offset, "text_token_end": layout.special_offset,
+            "context_token": layout["[BOI1]"]}
+
+
 def resume_dir(cfg: TrainConfig) -> str | None:
     """load, else save when it already holds a checkpoint (re-running resumes)."""
     if cfg.load:
@@ -74,9 +96,11 @@ def prepare(cfg: TrainConfig) -> Trainer:
     device = resolve_device()
     dataset, layout = open_dataset(list(cfg.data_path))
     config = model_config(cfg.model_size, layout, cfg.tensor_model_parallel_size, list(cfg.tasks),
-                          **cfg.model_overrides, **condition_fields(cfg, dataset, layout))
+                          **cfg.model_overrides, **condition_fields(cfg, dataset, layout),
+                          **latent_fields(cfg, dataset, layout))
     config.check_tensor_parallel(cfg.tensor_model_parallel_size)
-    objective = build_objective(cfg.tasks, layout, cfg.txt_loss_scale)
+    objective = build_objective(cfg.tasks, layout, cfg.txt_loss_scale,
+                                kl_weight=cfg.cvae_kl_weight, kl_warmup=cfg.cvae_kl_warmup)
     load_dir = resume_dir(cfg)
     tag = ckpt.choose_checkpoint(load_dir, cfg.resume_fallback) if load_dir else None
     if load_dir:

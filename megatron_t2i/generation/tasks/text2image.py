@@ -41,6 +41,18 @@ def decoding_order(layout, requested: str = "auto") -> str:
                      f"decoding train on data preprocessed with --image-order {requested}")
 
 
+def with_latent(model, prompt: Prompt, uncond: Prompt | None, generators):
+    """The prompts with a CVAE model's latent z drawn from its prior p(z | caption), each row's
+    noise from its own generator (before its codes: per-sample seeds hold); the unconditional
+    branch of guidance reads the same z (Lformer)."""
+    d = model.config.latent_dim
+    noise = torch.stack([torch.randn(d, generator=g, device=prompt.tokens.device)
+                         for g in generators])
+    z = model.prior_latent(prompt.tokens, noise)
+    return (dataclasses.replace(prompt, latent=z),
+            dataclasses.replace(uncond, latent=z) if uncond is not None else None)
+
+
 def sample_codes(ctx, config, prompt: Sequence, uncond: Sequence | None, num_tokens: int,
                  seeds: list[int], desc: str = "", on_round=None,
                  token_progress: bool | None = None, given=None) -> torch.Tensor:
@@ -59,6 +71,8 @@ def sample_codes(ctx, config, prompt: Sequence, uncond: Sequence | None, num_tok
         rows = len(generators)
         first = Prompt.of(prompt, rows, ctx.device)
         second = Prompt.of(uncond, rows, ctx.device) if uncond is not None else None
+        if ctx.config.latent_dim:  # z from the CVAE's prior, one per sample; guidance: the same
+            first, second = with_latent(ctx.model, first, second, generators)
         progress = (label or True) if token_progress else False
         if lshape:
             square = given.to(ctx.device).expand(rows, -1) if given is not None else None

@@ -63,6 +63,12 @@ def generators(ctx) -> list[str]:
     return ["clip2image"] if ctx.config.condition_slots else ["text2image"]
 
 
+def decoding_note(ctx) -> str:
+    """' (L-shape, 9 steps)' for a checkpoint that decodes in Lformer's blocks, else ''."""
+    layout = ctx.layout
+    return f" (L-shape, {layout.image_grid} steps)" if layout.image_order == "lshape" else ""
+
+
 def check(request: Request, ctx, limits: DemoLimits, name: str) -> None:
     """One line (ValueError) for a request this checkpoint cannot serve."""
     text = request.prompt.strip()
@@ -162,7 +168,8 @@ def build_app(contexts: dict, limits: DemoLimits, output_dir: str,
                                   lambda f, t, i=i: progress((i + f) / len(jobs), desc=t)))
         except ValueError as e:
             return [], [], [], f"**Error:** {e}"
-        status = " · ".join(f"{n}: {len(s)} samples by {j.generator}, seed {j.seed}"
+        status = " · ".join(f"{n}: {len(s)} samples by {j.generator}"
+                            f"{decoding_note(contexts[n])}, seed {j.seed}"
                             for (n, j), s in zip(jobs, shown))
         status += cut_note(contexts[name], prompt.strip())
         files = [path for s in shown for path, _ in s]

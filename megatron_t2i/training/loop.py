@@ -330,7 +330,8 @@ class Trainer:
                     eta = (now - t_start) / done * (cfg.train_iters - self.iteration)
                     parts = " | ".join(f"{k[6:].replace('_loss', '')} {v:.4f}"
                                        for k, v in values.items()
-                                       if k.startswith("train/") and k.endswith("_loss"))
+                                       if k.startswith("train/") and (k.endswith("_loss")
+                                                                      or k == "train/kl"))
                     logger.info(
                         "iteration %d/%d | loss %.6f | %s | lr %.3e | scale %g | grad-norm %.3f | "
                         "skipped %d | %.0f tokens/s | MFU %.3f | %.2f s/it | ETA %s",

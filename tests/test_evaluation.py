@@ -1,6 +1,7 @@
 """Evaluation: the attribute reader on held-out ground truth and on shuffled captions, alignment
 and diversity on hand-made cases, PSNR/SSIM against formulas and a direct window loop, tokenizer
 figures, held-out losses against a plain cross entropy, and evaluate.py end to end."""
+import dataclasses
 import json
 import math
 import os
@@ -291,10 +292,14 @@ def test_tokenizer_figures_match_direct_computation(toy):
     assert 0 < figures["ssim"] < 1 and figures["images"] == 20
 
 
-def test_heldout_losses_are_plain_cross_entropy_split_by_target_kind(toy):
+@pytest.mark.parametrize("order", ["raster", "lshape"])
+def test_heldout_losses_are_plain_cross_entropy_split_by_target_kind(toy, order):
+    """One sequence at a time through a plain forward; L-shape: its block-causal mask and its
+    slots' targets (the records are raster, the layout's order builds the sequences)."""
     from megatron_t2i.data.lmdb_store import TokenDataset
+    from megatron_t2i.model.attention import block_causal_mask
 
-    layout, model = toy["layout"], toy["model"]
+    layout, model = dataclasses.replace(toy["layout"], image_order=order), toy["model"]
     dataset = TokenDataset(toy["tokens"])
     indices = np.array([1, 4, 6])
     got = heldout_losses(model, layout, dataset, indices, batch_size=2, progress=False)
@@ -303,9 +308,11 @@ def test_heldout_losses_are_plain_cross_entropy_split_by_target_kind(toy):
         record = dataset[int(i)]
         seq = layout.text_to_image(record.text_ids, record.image_codes)
         tokens, positions = seq.tokens[None, :-1], seq.position_ids[None, :-1]
+        attention = block_causal_mask(seq.block_ids[None, :-1]) if order == "lshape" else None
         with torch.no_grad():
-            logits = model(tokens, positions, gather_logits=True)[0]       # [L-1, V]
-        targets, mask = seq.tokens[1:], seq.loss_mask[1:] > 0
+            logits = model(tokens, positions, attention, gather_logits=True)[0]   # [L-1, V]
+        targets = (seq.targets if order == "lshape" else seq.tokens)[1:]
+        mask = seq.loss_mask[1:] > 0
         losses = F.cross_entropy(logits.double(), targets, reduction="none")
         for t, m, loss in zip(targets.tolist(), mask.tolist(), losses.tolist()):
             if m:

@@ -20,6 +20,7 @@ from megatron_t2i.data.loader import SequenceBuilder, collate
 from megatron_t2i.evaluation.reader import gaussian_kernel
 from megatron_t2i.progress import progress_bar
 from megatron_t2i.tokenizers.vqvae import code_usage, psnr
+from megatron_t2i.training.loop import attention_mask, condition_inputs
 from megatron_t2i.training.objectives import TokenCrossEntropy
 
 SHAPE_ATTRIBUTES = ("colour", "kind", "size", "position")  # checked once per named shape
@@ -168,9 +169,10 @@ def heldout_losses(model, layout, dataset, indices, batch_size: int = 8, device=
     """Mean loss of `model` on the `task` sequences (text2image; clip2image of a CLIP-conditioned
     model) of records `indices` of `dataset`, over image targets and over text targets (every
     non-image target: caption tokens and the special tokens around them), as training's
-    evaluation splits it. Single process."""
+    evaluation splits it (a CVAE's KL aside). Single process."""
     builder = SequenceBuilder(layout, {task: 1.0}, text_dropout=0.0,  # no randomness left
-                              condition_slots=model.config.condition_slots)
+                              condition_slots=model.config.condition_slots,
+                              latent_dim=model.config.latent_dim)
     objective = TokenCrossEntropy(layout)
     sums = torch.zeros(objective.metric_size, dtype=torch.float64)
     for start in progress_bar(range(0, len(indices), batch_size), desc="held-out loss",
@@ -179,8 +181,10 @@ def heldout_losses(model, layout, dataset, indices, batch_size: int = 8, device=
         batch = objective.prepare({k: v.to(device) for k, v in
                                    collate([builder(r.text_ids, r.image_codes, 0, r.low_codes,
                                                     r.arrays) for r in records]).items()})
-        conditions = {k: batch[k] for k in ("condition", "condition_mask") if k in batch}
-        sums += objective.loss(model(batch["tokens"], batch["position_ids"], **conditions),
+        # as training evaluates: its attention mask (L-shape: block-causal), its conditions
+        # (a CVAE: z from the posterior of the image's CLIP embedding)
+        sums += objective.loss(model(batch["tokens"], batch["position_ids"],
+                                     attention_mask(batch), **condition_inputs(batch)),
                                batch)[1].cpu()
     return {**objective.summary(sums), "image_targets": int(sums[1]),
             "text_targets": int(sums[3]), "records": len(indices)}

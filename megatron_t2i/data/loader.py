@@ -142,11 +142,10 @@ class SequenceBuilder:
         return torch.from_numpy(np.asarray(arrays[name], dtype=np.float32).reshape(-1))
 
     def _conditioned(self, task, image_codes, arrays, rng, dropped: bool):
-        self._array(task, arrays, task.condition)
+        f = self._array(task, arrays, task.condition).double().numpy()
         if not self.condition_slots:
             raise ValueError(f"--tasks {task.name}: a model without condition slots")
         seq = self.layout.condition_to_image(self.condition_slots, image_codes)
-        f = np.asarray(arrays[task.condition], dtype=np.float64).reshape(-1)
         seq.condition = torch.from_numpy(
             np.zeros_like(f) if dropped else perturb(f, self.condition_noise, rng)).float()
         seq.condition_present = not dropped

@@ -32,6 +32,13 @@ class Slots:
     mask: torch.Tensor
 
 
+def with_slots(embeds, slots: Slots | None):
+    """Token embeddings [B, S, h] with the slot values where slots.mask."""
+    if slots is None:
+        return embeds
+    return torch.where(slots.mask[..., None], slots.values.to(embeds.dtype), embeds)
+
+
 class GPT(nn.Module):
     def __init__(self, config, device=None, params_dtype=torch.float32, seed: int | None = None):
         """seed: build each component from its own seed (see trunk.seed_component); without it,
@@ -53,10 +60,7 @@ class GPT(nn.Module):
 
     def embed(self, tokens, slots: Slots | None = None):
         """tokens [B, S] -> input embeddings [B, S, h], slot values where slots.mask."""
-        embeds = self.word_embeddings(tokens)
-        if slots is None:
-            return embeds
-        return torch.where(slots.mask[..., None], slots.values.to(embeds.dtype), embeds)
+        return with_slots(self.word_embeddings(tokens), slots)
 
     def condition_slots(self, tokens, condition, condition_mask=None) -> Slots:
         """The Slots of a conditioned model (see conditioning.slot_inputs)."""
@@ -79,13 +83,14 @@ class GPT(nn.Module):
         None)."""
         if condition is not None:
             slots = self.condition_slots(tokens, condition, condition_mask)
-        embeds, kl = self.embed(tokens, slots), None
         if latent_source is None and latent is None:
-            return embeds, kl
+            return self.embed(tokens, slots), None
         if not self.config.latent_dim:
             raise ValueError("GPT: a latent was given to a model without a CVAE")
+        words, kl = self.word_embeddings(tokens), None
+        embeds = with_slots(words, slots)  # the CVAE's prior pools the caption's own words
         if latent is None:  # training: z from the posterior of the image's CLIP embedding
-            prior = self.cvae.prior_mean(tokens, self.word_embeddings(tokens))
+            prior = self.cvae.prior_mean(tokens, words)
             latent, kl = self.cvae.posterior_sample(latent_source, latent_noise, prior)
             if latent_mask is not None:
                 kl = kl * latent_mask.to(kl.dtype)

@@ -86,10 +86,13 @@ def read_json(path: str, what: str | None = None, expect: type | None = None):
 
 
 def dataclass_from_dict(cls, d: dict, source: str):
-    """cls(**d), refusing unknown fields with one line naming `source`."""
+    """cls(**d), refusing unknown fields and values cls rejects with one line naming `source`."""
     from dataclasses import fields
 
     unknown = set(d) - {f.name for f in fields(cls)}
     if unknown:
         raise ValueError(f"{source}: unknown fields {sorted(unknown)}")
-    return cls(**d)
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None

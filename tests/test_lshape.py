@@ -92,6 +92,9 @@ def test_a_data_set_of_the_other_order_is_refused_in_one_line():
     assert TokenLayout.from_dict(LAYOUT.to_dict()) == LAYOUT
     old = {k: v for k, v in RASTER.to_dict().items() if k != "image_order"}
     assert TokenLayout.from_dict(old).image_order == "raster"
+    bad = {**LAYOUT.to_dict(), "image_order": "spiral"}
+    with pytest.raises(LayoutMismatchError, match="^ckpt/token_layout.json: .*image_order"):
+        TokenLayout.from_dict(bad, source="ckpt/token_layout.json")
 
 
 @pytest.fixture(scope="module")

@@ -425,7 +425,10 @@ class TokenLayout:
         known = {f.name for f in fields(cls) if f.compare}
         # files written before these fields existed
         d = {"image_positions": "after_text", "image_order": "raster", **d}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise LayoutMismatchError(f"{source}: {e}") from None
 
     def save(self, path: str) -> None:
         write_json_atomic(path, self.to_dict())

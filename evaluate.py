@@ -145,6 +145,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     config = generation_config(args, samples=k)  # text2image draws `samples` per query
     ctx = build_context(load_config(args))
     conditioned = bool(ctx.config.condition_slots)  # language-free: no caption direction
+    denoiser = bool(ctx.config.latent_channels)     # diffusion: no likelihoods either
     ranked_by = rerank_kind(ctx, config.rerank_by)
     tokenizer = ctx.image_tokenizer
     size = tokenizer.image_size
@@ -178,7 +179,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
 
     recon = reconstruct(tokenizer, (truth * 255).round().byte(), size).float() / 255
     batch = args.micro_batch_size
-    binding = None if conditioned else swap_test(  # its likelihoods are of captions
+    binding = None if conditioned or denoiser else swap_test(  # likelihoods of captions
         examples, tokenizer.encode_images(tokenizer.normalize(truth)),
         lambda text: ctx.text_tokenizer.encode(text, ctx.layout.max_text_tokens),
         lambda codes, texts: image_log_likelihood(ctx.model, ctx.layout, codes, texts, batch),
@@ -193,13 +194,14 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     report = {
         "source": {"checkpoint": os.path.abspath(args.load), "prompts": source,
                    "prompt_count": len(prompts), "samples_per_prompt": k, "image_size": size,
-                   "sampling": f"temperature {args.temperature}, top-k {args.top_k}, top-p "
-                               f"{args.top_p}, cfg-scale {args.cfg_scale}, seed {args.seed}",
+                   "sampling": (f"{args.sampler}, {args.diffusion_steps} steps" if denoiser else
+                                f"temperature {args.temperature}, top-k {args.top_k}, top-p "
+                                f"{args.top_p}") + f", cfg-scale {args.cfg_scale}, seed {args.seed}",
                    "reranked": f"best {args.rerank_top} of {k} by {ranked_by} score"
                                if args.rerank_top else None,
                    "condition": "CLIP text embedding of the caption (language-free model)"
                                 if conditioned else "caption tokens",
-                   "decoding": ctx.layout.image_order,
+                   "decoding": "diffusion" if denoiser else ctx.layout.image_order,
                    "reader": reader_file},
         "speed": {"images": len(prompts) * k, "threads": torch.get_num_threads(),
                   "device": str(ctx.device), "drawing_s": seconds["drawing"],
@@ -219,9 +221,11 @@ def evaluate_checkpoint(args, reader=None) -> dict:
         "reader_check_reconstructed": without_per_image(alignment(reader.read(recon), truth_wanted)),
         "diversity": diversity(samples),
         "tokenizer": tokenizer_figures(tokenizer, truth),
-        "heldout_loss": heldout_losses(ctx.model, ctx.layout, dataset, held, args.micro_batch_size,
-                                       ctx.device, task="clip2image" if conditioned else
-                                       "text2image") if dataset is not None and len(held) else None,
+        "heldout_loss": heldout_losses(
+            ctx.model, ctx.layout, dataset, held, args.micro_batch_size, ctx.device,
+            task="diffusion" if denoiser else "clip2image" if conditioned else "text2image",
+            latent_table=latent_table(ctx) if denoiser else None)
+        if dataset is not None and len(held) else None,
     }
     ok = generated["per_image"]
     report["rows"] = [{"caption": p["caption"], "attributes": p["attributes"],
@@ -230,6 +234,12 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     grid = [{**row, "target": truth[q], "samples": list(samples[q])}
             for q, row in enumerate(report["rows"][:GRID_ROWS])]
     return write_report(args.output_path, report, grid)
+
+
+def latent_table(ctx):
+    """A denoiser's scaled codebook latents [K, d], as training read them (data/latents.py)."""
+    from megatron_t2i.data.latents import codebook
+    return codebook(ctx.image_tokenizer) * ctx.config.latent_scale
 
 
 def evaluate_images(args, reader=None) -> dict:

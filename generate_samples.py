@@ -85,7 +85,12 @@ def main(argv=None) -> int:
         config = generation_config(args)
         from megatron_t2i.generation.loading import build_context
         with torch.no_grad():
-            run(build_context(load_config(args)), config)
+            ctx = build_context(load_config(args))
+            if ctx.config.latent_channels and registry.get(args.task).name != "text2image":
+                raise ValueError(f"--task {args.task} needs an autoregressive model; this "
+                                 f"checkpoint is a denoiser (--tasks diffusion), which draws "
+                                 f"images from captions: --task text2image")
+            run(ctx, config)
     except (ValueError, OSError) as e:
         where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{PROG}: error: {where}{e}", file=sys.stderr, flush=True)

@@ -17,7 +17,11 @@ uncached step recomputes the whole, longer sequence): method "first K steps, ext
 --lshape: Lformer's block-parallel decoding (strategies/lshape.py, grid-side steps) against raster
 KV-cached decoding on the same model, batch and grid, for each grid side of --grids (the demo
 data's 9 and 32), both timed over the whole image in the same run; `lshape_speedup` is raster
-seconds / L-shape seconds.
+seconds / L-shape seconds. --diffusion adds a denoiser of the same trunk (strategies/diffusion.py:
+--diffusion-steps of DPM-Solver++, 32-channel latents) to the same comparison, timed in the same
+run: `diffusion_speedup` is raster seconds / diffusion seconds. Guidance is off in every case.
+
+    python bench/generation_throughput.py --lshape --diffusion    # the three families, ~4 min
 """
 from __future__ import annotations
 
@@ -97,8 +101,27 @@ def timed_lshape(model, layout, batch, device) -> float:
     return time.perf_counter() - start
 
 
+def timed_diffusion(model, layout, batch, steps: int, device) -> float:
+    """Seconds of one denoising (a full-length caption, `steps` DPM-Solver++ steps, no guidance)
+    of `batch` rows, snapping to codes excluded (it needs a tokenizer; a nearest-neighbour search
+    over the codebook, small beside the steps)."""
+    from megatron_t2i.generation.strategies.diffusion import denoise, make_sampler, sequence_inputs
+    seq = layout.text_to_latents(torch.arange(layout.max_text_tokens) % layout.num_text_tokens)
+    tokens, positions, mask = sequence_inputs(layout, seq)
+    cond = (tokens.to(device).expand(batch, -1), positions.to(device).expand(batch, -1),
+            mask.to(device))
+    noise = torch.randn(batch, layout.image_tokens, model.config.latent_channels, device=device)
+    synchronize(device)
+    start = time.perf_counter()
+    denoise(model, cond, None, make_sampler("dpm-solver++", steps), noise.to(
+        model.word_embeddings.weight.dtype))
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def compare_lshape(size, grid, batch, args, device, dtype) -> dict:
-    """L-shape and raster (KV-cached, every step run) on one model of `size` at a grid side."""
+    """L-shape and raster (KV-cached, every step run) on one model of `size` at a grid side;
+    with args.diffusion, a denoiser of the same trunk too."""
     layout = dataclasses.replace(LAYOUTS[size], image_grid=grid, image_order="lshape")
     config = model_config(size, layout, hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)
@@ -107,10 +130,22 @@ def compare_lshape(size, grid, batch, args, device, dtype) -> dict:
     lshape = timed_lshape(model, layout, batch, device)
     timed_generate(model, layout, batch, 2, True, device)
     raster = timed_generate(model, layout, batch, layout.image_tokens, True, device)[0]
-    return {"model_size": size, "grid": grid, "batch": batch, "raster_steps": layout.image_tokens,
-            "lshape_steps": grid, "raster_images_per_s": round(batch / raster, 3),
-            "lshape_images_per_s": round(batch / lshape, 3),
-            "lshape_speedup": round(raster / lshape, 2)}
+    out = {"model_size": size, "grid": grid, "batch": batch, "raster_steps": layout.image_tokens,
+           "lshape_steps": grid, "raster_images_per_s": round(batch / raster, 3),
+           "lshape_images_per_s": round(batch / lshape, 3),
+           "lshape_speedup": round(raster / lshape, 2)}
+    if args.diffusion:
+        plain = dataclasses.replace(layout, image_order="raster")
+        denoiser = GPT(model_config(size, plain, hidden_dropout=0.0, attention_dropout=0.0,
+                                    head="denoise", latent_channels=32,
+                                    latent_token=plain["[ENC]"], noise_token=plain["[BOI1]"]),
+                       device=device, params_dtype=dtype).eval()
+        timed_diffusion(denoiser, plain, batch, 2, device)  # warm-up
+        seconds = timed_diffusion(denoiser, plain, batch, args.diffusion_steps, device)
+        out.update(diffusion_steps=args.diffusion_steps,
+                   diffusion_images_per_s=round(batch / seconds, 3),
+                   diffusion_speedup=round(raster / seconds, 2))
+    return out
 
 
 def step_cost(config, prompt_len: int, step: int, use_cache: bool) -> float:
@@ -156,7 +191,12 @@ def main():
     p.add_argument("--lshape", action="store_true",
                    help="L-shape against raster decoding at each of --grids (sizes default: demo)")
     p.add_argument("--grids", nargs="+", type=int, default=[9, 32])
+    p.add_argument("--diffusion", action="store_true",
+                   help="with --lshape: a denoiser of the same trunk in the same comparison")
+    p.add_argument("--diffusion-steps", type=int, default=15)
     args = p.parse_args()
+    if args.diffusion and not args.lshape:
+        p.error("--diffusion joins the --lshape comparison: pass both")
     if args.quick:
         args.steps, args.max_seconds = 3, 5.0
     device = resolve_device()
@@ -167,7 +207,8 @@ def main():
             cases = [compare_lshape(size, grid, batch, args, device, dtype)
                      for size in args.sizes or ["demo"] for grid in args.grids
                      for batch in args.batches]
-        print(json.dumps({"benchmark": "generation_throughput --lshape", "device": str(device),
+        name = "generation_throughput --lshape" + (" --diffusion" if args.diffusion else "")
+        print(json.dumps({"benchmark": name, "device": str(device),
                           "dtype": args.dtype, "threads": torch.get_num_threads(),
                           "matmul_gflops_per_s": round(args.reference.rate / 1e9, 1),
                           "results": cases}, indent=2))

@@ -17,7 +17,7 @@ from dataclasses import fields
 from megatron_t2i import tasks as registry
 from megatron_t2i.config import MODEL_SIZES
 from megatron_t2i.data.synthetic import CAPTION_ORDERS
-from megatron_t2i.generation.config import GenerationConfig, LoadConfig
+from megatron_t2i.generation.config import METHODS, GenerationConfig, LoadConfig
 from megatron_t2i.generation.sampling import SamplingConfig
 from megatron_t2i.tokenizers.layout import IMAGE_ORDERS, IMAGE_POSITIONS
 from megatron_t2i.training.config import TrainConfig
@@ -55,6 +55,17 @@ def _fraction(text):
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
     return value
+
+
+def _beta_pair(text):
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A,B (two positive numbers), got {text!r}") \
+            from None
+    if not (a > 0 and b > 0):
+        raise argparse.ArgumentTypeError(f"expected two positive numbers A,B, got {text!r}")
+    return a, b
 
 
 def _task_weights(text):
@@ -217,6 +228,13 @@ def add_training_args(parser):
                    help="beta of CE + beta * KL, per token (default: %(default)s)")
     g.add_argument("--cvae-kl-warmup", type=int, default=500, metavar="ITERS",
                    help="iterations over which beta rises from 0 (default: %(default)s)")
+    g.add_argument("--noise-beta", type=_beta_pair, default=(0.75, 0.75), metavar="A,B",
+                   help="a denoiser's (--tasks diffusion) noise levels sigma ~ Beta(A, B), "
+                        "x_t = (1 - sigma) x0 + sigma noise (default: TLD's 0.75,0.75)")
+    g.add_argument("--ema-decay", type=_fraction, default=0.0,
+                   help="keep an exponential moving average of the weights with this decay "
+                        "(e.g. 0.999; 0: none); saved with every checkpoint, and what generation "
+                        "samples with (default: %(default)s)")
     g.add_argument("--holdout-fraction", type=_fraction, default=0.02,
                    help="records held out for evaluation, never trained on (default: %(default)s)")
     g.add_argument("--eval-iters", type=int, default=10, help="micro-batches per evaluation")
@@ -263,6 +281,18 @@ def add_generation_args(parser):
                    help="text->image decoding: raster (one code per step, KV-cached) or lshape "
                         "(Lformer: an h x h grid in h block-parallel steps); it must be the order "
                         "the checkpoint was trained in, which auto takes (default: %(default)s)")
+    g.add_argument("--method", choices=METHODS, default="auto",
+                   help="what the checkpoint must be: autoregressive (codes drawn by --decoding) "
+                        "or diffusion (a denoiser, --tasks diffusion); auto takes what it is "
+                        "(default: %(default)s)")
+    g.add_argument("--diffusion-steps", type=_positive_int, default=15,
+                   help="a denoiser's sampler steps (default: TLD's %(default)s)")
+    g.add_argument("--sampler", choices=("dpm-solver++", "ddim"), default="dpm-solver++",
+                   help="a denoiser's sampler, diffusers' DPMSolverMultistepScheduler (flow "
+                        "sigmas) or DDIMScheduler (default: %(default)s)")
+    g.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="sample with the trained weights, not their moving average (saved by "
+                        "--ema-decay)")
     g.add_argument("--keep-rows", type=_positive_int,
                    help="completion: rows of the input image's codes kept (default: half); of "
                         "an L-shape model, its first K blocks (the top-left K x K square)")
@@ -400,7 +430,7 @@ def train_config(args) -> TrainConfig:
 def load_config(args) -> LoadConfig:
     return LoadConfig(args.load, args.device, "fp16" if args.fp16 else "bf16" if args.bf16 else None,
                       args.offload, args.trust_checkpoint, args.text_tokenizer, args.image_tokenizer,
-                      args.clip)
+                      args.clip, args.ema)
 
 
 def generation_config(args, **changes) -> GenerationConfig:
@@ -410,7 +440,8 @@ def generation_config(args, **changes) -> GenerationConfig:
         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
         cfg_scale=args.cfg_scale, seed=args.seed, use_cache=not args.no_kv_cache,
         rerank_top=args.rerank_top, rerank_by=args.rerank, beam_size=args.beam_size,
-        keep_rows=args.keep_rows, decoding_order=args.decoding,
+        keep_rows=args.keep_rows, decoding_order=args.decoding, method=args.method,
+        diffusion_steps=args.diffusion_steps, sampler=args.sampler,
         top=args.top, clip_model=args.clip_model, clip_checkpoint=args.clip_checkpoint,
         input_source=args.input_source, with_id=args.with_id, output_path=args.output_path,
         debug=args.debug)

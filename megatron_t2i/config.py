@@ -44,6 +44,13 @@ class ModelConfig:
     text_token_start: int = 0
     text_token_end: int = 0
     context_token: int = -1
+    # a denoiser (model/diffusion.py; head "denoise"): the latent patch's channels (0: none), the
+    # factor that gives the latents unit variance, the id of the placeholders the noisy patches
+    # fill and of the slot that carries the noise level
+    latent_channels: int = 0
+    latent_scale: float = 1.0
+    latent_token: int = -1
+    noise_token: int = -1
 
     def __post_init__(self):
         for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -71,6 +78,14 @@ class ModelConfig:
                              f"{self.text_token_start}..{self.text_token_end}, "
                              f"{self.context_token})")
 
+        if (self.head == "denoise") != bool(self.latent_channels) or (self.latent_channels and not (
+                0 <= self.latent_token < self.vocab_size and 0 <= self.noise_token < self.vocab_size
+                and self.latent_scale > 0)):
+            raise ValueError(f"model config: a denoiser (head 'denoise') needs latent_channels, a "
+                             f"positive latent_scale, latent_token and noise_token (got head "
+                             f"{self.head!r}, {self.latent_channels}, {self.latent_scale}, "
+                             f"{self.latent_token}, {self.noise_token})")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -82,8 +97,10 @@ class ModelConfig:
         d = self.latent_dim
         cvae = (h * d + d + self.latent_source_dim * 2 * d + 2 * d + d * h + h + h * h + h) if d \
             else 0
+        c = self.latent_channels
+        denoiser = (c * h + h + 128 * h + h + h * h + h + h * c + c) if c else 0
         return ((self.vocab_size + self.max_position_embeddings) * h + layers * per_layer + 2 * h
-                + conditioning + cvae)
+                + conditioning + cvae + denoiser)
 
     def check_tensor_parallel(self, tp: int) -> None:
         if self.num_attention_heads % tp:

@@ -11,6 +11,8 @@ the model config, the training set-up and generate_samples.py.
     needs_low_codes    its records must carry half-resolution codes (preprocess --sr-low-res)
     caption_dropout    training may drop its caption (--text-dropout, for classifier-free guidance)
     condition          the record array (a CLIP embedding) its condition slots read, if any
+    latents            its image is continuous latent patches (the codebook vectors of the
+                       record's codes, noised), not code ids: a denoiser's (model/diffusion.py)
     temperature        the sampling temperature its generator defaults to
 
 Adding a task is one entry here (plus its template, strategy or objective where new). `aliases`
@@ -36,6 +38,7 @@ class Task:
     needs_low_codes: bool = False
     caption_dropout: bool = False
     condition: str | None = None    # the record array its condition slots read (clip_image)
+    latents: bool = False           # image as noisy latent patches (a denoiser's)
     temperature: float = 1.0        # the sampling temperature its generator defaults to
     aliases: tuple[str, ...] = ()
     summary: str = ""
@@ -60,6 +63,10 @@ REGISTRY: dict[str, Task] = {t.name: t for t in (
          caption_dropout=True, condition="clip_image",
          summary="language-free (CLIP-GEN): trained on CLIP image embeddings of pictures alone, "
                  "prompted with the CLIP text embedding of a caption"),
+    Task("diffusion", "text_to_image", f"{_GEN}.text2image:main_text2image",
+         attention="bidirectional", objective="x0-mse", caption_dropout=True, latents=True,
+         summary="captions -> images by denoising continuous latents (TLD): x0 prediction, "
+                 "sampled with DPM-Solver++ or DDIM"),
     Task("completion", "text_to_image", f"{_GEN}.text2image:main_completion", trainable=False,
          summary="a caption and the top rows of an image -> the rest (a text2image model)"),
     Task("post-selection", "image_to_text", f"{_GEN}.post_selection:main_post_selection",

@@ -12,6 +12,9 @@
 # (IMAGE_ORDER=lshape), so every image is drawn in grid-side steps instead of one per code.
 # CVAE=D with it: Lformer's CVAE global latent of D dimensions, whose posterior reads each
 # picture's CLIP embedding (so a CLIP is trained first, as for clip-gen).
+# METHOD=diffusion: transformer latent diffusion (TLD) on the same trunk and data: a denoiser of
+# the VQ-VAE's continuous latents (x0 prediction, EMA of the weights), sampled in 15 DPM-Solver++
+# steps with guidance and reranked by the CLIP trained first, as for clip-gen.
 # It prints the figures and where everything is. A stage whose output exists is skipped, so an
 # interrupted quickstart resumes where it stopped (training from its newest checkpoint).
 set -euo pipefail
@@ -24,16 +27,17 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
 
 Environment variables (defaults in brackets); the data and training defaults are those of
 ./scripts/preprocess.sh and ./scripts/pretrain_single_node.sh (see their --help):
-  METHOD           caption (paired captions), clip-gen (language-free) or lformer (L-shape
-                   block-parallel decoding) [caption]
+  METHOD           caption (paired captions), clip-gen (language-free), lformer (L-shape
+                   block-parallel decoding) or diffusion (latent diffusion, TLD) [caption]
   DATA_DIR         data, tokenizers, LMDB [./data]
   SAVE             checkpoints and TensorBoard logs [./checkpoints/demo, ./checkpoints/clip-gen,
-                   ./checkpoints/lformer]
+                   ./checkpoints/lformer, ./checkpoints/diffusion]
   OUTPUT_PATH      evaluation report and samples [./samples/quickstart, ./samples/clip-gen,
-                   ./samples/lformer]
+                   ./samples/lformer, ./samples/diffusion]
   NUM_PROMPTS      held-out captions evaluated [64]
   SAMPLES          samples per caption, RERANK_TOP of them kept by their score [16, 1]
-  CFG_SCALE        classifier-free guidance of the samples (0: none) [0; lformer 1.5]
+  CFG_SCALE        classifier-free guidance of the samples (0: none) [0; lformer 1.5;
+                   diffusion DIFFUSION_CFG]
   CLIP_NOISE       clip-gen: LAFITE's noise xi on the CLIP image embedding in training [0.2]
   CVAE             lformer: the CVAE latent's dimension, 0 for none [0]; its checkpoints and
                    samples go to ./checkpoints/lformer-cvae and ./samples/lformer-cvae
@@ -69,14 +73,25 @@ case "$METHOD" in
     fi
     export SAVE=${SAVE:-$ROOT/checkpoints/$name}
     OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/$name} ;;
-  *) echo "quickstart.sh: METHOD must be caption, clip-gen or lformer, got $METHOD" >&2; exit 2 ;;
+  diffusion)
+    export SAVE=${SAVE:-$ROOT/checkpoints/diffusion}
+    OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/diffusion}
+    LMDB=$DATA_DIR/tokens-clip.lmdb  # the CLIP beside the codes: stored with the checkpoint
+    CLIP=$DATA_DIR/clip.pt
+    export TASKS=diffusion:1 LR=${LR:-DIFFUSION_LR} TRAIN_ITERS=${TRAIN_ITERS:-DIFFUSION_ITERS}
+    export MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-DIFFUSION_BATCH}
+    TRAIN_FLAGS=(--ema-decay 0.999)
+    STAGES=6 ;;
+  *) echo "quickstart.sh: METHOD must be caption, clip-gen, lformer or diffusion, got $METHOD" >&2
+     exit 2 ;;
 esac
 NUM_PROMPTS=${NUM_PROMPTS:-64}
 SAMPLES=${SAMPLES:-16}
 RERANK_TOP=${RERANK_TOP:-1}
 # guidance: none for the raster models; 1.5 for L-shape, whose blocks are drawn in parallel (at
 # the same checkpoint it lifts shape 0.68 -> 0.72, best 1 of 16)
-CFG_SCALE=${CFG_SCALE:-$([[ "$METHOD" == lformer ]] && echo 1.5 || echo 0)}
+case "$METHOD" in lformer) cfg=1.5 ;; diffusion) cfg=DIFFUSION_CFG ;; *) cfg=0 ;; esac
+CFG_SCALE=${CFG_SCALE:-$cfg}
 EVAL=$OUTPUT_PATH/eval
 
 start=$(date +%s)
@@ -99,7 +114,7 @@ if [[ -n "$CLIP" ]]; then  # clip-gen and the CVAE read a CLIP
     CLIP=$CLIP "$ROOT/scripts/train_clip.sh"
   fi
 fi
-if [[ "$METHOD" == clip-gen ]]; then
+if [[ "$METHOD" == clip-gen || "$METHOD" == diffusion ]]; then
   if [[ -f "$LMDB/layout.json" ]]; then
     stage "data with CLIP embeddings: $LMDB exists, skipped"
   else
@@ -135,6 +150,11 @@ elif [[ "$METHOD" == clip-gen ]]; then
   t0=$(date +%s)
   DATA_PATH=$LMDB TASKS=clip2image:1 "$ROOT/scripts/pretrain_single_node.sh" \
     --clip-noise "${CLIP_NOISE:-0.2}"
+  train_s=$(( $(date +%s) - t0 ))
+elif [[ "$METHOD" == diffusion ]]; then
+  stage "pretrain: demo-size denoiser of the VQ-VAE latents, EMA of its weights -> $SAVE"
+  t0=$(date +%s)
+  DATA_PATH=$LMDB "$ROOT/scripts/pretrain_single_node.sh" "${TRAIN_FLAGS[@]}"
   train_s=$(( $(date +%s) - t0 ))
 else
   stage "pretrain: demo model, text->image and image->text -> $SAVE (resumes from its newest checkpoint)"
@@ -182,9 +202,11 @@ print(f"figures on {a['images']} samples of {r['source']['prompt_count']} held-o
       f"({r['source'].get('reranked') or 'all samples'}):")
 language_free = r["source"].get("condition", "").startswith("CLIP")
 lshape = r["source"].get("decoding") == "lshape"
+diffusion = r["source"].get("decoding") == "diffusion"
 row(f"colour alignment, best by {by}", best["colour"],
-    0.8 if language_free else 0.85 if lshape else 0.9)
-row(f"shape alignment, best by {by}", best["kind"], 0.7 if language_free or lshape else 0.8)
+    0.8 if language_free else 0.85 if lshape or diffusion else 0.9)
+row(f"shape alignment, best by {by}", best["kind"],
+    0.7 if language_free or lshape or diffusion else 0.8)
 row("VQ-VAE PSNR on held-out images", tok["psnr"], 28, " dB")
 print(f"  all samples: colour {a['colour']:.3f}, shape {a['kind']:.3f}, position {a['position']:.3f}, "
       f"exact {a['exact']:.3f}; chance (other captions): colour "

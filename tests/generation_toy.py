@@ -40,11 +40,13 @@ def tiny_config(layout: TokenLayout, tp: int = 1):
 
 
 def make_checkpoint(save_dir: str, tokenizers: tuple[str, str, TokenLayout], tp: int = 1,
-                    seed: int = 0, dtype=torch.float32, state: dict | None = None) -> str:
-    """A weights-only checkpoint of a random tiny GPT (or of `state`) with its tokenizers stored
-    beside it, as pretrain.py leaves them. Returns save_dir."""
+                    seed: int = 0, dtype=torch.float32, state: dict | None = None,
+                    config=None) -> str:
+    """A weights-only checkpoint of a random tiny GPT (or of `state`; of `config`, default
+    tiny_config) with its tokenizers stored beside it, as pretrain.py leaves them. Returns
+    save_dir."""
     text_path, image_path, layout = tokenizers
-    config = tiny_config(layout)
+    config = config or tiny_config(layout)
     if state is None:
         torch.manual_seed(seed)
         state = GPT(config).state_dict()

@@ -12,8 +12,10 @@ TOY_LAYOUT = TokenLayout(num_image_codes=32, num_text_tokens=40, image_grid=8, m
 
 
 def write_toy_dataset(path: str, count: int = 64, seed: int = 0,
-                      layout: TokenLayout = TOY_LAYOUT, clip_dim: int = 0) -> str:
-    """clip_dim: also a unit 'clip_image' array per record (for --tasks clip2image)."""
+                      layout: TokenLayout = TOY_LAYOUT, clip_dim: int = 0,
+                      image_tokenizer: str | None = None) -> str:
+    """clip_dim: also a unit 'clip_image' array per record (for --tasks clip2image);
+    image_tokenizer: a vqvae.pt recorded as the data set's (a denoiser reads its codebook)."""
     rng = np.random.default_rng(seed)
     records = []
     for i in range(count):
@@ -23,5 +25,10 @@ def write_toy_dataset(path: str, count: int = 64, seed: int = 0,
         if clip_dim:
             f = rng.standard_normal(clip_dim)
             records[-1] += (None, {"clip_image": f / np.linalg.norm(f)})
-    write_token_dataset(path, records, layout)
+    tokenizer = {}
+    if image_tokenizer:
+        from megatron_t2i.tokenizers.vqvae import file_sha256
+        tokenizer = {"image_tokenizer_sha256": file_sha256(image_tokenizer),
+                     "report": {"image_tokenizer_path": image_tokenizer}}
+    write_token_dataset(path, records, layout, **tokenizer)
     return path

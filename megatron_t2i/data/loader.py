@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from megatron_t2i import tasks as registry
-from megatron_t2i.tokenizers.layout import TokenLayout, block_ids
+from megatron_t2i.model.diffusion import noised
+from megatron_t2i.tokenizers.layout import TokenLayout, block_ids, real_length
 
 
 def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,12 +82,16 @@ class SequenceBuilder:
 
     def __init__(self, layout: TokenLayout, tasks: dict[str, float] | None = None,
                  text_dropout: float = 0.0, condition_slots: int = 0,
-                 condition_noise: float = 0.0, latent_dim: int = 0):
+                 condition_noise: float = 0.0, latent_dim: int = 0, latent_table=None,
+                 noise_beta: tuple[float, float] = (0.75, 0.75)):
         """condition_slots: the [MASK] slots of a conditioned task's template (the model's);
         condition_noise: LAFITE's xi, see perturb; latent_dim: of a CVAE model, the size of the
         noise each text->image sample draws for its latent (its posterior reads the record's
-        clip_image array)."""
+        clip_image array). latent_table [K, d]: of a denoiser, the (scaled) latent patch of each
+        image code; noise_beta: the Beta(a, b) its noise levels are drawn from (TLD's 0.75,
+        0.75: most mass near 0 and 1)."""
         self.layout, self.latent_dim = layout, latent_dim
+        self.latent_table, self.noise_beta = latent_table, noise_beta
         self.condition_slots, self.condition_noise = condition_slots, condition_noise
         weights = tasks or {"text2image": 1.0}
         self.tasks = [registry.get(name) for name in weights]
@@ -113,6 +118,8 @@ class SequenceBuilder:
                              f"this data set has none: preprocess it with --sr-low-res")
         if task.condition:
             seq = self._conditioned(task, image_codes, arrays, rng, dropped)
+        elif task.latents:
+            seq = self._noised(text_ids, image_codes, rng)
         else:
             seq = self.layout.template(task.template, text_ids, image_codes, low_codes)
         if self.latent_dim and task.template == "text_to_image":
@@ -128,7 +135,7 @@ class SequenceBuilder:
                                                                            self.layout["[PAD]"])])
         if task.attention != "causal" and seq.block_ids is None:
             seq.block_ids = block_ids(task.attention, self.length, prefix=seq.image_start,
-                                      real=self._real_length(seq))
+                                      real=real_length(seq.tokens, self.layout["[PAD]"]))
         elif seq.block_ids is not None and pad:
             after = int(seq.block_ids.max()) + 1
             seq.block_ids = torch.cat([seq.block_ids, torch.arange(after, after + pad)])
@@ -151,11 +158,21 @@ class SequenceBuilder:
         seq.condition_present = not dropped
         return seq
 
-    def _real_length(self, seq) -> int:
-        """Tokens before the trailing [PAD]s (the first pad after a caption is its end target,
-        an input to nothing, so it counts as padding too)."""
-        real = (seq.tokens != self.layout["[PAD]"]).nonzero()
-        return int(real.max()) + 1 if real.numel() else 0
+    def _noised(self, text_ids, image_codes, rng):
+        """The denoiser's sequence of one record: x0 the codebook latents of its codes, noised
+        to x_t = (1 - sigma) x0 + sigma e at a sigma ~ Beta(noise_beta) of its own."""
+        if self.latent_table is None:
+            raise ValueError("a denoising task needs the latent table of the image tokenizer")
+        seq = self.layout.text_to_latents(text_ids)
+        x0 = self.latent_table[self.layout.image_codes(image_codes, self.layout.image_tokens)
+                               .numpy()]                                              # [N, d]
+        sigma = float(rng.beta(*self.noise_beta))
+        noise = torch.from_numpy(rng.standard_normal(x0.shape))
+        seq.x0 = torch.from_numpy(x0).float()
+        seq.noisy_latents = noised(torch.from_numpy(x0).double(), noise, sigma).float()
+        seq.noise_level = sigma
+        return seq
+
 
 
 def perturb(f: np.ndarray, xi: float, rng: np.random.Generator) -> np.ndarray:
@@ -201,6 +218,10 @@ def collate(sequences) -> dict[str, torch.Tensor]:
         batch["latent_noise"] = torch.stack([s.latent_noise if s.latent_noise is not None
                                              else noise for s in sequences])
         batch["latent_mask"] = torch.tensor([s.latent_noise is not None for s in sequences])
+    if sequences[0].x0 is not None:  # a denoiser's batch (its objective trains no other task)
+        batch["x0"] = torch.stack([s.x0 for s in sequences])
+        batch["noisy_latents"] = torch.stack([s.noisy_latents for s in sequences])
+        batch["noise_level"] = torch.tensor([s.noise_level for s in sequences])
     return batch
 
 

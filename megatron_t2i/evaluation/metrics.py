@@ -21,7 +21,7 @@ from megatron_t2i.evaluation.reader import gaussian_kernel
 from megatron_t2i.progress import progress_bar
 from megatron_t2i.tokenizers.vqvae import code_usage, psnr
 from megatron_t2i.training.loop import attention_mask, condition_inputs
-from megatron_t2i.training.objectives import TokenCrossEntropy
+from megatron_t2i.training.objectives import TokenCrossEntropy, build_objective
 
 SHAPE_ATTRIBUTES = ("colour", "kind", "size", "position")  # checked once per named shape
 IMAGE_ATTRIBUTES = ("count", "background")                  # checked once per image
@@ -165,26 +165,31 @@ def tokenizer_figures(tokenizer, images: torch.Tensor, batch_size: int = 64) -> 
 # ---- held-out token loss -------------------------------------------------------------------------
 @torch.no_grad()
 def heldout_losses(model, layout, dataset, indices, batch_size: int = 8, device="cpu",
-                   progress: bool = True, task: str = "text2image") -> dict:
+                   progress: bool = True, task: str = "text2image", latent_table=None) -> dict:
     """Mean loss of `model` on the `task` sequences (text2image; clip2image of a CLIP-conditioned
     model) of records `indices` of `dataset`, over image targets and over text targets (every
     non-image target: caption tokens and the special tokens around them), as training's
-    evaluation splits it (a CVAE's KL aside). Single process."""
+    evaluation splits it (a CVAE's KL aside); of a denoiser (task diffusion, latent_table its
+    scaled codebook latents), the x0 loss at the noise level each record draws from its index as
+    the seed. Single process."""
     builder = SequenceBuilder(layout, {task: 1.0}, text_dropout=0.0,  # no randomness left
                               condition_slots=model.config.condition_slots,
-                              latent_dim=model.config.latent_dim)
-    objective = TokenCrossEntropy(layout)
+                              latent_dim=model.config.latent_dim, latent_table=latent_table)
+    objective = build_objective([task], layout)
     sums = torch.zeros(objective.metric_size, dtype=torch.float64)
     for start in progress_bar(range(0, len(indices), batch_size), desc="held-out loss",
                               unit="batch", disable=not progress):
-        records = [dataset[int(i)] for i in indices[start:start + batch_size]]
+        chunk = [int(i) for i in indices[start:start + batch_size]]
+        records = [dataset[i] for i in chunk]
         batch = objective.prepare({k: v.to(device) for k, v in
-                                   collate([builder(r.text_ids, r.image_codes, 0, r.low_codes,
-                                                    r.arrays) for r in records]).items()})
+                                   collate([builder(r.text_ids, r.image_codes, i, r.low_codes,
+                                                    r.arrays) for i, r in zip(chunk, records)])
+                                   .items()})
         # as training evaluates: its attention mask (L-shape: block-causal), its conditions
         # (a CVAE: z from the posterior of the image's CLIP embedding)
         sums += objective.loss(model(batch["tokens"], batch["position_ids"],
                                      attention_mask(batch), **condition_inputs(batch)),
                                batch)[1].cpu()
-    return {**objective.summary(sums), "image_targets": int(sums[1]),
-            "text_targets": int(sums[3]), "records": len(indices)}
+    counts = {"image_targets": int(sums[1]), "text_targets": int(sums[3])} \
+        if isinstance(objective, TokenCrossEntropy) else {"patches": int(sums[1])}
+    return {**objective.summary(sums), **counts, "records": len(indices)}

@@ -188,7 +188,13 @@ def markdown(report: dict, grid_name: str | None, shown_rows: int = 0) -> str:
         out += _table(["PSNR (dB)", "SSIM", "code usage", "perplexity", "codebook", "images"],
                       [[t["psnr"], t["ssim"], t["code_usage"], t["perplexity"], t["codebook_size"],
                         t["images"]]]) + [""]
-    if report.get("heldout_loss"):
+    if report.get("heldout_loss") and "patches" in report["heldout_loss"]:
+        h = report["heldout_loss"]
+        out += ["## Held-out denoising loss (x0 MSE per latent channel)", ""]
+        out += _table(["loss", "sigma < 0.5", "sigma >= 0.5", "patches", "records"],
+                      [[h["loss"], h.get("x0_loss_low_noise", "-"),
+                        h.get("x0_loss_high_noise", "-"), h["patches"], h["records"]]]) + [""]
+    elif report.get("heldout_loss"):
         h = report["heldout_loss"]
         out += ["## Held-out token loss", ""]
         out += _table(["image loss", "text loss", "loss", "image targets", "text targets", "records"],

@@ -8,6 +8,9 @@ from megatron_t2i.generation.sampling import SamplingConfig
 from megatron_t2i.generation.state import Decoding
 
 
+METHODS = ("auto", "autoregressive", "diffusion")
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """Where the model and tokenizers come from and how they are placed."""
@@ -19,6 +22,7 @@ class LoadConfig:
     text_tokenizer: str | None = None      # default: the ones stored with the checkpoint
     image_tokenizer: str | None = None
     clip: str | None = None                # a CLIP trained here (default: the stored one)
+    ema: bool = True                       # the moving average of the weights, if saved
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,10 @@ class GenerationConfig:
     #                                        CLIP-conditioned model, else caption
     beam_size: int = 0                     # image2text: beam search (0: sample)
     decoding_order: str = "auto"           # raster | lshape: the checkpoint's order, or auto
+    method: str = "auto"                   # autoregressive | diffusion: what the checkpoint
+    #                                        must be, or auto (whatever it is)
+    diffusion_steps: int = 15              # a denoiser's sampler steps
+    sampler: str = "dpm-solver++"          # dpm-solver++ | ddim
     keep_rows: int | None = None           # completion: rows of codes kept (default: half); of
     #                                        an L-shape model, blocks (a top-left square)
     top: int = 0                           # post-selection: copy the best K images
@@ -50,6 +58,12 @@ class GenerationConfig:
             raise ValueError(f"--rerank {self.rerank_by}: expected caption, clip or auto")
         if self.decoding_order not in ("auto", "raster", "lshape"):
             raise ValueError(f"--decoding {self.decoding_order}: expected auto, raster or lshape")
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
+        if self.sampler not in ("dpm-solver++", "ddim"):
+            raise ValueError(f"--sampler {self.sampler}: expected dpm-solver++ or ddim")
+        if self.diffusion_steps < 1:
+            raise ValueError(f"--diffusion-steps {self.diffusion_steps}: must be at least 1")
         if self.rerank_top > self.samples:
             raise ValueError(f"--rerank-top {self.rerank_top} exceeds --batch-size {self.samples} "
                              f"(the samples it chooses from)")

@@ -26,6 +26,7 @@ from megatron_t2i.tokenizers.layout import TokenLayout
 from megatron_t2i.training.checkpoint import TOKENIZER_FILES, CheckpointError
 from megatron_t2i.training.convert import (check_finite, model_file, read_info,
                                            read_verified_info)
+from megatron_t2i.training.ema import module_weights
 
 
 def _shard_files(config: ModelConfig, meta: dict, rank: int) -> list[str]:
@@ -37,8 +38,9 @@ def _shard_files(config: ModelConfig, meta: dict, rank: int) -> list[str]:
 
 
 def _read_shard(folder: str, config: ModelConfig, meta: dict, rank: int,
-                trust: bool = False) -> dict:
-    """This TP rank's GPT state dict (CPU tensors, as stored)."""
+                trust: bool = False, ema: bool = True) -> dict:
+    """This TP rank's GPT state dict (CPU tensors, as stored); with `ema`, the moving average of
+    the weights where the checkpoint holds one (training/ema.py)."""
     if int(meta.get("pipeline_model_parallel_size", 1)) > 1:
         from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files
         try:
@@ -46,10 +48,7 @@ def _read_shard(folder: str, config: ModelConfig, meta: dict, rank: int,
         except FileNotFoundError as e:
             raise CheckpointError(str(e)) from None
     path = os.path.join(folder, model_file(rank))
-    weights = load_torch_file(path, trust, deepspeed_safe_globals())
-    if not isinstance(weights, dict) or not isinstance(weights.get("module"), dict):
-        raise CheckpointError(f"{path}: no 'module' entry with the model weights")
-    return weights["module"]
+    return module_weights(load_torch_file(path, trust, deepspeed_safe_globals()), path, ema)
 
 
 def offload_layers(model: GPT, device: torch.device) -> None:
@@ -77,14 +76,15 @@ def offload_layers(model: GPT, device: torch.device) -> None:
 
 
 def load_model(load_dir: str, device="cpu", dtype: torch.dtype | None = None,
-               offload: bool = False, trust: bool = False):
+               offload: bool = False, trust: bool = False, ema: bool = True):
     """-> (GPT in eval mode on `device`, ModelConfig, TokenLayout, {"text"|"image": path} of the
     tokenizers stored with the checkpoint).
 
     load_dir: a --save folder (its `latest` is read) or one iter_XXXXXXX folder. dtype: default
     the stored dtype, except that fp16/bf16 weights become fp32 on the CPU (half-precision CPU
     matmuls are slow or missing). offload: see offload_layers (ignored on the CPU). trust: unpickle
-    fully (--trust-checkpoint; see megatron_t2i/safe_load.py)."""
+    fully (--trust-checkpoint; see megatron_t2i/safe_load.py). ema: the checkpoint's moving
+    average of the weights when it has one (--ema-decay in training), else the weights."""
     device = torch.device(device)
     tp, rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
     _, config, _, meta = read_info(load_dir)  # which files to verify, then read them verified
@@ -99,7 +99,7 @@ def load_model(load_dir: str, device="cpu", dtype: torch.dtype | None = None,
     # inference: no dropout, no recomputation
     config = replace(config, hidden_dropout=0.0, attention_dropout=0.0, checkpoint_activations=False)
     model = GPT(config, device="meta")
-    state = _read_shard(folder, config, meta, rank, trust)
+    state = _read_shard(folder, config, meta, rank, trust, ema)
     check_state_dict(state, model.state_dict(), f"{folder} (tensor-parallel rank {rank})")
     check_finite(state, f"{folder} (tensor-parallel rank {rank})")
     stored = state["word_embeddings.weight"].dtype
@@ -187,10 +187,11 @@ def build_context(load: LoadConfig) -> GenerationContext:
                          "pretrain_single_node.sh writes checkpoints/demo)")
     device = resolve_device(load.device)
     model, config, layout, stored = load_model(load.load, device, DTYPES[load.dtype], load.offload,
-                                               load.trust_checkpoint)
+                                               load.trust_checkpoint, load.ema)
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
-    text, image = load_tokenizers(layout, load.text_tokenizer, load.image_tokenizer,
-                                  device, stored, need_image=is_writer)
+    # a denoiser's samples become codes on every rank (its codebook snaps them)
+    text, image = load_tokenizers(layout, load.text_tokenizer, load.image_tokenizer, device,
+                                  stored, need_image=is_writer or bool(config.latent_channels))
     clip = load_clip(load.clip or stored.get("clip"), text, device, required=bool(
         config.condition_slots), trust=load.trust_checkpoint)
     if clip and config.condition_slots and clip.config.embed_dim != config.condition_dim:

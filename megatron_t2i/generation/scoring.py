@@ -133,9 +133,13 @@ def clip_scores(ctx, text: str, codes: torch.Tensor) -> torch.Tensor:
 
 
 def rerank_kind(ctx, by: str = "auto") -> str:
-    """What reranking scores by: a CLIP-conditioned model has no caption direction, so auto
-    is clip there and the caption likelihood elsewhere."""
-    return ("clip" if ctx.config.condition_slots else "caption") if by == "auto" else by
+    """What reranking scores by: a CLIP-conditioned model and a denoiser have no caption
+    direction, so auto is clip there and the caption likelihood elsewhere."""
+    no_captions = ctx.config.condition_slots or ctx.config.latent_channels
+    if by == "caption" and ctx.config.latent_channels:
+        raise ValueError("--rerank caption: a denoiser has no caption direction to score with; "
+                         "use --rerank clip (a CLIP stored with the checkpoint or --clip FILE.pt)")
+    return ("clip" if no_captions else "caption") if by == "auto" else by
 
 
 def ranked(ctx, text: str, codes: torch.Tensor, by: str = "auto"):

@@ -63,9 +63,12 @@ def generators(ctx) -> list[str]:
     return ["clip2image"] if ctx.config.condition_slots else ["text2image"]
 
 
-def decoding_note(ctx) -> str:
-    """' (L-shape, 9 steps)' for a checkpoint that decodes in Lformer's blocks, else ''."""
+def decoding_note(ctx, steps: int = 15) -> str:
+    """' (L-shape, 9 steps)' for a checkpoint that decodes in Lformer's blocks, ' (diffusion, 15
+    steps)' for a denoiser, else ''."""
     layout = ctx.layout
+    if ctx.config.latent_channels:
+        return f" (diffusion, {steps} steps)"
     return f" (L-shape, {layout.image_grid} steps)" if layout.image_order == "lshape" else ""
 
 
@@ -87,9 +90,10 @@ def check(request: Request, ctx, limits: DemoLimits, name: str) -> None:
     if request.rerank == "clip" and ctx.clip is None:
         raise ValueError(f"{name} has no CLIP to rerank by: rerank by caption (or train a CLIP, "
                          f"scripts/train_clip.sh, and preprocess with it)")
-    if request.rerank == "caption" and ctx.config.condition_slots:
-        raise ValueError(f"{name} is language-free (CLIP-conditioned) and has no caption "
-                         f"direction to score with: rerank by clip")
+    if request.rerank == "caption" and (ctx.config.condition_slots or ctx.config.latent_channels):
+        kind = "a denoiser" if ctx.config.latent_channels else "language-free (CLIP-conditioned)"
+        raise ValueError(f"{name} is {kind} and has no caption direction to score with: rerank "
+                         f"by clip")
     request.config(1)  # the sampling settings' own checks
 
 

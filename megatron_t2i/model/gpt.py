@@ -19,6 +19,7 @@ from megatron_t2i import mpu
 from megatron_t2i.model.attention import KVCache, normal_init
 from megatron_t2i.model.conditioning import ConditionProjector, slot_inputs
 from megatron_t2i.model.cvae import CVAE
+from megatron_t2i.model.diffusion import LatentInputs
 from megatron_t2i.model.heads import build_head
 from megatron_t2i.model.trunk import Transformer, check_inputs, seed_component
 
@@ -50,13 +51,16 @@ class GPT(nn.Module):
             config.vocab_size, config.hidden_size, init_method=normal_init(config.init_std),
             params_dtype=params_dtype, device=device)
         self.transformer = Transformer(config, device, params_dtype, seed)
-        self.head = build_head(config)
+        self.head = build_head(config, device, params_dtype)  # the denoising head: zeros
         if config.condition_slots:
             seed_component(seed, config.num_layers + 3)
             self.conditioning = ConditionProjector(config, device, params_dtype)
         if config.latent_dim:
             seed_component(seed, config.num_layers + 4)
             self.cvae = CVAE(config, device, params_dtype)
+        if config.latent_channels:
+            seed_component(seed, config.num_layers + 5)
+            self.latent_inputs = LatentInputs(config, device, params_dtype)
 
     def embed(self, tokens, slots: Slots | None = None):
         """tokens [B, S] -> input embeddings [B, S, h], slot values where slots.mask."""
@@ -77,12 +81,18 @@ class GPT(nn.Module):
         return mean + noise.to(mean.dtype)
 
     def inputs(self, tokens, slots: Slots | None = None, condition=None, condition_mask=None,
-               latent=None, latent_source=None, latent_noise=None, latent_mask=None):
-        """tokens [B, S] -> the trunk's input embeddings [B, S, h] (with the condition's slots and
-        the CVAE's context, see forward), and the KL [B] of a CVAE trained on latent_source (else
-        None)."""
+               latent=None, latent_source=None, latent_noise=None, latent_mask=None,
+               noisy_latents=None, noise_level=None):
+        """tokens [B, S] -> the trunk's input embeddings [B, S, h] (with the condition's slots,
+        the CVAE's context or a denoiser's noisy patches, see forward), and the KL [B] of a CVAE
+        trained on latent_source (else None)."""
         if condition is not None:
             slots = self.condition_slots(tokens, condition, condition_mask)
+        if noisy_latents is not None:
+            if not self.config.latent_channels:
+                raise ValueError("GPT: noisy latents were given to a model without a denoiser")
+            return self.latent_inputs(tokens, self.embed(tokens, slots), noisy_latents,
+                                      noise_level), None
         if latent_source is None and latent is None:
             return self.embed(tokens, slots), None
         if not self.config.latent_dim:
@@ -108,9 +118,10 @@ class GPT(nn.Module):
     def forward(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
                 gather_logits: bool = False, slots: Slots | None = None, condition=None,
                 condition_mask=None, latent=None, latent_source=None, latent_noise=None,
-                latent_mask=None):
+                latent_mask=None, noisy_latents=None, noise_level=None):
         """-> the head's output: logits [B, S, V/tp] (all V with gather_logits) for the LM head;
-        (logits, KL [B]) when a CVAE model is given latent_source.
+        (logits, KL [B]) when a CVAE model is given latent_source; x0 predictions [B, S, d] of a
+        denoiser given noisy_latents [B, N, d] and noise_level [B] (model/diffusion.py).
 
         attention_mask: bool [B or 1, 1, S, T] (True = may attend), T = cached + S tokens;
         None means causal. kv_cache: decode incrementally, the S tokens following the cached ones.
@@ -123,7 +134,7 @@ class GPT(nn.Module):
         check_inputs(tokens, position_ids, self.config.max_position_embeddings,
                      cached=kv_cache is not None)
         embeds, kl = self.inputs(tokens, slots, condition, condition_mask, latent, latent_source,
-                                 latent_noise, latent_mask)
+                                 latent_noise, latent_mask, noisy_latents, noise_level)
         hidden = self.transformer(embeds, position_ids, attention_mask, kv_cache)
         out = self.head(hidden, self.word_embeddings.weight, gather_logits)
         return out if kl is None else (out, kl)

@@ -1,6 +1,5 @@
-"""Heads read the trunk's hidden states. Today the tied LM head (codes and text); a denoising
-head (latent patches) or a CVAE context joins here as one more class and one registry entry,
-named by ModelConfig.head.
+"""Heads read the trunk's hidden states: the tied LM head (codes and text) or the denoising head
+(x0 of latent patches, model/diffusion.py), named by ModelConfig.head.
 
 Loss functions that go with a head live beside it (language_model_loss); the training objectives
 (megatron_t2i/training/objectives.py) build on them.
@@ -51,10 +50,15 @@ class LMHead(nn.Module):
         return lm_logits(hidden, word_embeddings_weight, gather, self.num_tokens)
 
 
-HEADS = {"lm": LMHead}
+def _denoise_head(config, device=None, dtype=torch.float32):
+    from megatron_t2i.model.diffusion import DenoiseHead
+    return DenoiseHead(config, device, dtype)
 
 
-def build_head(config) -> nn.Module:
+HEADS = {"lm": lambda config, device=None, dtype=None: LMHead(config), "denoise": _denoise_head}
+
+
+def build_head(config, device=None, dtype=torch.float32) -> nn.Module:
     if config.head not in HEADS:
         raise ValueError(f"model config: unknown head {config.head!r}; known: {', '.join(HEADS)}")
-    return HEADS[config.head](config)
+    return HEADS[config.head](config, device, dtype)

@@ -99,6 +99,13 @@ def block_ids(kind: str, length: int, prefix: int = 0, real: int | None = None) 
     return torch.cat([ids, torch.arange(after, after + length - real)])
 
 
+def real_length(tokens: torch.Tensor, pad: int) -> int:
+    """Tokens [L] before the trailing pads (the first pad after a caption is its end target, an
+    input to nothing, so it counts as padding too)."""
+    real = (tokens != pad).nonzero()
+    return int(real.max()) + 1 if real.numel() else 0
+
+
 class LayoutMismatchError(ValueError):
     """Data, tokenizers and checkpoint disagree about token ids."""
 
@@ -123,6 +130,11 @@ class Sequence:
     # embedding) and the [d] standard-normal noise of its reparameterised z
     latent_source: torch.Tensor | None = None
     latent_noise: torch.Tensor | None = None
+    # of a denoiser (model/diffusion.py): the clean latent patches [N, d] of the image, their
+    # noised values at the [ENC] placeholders and the noise level sigma
+    x0: torch.Tensor | None = None
+    noisy_latents: torch.Tensor | None = None
+    noise_level: float = 0.0
 
 
 @dataclass
@@ -351,6 +363,17 @@ class TokenLayout:
     def from_lshape(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [..., grid^2] in L order -> raster order (what the decoder reads)."""
         return codes[..., lshape_rank(self.image_grid).to(codes.device)]
+
+    def text_to_latents(self, text_ids) -> Sequence:
+        """A denoiser's sequence: text->image's, padded, with its codes replaced by [ENC]
+        placeholders (each the input slot of one noisy latent patch, model/diffusion.py) and
+        [BOI1] the noise level's slot. Training and sampling read the same one."""
+        if self.image_order != "raster":
+            raise ValueError(f"a denoiser's latents are laid out in raster order; this token "
+                             f"layout's image_order is {self.image_order}")
+        seq = self.text_to_image(text_ids, torch.zeros(self.image_tokens, dtype=torch.long))
+        seq.tokens[seq.image_start:seq.image_start + self.image_tokens] = self["[ENC]"]
+        return seq
 
     def completion(self, text_ids, prefix_codes) -> Sequence:
         """Prompt for "text and part of an image": the t2i prompt followed by the first codes."""

@@ -20,6 +20,8 @@ class TrainConfig:
     cvae_latent_dim: int = 0                        # Lformer's CVAE latent (0: none)
     cvae_kl_weight: float = 1.0                     # beta of CE + beta KL, per token
     cvae_kl_warmup: int = 500                       # iterations of beta's linear ramp
+    noise_beta: tuple[float, float] = (0.75, 0.75)  # a denoiser's noise levels ~ Beta(a, b)
+    ema_decay: float = 0.0                          # EMA of the weights (0: none), e.g. 0.999
     holdout_fraction: float = 0.02
     seed: int = 1234
     # optimisation

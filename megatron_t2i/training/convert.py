@@ -42,6 +42,7 @@ from megatron_t2i.progress import progress_bar
 from megatron_t2i.safe_load import check_state_dict, deepspeed_safe_globals, load_torch_file
 from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
 from megatron_t2i.training import manifest
+from megatron_t2i.training.ema import module_weights
 from megatron_t2i.training.checkpoint import (LATEST, CheckpointError, publish_checkpoint,
                                               read_checkpoint_info, tag_for)
 
@@ -211,10 +212,11 @@ def _parallel_sizes(meta: dict, folder: str) -> tuple[int, int]:
                               f"pipeline_model_parallel_size") from None
 
 
-def load_full_state_dict(ckpt_dir: str, tag: str | None = None):
+def load_full_state_dict(ckpt_dir: str, tag: str | None = None, ema: bool = True):
     """Our checkpoint (save folder with `latest`, or one iter_XXXXXXX folder) -> (full fp32 state
     dict, ModelConfig, TokenLayout, meta). meta is meta.json plus `weights_dtype`, the dtype the
-    weights were stored in."""
+    weights were stored in. ema: the moving average of the weights where the checkpoint holds one
+    (what sampling uses; training/ema.py)."""
     folder, config, layout, meta = read_verified_info(ckpt_dir, tag)
     tp, pp = _parallel_sizes(meta, folder)
     _check_tensor_parallel(config, tp, f"{folder}/model_config.json")
@@ -231,7 +233,7 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None):
         else:
             path = os.path.join(folder, model_file(rank))
             weights = load_torch_file(path, allow=deepspeed_safe_globals())
-            shards.append(_entry(weights, "module", path))
+            shards.append(module_weights(weights, path, ema))
             sources.append(path)
         check_finite(shards[-1], sources[-1])
     full = merge_shards(shards, specs, sources)

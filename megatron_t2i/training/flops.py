@@ -19,10 +19,12 @@ FORMULA = "6*N_params_nonembedding + 6*V*h (head) + 12*layers*hidden*seq (attent
 
 def model_flops_per_token(config, seq_length: int, training: bool = True) -> float:
     """Forward+backward FLOPs per token (x3 of forward) of the transformer, head included,
-    embeddings (lookups) excluded. Forward only when `training` is False."""
+    embeddings (lookups) excluded: the LM head's vocabulary, or a denoiser's patch projections
+    in and out (its noise MLP runs once per sequence: left out). Forward only when `training`
+    is False."""
     h, layers = config.hidden_size, config.num_layers
     dense = layers * (4 * h * h + 2 * h * config.ffn_hidden_size)   # matmul weights per layer
-    head = config.vocab_size * h
+    head = 2 * config.latent_channels * h if config.latent_channels else config.vocab_size * h
     attention = layers * h * seq_length                            # QK^T and AV, per token
     forward = 2 * (dense + head) + 4 * attention
     return 3 * forward if training else forward

@@ -23,6 +23,7 @@ from megatron_t2i.data.loader import (ResumableSampler, SequenceBuilder, collate
 from megatron_t2i.io_utils import write_text_atomic
 from megatron_t2i.model.attention import block_causal_mask
 from megatron_t2i.training.checkpoint import save_checkpoint
+from megatron_t2i.training.ema import EMA_KEY
 from megatron_t2i.training.engine import loss_scale
 from megatron_t2i.training.flops import model_flops_per_token
 
@@ -114,12 +115,13 @@ class Batches:
                                        for k, v in batch.items()})
 
 
-CONDITION_KEYS = ("condition", "condition_mask", "latent_source", "latent_noise", "latent_mask")
+CONDITION_KEYS = ("condition", "condition_mask", "latent_source", "latent_noise", "latent_mask",
+                  "noisy_latents", "noise_level")
 
 
 def condition_inputs(batch: dict) -> dict:
-    """The model's condition keywords a batch has: a conditioned task's vector, a CVAE's latent
-    inputs (GPT.forward); {} for plain token sequences."""
+    """The model's input keywords a batch has beside its tokens: a conditioned task's vector, a
+    CVAE's latent inputs, a denoiser's noisy patches (GPT.forward); {} for plain sequences."""
     return {k: batch[k] for k in CONDITION_KEYS if k in batch}
 
 
@@ -171,15 +173,20 @@ def pipeline_inputs(batch: dict, condition_dim: int = 0) -> tuple:
 
 class Trainer:
     def __init__(self, config, engine, model_config, layout, dataset, train_idx, eval_idx,
-                 writer, reference, objective, start_iteration: int = 0, consumed: int = 0):
-        """config: TrainConfig; reference: the MFU denominator (flops.MatmulReference)."""
+                 writer, reference, objective, start_iteration: int = 0, consumed: int = 0,
+                 latent_table=None, ema=None):
+        """config: TrainConfig; reference: the MFU denominator (flops.MatmulReference);
+        latent_table: a denoiser's scaled codebook latents [K, d] (data/latents.py); ema: the
+        moving average of the weights (training/ema.py), updated after every step."""
         self.cfg, self.engine, self.config, self.layout = config, engine, model_config, layout
+        self.ema = ema
         self.writer, self.reference, self.objective = writer, reference, objective
         self.iteration = start_iteration
         self.device = engine.device
         slots = model_config.condition_slots
         builder = SequenceBuilder(layout, config.tasks, config.text_dropout, slots,
-                                  config.condition_noise, model_config.latent_dim)
+                                  config.condition_noise, model_config.latent_dim, latent_table,
+                                  config.noise_beta)
         self.pipeline_loss = getattr(engine.module, "loss_fn", None) \
             if mpu.get_pipeline_model_parallel_world_size() > 1 else None
         self.trim = self.pipeline_loss is None  # the pipeline engine wants fixed shapes
@@ -187,7 +194,9 @@ class Trainer:
                              self.device, objective, consumed, self.trim)
         self.eval_idx, self.dataset = eval_idx, dataset
         self.eval_builder = SequenceBuilder(layout, config.tasks, 0.0, slots,
-                                            latent_dim=model_config.latent_dim)
+                                            latent_dim=model_config.latent_dim,
+                                            latent_table=latent_table,
+                                            noise_beta=config.noise_beta)
         self.stop = StopSignal()
         self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
         self.work = [0, 0.0]  # tokens fed and their model FLOPs on this replica, since the last log
@@ -223,6 +232,8 @@ class Trainer:
             sums += s
             objective += weighted_sum.detach().double() / total
         self.iteration += 1
+        if self.ema is not None:
+            self.ema.update()
         return _all_reduce_dp(objective), _all_reduce_dp(sums)
 
     def _pipeline_step(self, batches, scale: float):
@@ -283,8 +294,11 @@ class Trainer:
 
     def save(self) -> None:
         loss = self.last_eval[1] if self.last_eval[0] == self.iteration else None
+        state = {"data": self.train.sampler.state_dict()}
+        if self.ema is not None:
+            state[EMA_KEY] = self.ema.state_dict()
         save_checkpoint(self.engine, self.cfg.save, self.iteration, self.config, self.layout,
-                        {"data": self.train.sampler.state_dict()}, self.cfg.train_iters,
+                        state, self.cfg.train_iters,
                         heldout_loss=loss, keep=self.cfg.keep_checkpoints)
         if self.is_logger:
             logger.info("saved checkpoint iteration %d to %s", self.iteration, self.cfg.save)

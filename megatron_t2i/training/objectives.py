@@ -11,8 +11,8 @@ pipeline's last stage share.
     objective.summary(metric sums)    -> {name: value} for logs and TensorBoard, "loss" included
     objective.label_keys              the batch entries the pipeline's last stage receives
 
-A new objective (a CE + KL of a CVAE, an x0 loss of a denoiser) is one class here and one entry in
-OBJECTIVES, named by the tasks that train with it (megatron_t2i/tasks.py).
+A new objective is one class here and one entry in OBJECTIVES, named by the tasks that train with
+it (megatron_t2i/tasks.py).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 
 from megatron_t2i import mpu
 from megatron_t2i import tasks as registry
+from megatron_t2i.model.diffusion import latent_positions
 
 
 class TokenCrossEntropy:
@@ -85,7 +86,51 @@ class TokenCrossEntropy:
         return out
 
 
-OBJECTIVES = {"token-ce": TokenCrossEntropy}
+class X0MeanSquaredError:
+    """A denoiser's objective (model/diffusion.py): the mean squared error of its x0 prediction
+    at every latent patch, per channel, each patch weighted 1 (TLD's loss). Reported also apart
+    for noise levels below and above 0.5, where the task is touch-up and invention."""
+
+    label_keys = ("tokens", "x0", "noise_level", "weights")
+    # [loss sum, patches, loss sum at sigma < 0.5, patches there]
+    metric_size = 4
+
+    def __init__(self, layout, txt_loss_scale: float = 1.0, **unused):
+        self.latent_token = layout["[ENC]"]
+
+    def at_iteration(self, iteration: int) -> None:
+        pass
+
+    def prepare(self, batch: dict) -> dict:
+        return {**batch, "weights": torch.ones(batch["x0"].shape[:2], device=batch["x0"].device)}
+
+    def weight(self, batch: dict) -> torch.Tensor:
+        return batch["weights"].sum()
+
+    def loss(self, outputs, batch: dict, weights=None):
+        x0 = batch["x0"]                                                       # [B, N, d]
+        where = latent_positions(batch["tokens"], self.latent_token, x0.shape[1])
+        pred = outputs[where].view(x0.shape).float()
+        per_patch = (pred - x0.float()).pow(2).mean(-1)                         # [B, N]
+        with torch.no_grad():
+            low = (batch["noise_level"] < 0.5).to(per_patch.dtype)[:, None].expand_as(per_patch)
+            sums = torch.stack([per_patch.sum(), per_patch.new_tensor(per_patch.numel()),
+                                (per_patch * low).sum(), low.sum()]).double()
+        weights = batch["weights"] if weights is None else weights
+        return (per_patch * weights).sum(), sums
+
+    @staticmethod
+    def summary(sums: torch.Tensor) -> dict[str, float]:
+        s = sums.tolist()
+        out = {"loss": s[0] / max(s[1], 1), "x0_loss": s[0] / max(s[1], 1)}
+        if s[3]:
+            out["x0_loss_low_noise"] = s[2] / s[3]
+        if s[1] > s[3]:
+            out["x0_loss_high_noise"] = (s[0] - s[2]) / (s[1] - s[3])
+        return out
+
+
+OBJECTIVES = {"token-ce": TokenCrossEntropy, "x0-mse": X0MeanSquaredError}
 
 
 def build_objective(names, layout, txt_loss_scale: float = 1.0, **options):

@@ -17,6 +17,7 @@ from megatron_t2i.data.loader import open_dataset, split_indices
 from megatron_t2i.device import resolve_device
 from megatron_t2i.training import checkpoint as ckpt
 from megatron_t2i.training.config import TrainConfig
+from megatron_t2i.training.ema import EMA, EMA_KEY
 from megatron_t2i.training.engine import build_engine, init_distributed, load_ds_config, precision
 from megatron_t2i.training.flops import MatmulReference
 from megatron_t2i.training.loop import METRICS_FILE, PipelineLoss, Trainer, drop_replayed_metrics
@@ -77,6 +78,47 @@ def latent_fields(cfg: TrainConfig, dataset, layout) -> dict:
             "context_token": layout["[BOI1]"]}
 
 
+def denoiser_fields(cfg: TrainConfig, dataset, layout, train_idx) -> tuple[dict, object]:
+    """The ModelConfig fields of a denoising task (diffusion) and its latent table [K, d] (scaled,
+    see data/latents.py); ({}, None) when no task of the run denoises."""
+    if not any(registry.get(n).latents for n in cfg.tasks):
+        return {}, None
+    if cfg.pipeline_model_parallel_size > 1:
+        raise ValueError("--tasks diffusion: the denoiser trains without pipeline parallelism (its "
+                         "patch projections sit beside the first and last stage); use "
+                         "--pipeline-model-parallel-size 1 with TP or DP")
+    if layout.image_order != "raster":
+        raise ValueError(f"--tasks diffusion: the data set's codes are laid out in "
+                         f"{layout.image_order} order; a denoiser reads raster data (preprocess "
+                         f"with --image-order raster)")
+    if not hasattr(dataset, "meta"):
+        raise ValueError("--tasks diffusion: the data set records no image tokenizer (CogView "
+                         ".bin, or several folders); train on one LMDB written by preprocess")
+    from megatron_t2i.data.latents import codebook, image_tokenizer_of, latent_scale
+    table = codebook(image_tokenizer_of(dataset.meta, f"--data-path {cfg.data_path[0]}"))
+    scale = latent_scale(table, dataset, train_idx)
+    return ({"head": "denoise", "latent_channels": int(table.shape[1]), "latent_scale": scale,
+             "latent_token": layout["[ENC]"], "noise_token": layout["[BOI1]"]},
+            (table * scale).astype("float32"))
+
+
+def moving_average(cfg: TrainConfig, engine, state: dict, source: str | None):
+    """The EMA of the weights (--ema-decay; None without), resumed from the checkpoint's state,
+    else started from the weights as they are (fresh, fine-tuned, or a run that had none)."""
+    if not cfg.ema_decay:
+        return None
+    if cfg.pipeline_model_parallel_size > 1:
+        raise ValueError("--ema-decay: the moving average is kept without pipeline parallelism; "
+                         "use --pipeline-model-parallel-size 1")
+    ema = EMA(engine.module, cfg.ema_decay)
+    if state.get(EMA_KEY):
+        ema.load_state_dict(state[EMA_KEY], source)
+    elif state:
+        logger.warning("%s holds no moving average of the weights: starting one from its weights",
+                       source)
+    return ema
+
+
 def resume_dir(cfg: TrainConfig) -> str | None:
     """load, else save when it already holds a checkpoint (re-running resumes)."""
     if cfg.load:
@@ -95,9 +137,11 @@ def prepare(cfg: TrainConfig) -> Trainer:
     mpu.initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     device = resolve_device()
     dataset, layout = open_dataset(list(cfg.data_path))
+    train_idx, eval_idx = split_indices(len(dataset), cfg.holdout_fraction, cfg.seed)
+    denoiser, latent_table = denoiser_fields(cfg, dataset, layout, train_idx)
     config = model_config(cfg.model_size, layout, cfg.tensor_model_parallel_size, list(cfg.tasks),
                           **cfg.model_overrides, **condition_fields(cfg, dataset, layout),
-                          **latent_fields(cfg, dataset, layout))
+                          **latent_fields(cfg, dataset, layout), **denoiser)
     config.check_tensor_parallel(cfg.tensor_model_parallel_size)
     objective = build_objective(cfg.tasks, layout, cfg.txt_loss_scale,
                                 kl_weight=cfg.cvae_kl_weight, kl_warmup=cfg.cvae_kl_warmup)
@@ -109,16 +153,16 @@ def prepare(cfg: TrainConfig) -> Trainer:
     ds_config = load_ds_config(cfg)
     model = build_model(cfg, config, objective, ds_config)
     engine = build_engine(cfg, model, ds_config)
-    iteration, consumed = 0, 0
+    iteration, consumed, state = 0, 0, {}
     if load_dir:
         state = ckpt.load_checkpoint(engine, load_dir, config, layout, finetune=cfg.finetune,
                                      tag=tag, trust=cfg.trust_checkpoint)
         iteration, consumed = state.get("iteration", 0), state.get("data", {}).get("consumed", 0)
         logger.info("%s from %s at iteration %d", "fine-tuning" if cfg.finetune else "resuming",
                     os.path.join(load_dir, tag), iteration)
+    ema = moving_average(cfg, engine, state, load_dir and os.path.join(load_dir, tag))
     if rank == 0 and cfg.save and hasattr(dataset, "meta"):
         ckpt.store_tokenizers(cfg.save, dataset.meta)
-    train_idx, eval_idx = split_indices(len(dataset), cfg.holdout_fraction, cfg.seed)
     writer = None
     tb_dir = cfg.tensorboard_dir or (os.path.join(cfg.save, "tensorboard") if cfg.save else None)
     if rank == 0 and tb_dir:
@@ -138,4 +182,4 @@ def prepare(cfg: TrainConfig) -> Trainer:
         if cfg.save:
             logger.info("checkpoints: %s | TensorBoard: %s", cfg.save, tb_dir)
     return Trainer(cfg, engine, config, layout, dataset, train_idx, eval_idx, writer, reference,
-                   objective, iteration, consumed)
+                   objective, iteration, consumed, latent_table, ema)

@@ -1,9 +1,12 @@
-"""text2image and completion ("text and part of an image"), raster or L-shape decoded.
+"""text2image and completion ("text and part of an image"), raster or L-shape decoded, or
+denoised by a diffusion model.
 
 text2image: prompt `[ROI1] text [size] [BOI1]`, then grid^2 image codes sampled in the order of
 the checkpoint's layout (inside the image only codes may be drawn): raster, one code per step, or
-L-shape (Lformer), one L-shaped block of codes per step (strategies/lshape.py). `samples` per query in rounds of at most
-`max_inference_batch_size` (generation/batching.py: per-sample seeds). With `cfg_scale` s,
+L-shape (Lformer), one L-shaped block of codes per step (strategies/lshape.py); a denoiser's
+latents in --diffusion-steps of its sampler, snapped to codes (strategies/diffusion.py).
+`samples` per query in rounds of at most `max_inference_batch_size` (generation/batching.py:
+per-sample seeds). With `cfg_scale` s,
 classifier-free guidance against the unconditional prompt `[ROI1] [size] [BOI1]` (what training
 with --text-dropout sees when it drops the caption).
 
@@ -26,6 +29,7 @@ from megatron_t2i.generation import io
 from megatron_t2i.generation.batching import in_rounds, query_seeds
 from megatron_t2i.generation.scoring import rerank, rerank_kind
 from megatron_t2i.generation.state import Prompt
+from megatron_t2i.generation.strategies.diffusion import sample_latent_codes
 from megatron_t2i.generation.strategies.lshape import generate_lshape
 from megatron_t2i.generation.strategies.raster import generate
 from megatron_t2i.generation.vocab import image_vocab_mask
@@ -39,6 +43,17 @@ def decoding_order(layout, requested: str = "auto") -> str:
     raise ValueError(f"--decoding {requested}: this checkpoint was trained to generate in "
                      f"{layout.image_order} order (its token layout's image_order); for {requested} "
                      f"decoding train on data preprocessed with --image-order {requested}")
+
+
+def generation_method(model_config, requested: str = "auto") -> str:
+    """What a checkpoint samples by (autoregressive or diffusion); --method may name it, not
+    the other."""
+    method = "diffusion" if model_config.latent_channels else "autoregressive"
+    if requested in ("auto", method):
+        return method
+    kind = "a denoiser" if method == "diffusion" else "an autoregressive model"
+    raise ValueError(f"--method {requested}: this checkpoint is {kind}; use --method {method} "
+                     f"or auto")
 
 
 def with_latent(model, prompt: Prompt, uncond: Prompt | None, generators):
@@ -61,6 +76,7 @@ def sample_codes(ctx, config, prompt: Sequence, uncond: Sequence | None, num_tok
     a bar over the tokens (L-shape: blocks) of each round (None: on the writer, in a terminal).
     L-shape: the whole image [len(seeds), grid^2] in raster order; given: raster codes [k^2] of
     its top-left k x k square (the first k blocks), kept."""
+    diffusion = generation_method(ctx.config, config.method) == "diffusion"
     allowed = image_vocab_mask(ctx.layout, ctx.config.vocab_size).to(ctx.device)
     decoding = config.decoding(ctx.layout.vocab_size)
     lshape = decoding_order(ctx.layout, config.decoding_order) == "lshape"
@@ -74,6 +90,8 @@ def sample_codes(ctx, config, prompt: Sequence, uncond: Sequence | None, num_tok
         if ctx.config.latent_dim:  # z from the CVAE's prior, one per sample; guidance: the same
             first, second = with_latent(ctx.model, first, second, generators)
         progress = (label or True) if token_progress else False
+        if diffusion:
+            return sample_latent_codes(ctx, config, prompt, uncond, generators, progress)
         if lshape:
             square = given.to(ctx.device).expand(rows, -1) if given is not None else None
             return generate_lshape(ctx.model, first, ctx.layout.image_grid, ctx.layout["[PAD]"],
@@ -89,6 +107,9 @@ def prompts(ctx, text: str, guided: bool) -> tuple[Sequence, Sequence | None]:
     caption's ids; a CLIP-conditioned one (language-free) the CLIP's text embedding of it in its
     slots, and the null embedding unconditionally."""
     layout = ctx.layout
+    if ctx.config.latent_channels:  # a denoiser: the caption before its latent placeholders
+        return (layout.text_to_latents(ctx.text_tokenizer.encode(text)),
+                layout.text_to_latents([]) if guided else None)
     if not ctx.config.condition_slots:
         return (layout.text_to_image(ctx.text_tokenizer.encode(text)),
                 layout.text_to_image([]) if guided else None)

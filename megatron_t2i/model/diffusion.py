@@ -1,0 +1,92 @@
+"""A denoiser on the trunk: continuous latent patches in, their clean values (x0) out.
+
+The sequence is text->image's, `[ROI1] caption [size] [BOI1] [ENC] x N`, attended
+bidirectionally: each [ENC] placeholder reads one noisy latent patch through `patch_in`, the
+[BOI1] slot carries the noise level sigma (sinusoidal features -> MLP, added to its embedding),
+and the denoising head reads the x0 prediction of every position (the objective scores the [ENC]
+ones). Time and condition as tokens of one bidirectional sequence is U-ViT's design; the noising
+x_t = (1 - sigma) x0 + sigma e and x0 prediction are TLD's.
+
+A latent patch is one cell of the image tokenizer's grid: its codebook vector (the VQ-VAE's
+continuous latent space, which its decoder decodes), times ModelConfig.latent_scale so the data
+have unit variance. Sampling snaps the final x0 to the nearest codebook vector.
+
+Replicated on every tensor-parallel rank, seeded alike (trunk.seed_component), like the condition
+projector: inputs and hidden states are the same on every rank, so are the weights and gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+NOISE_FEATURES = 128  # sinusoidal features of the noise level (TLD's noise_embed_dims)
+
+
+def noise_features(sigma: torch.Tensor, dim: int = NOISE_FEATURES) -> torch.Tensor:
+    """sigma [B] in [0, 1] -> [B, dim]: sin/cos of 1000 sigma at geometric frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=sigma.device) / half)
+    angles = 1000.0 * sigma.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class LatentInputs(nn.Module):
+    """Noisy latent patches and the noise level -> input embeddings at their placeholders."""
+
+    def __init__(self, config, device=None, dtype=torch.float32):
+        super().__init__()
+        h, d = config.hidden_size, config.latent_channels
+        self.latent_token, self.noise_token = config.latent_token, config.noise_token
+        self.patch_in = nn.Linear(d, h, device=device, dtype=dtype)
+        self.noise_mlp = nn.Sequential(nn.Linear(NOISE_FEATURES, h, device=device, dtype=dtype),
+                                       nn.SiLU(), nn.Linear(h, h, device=device, dtype=dtype))
+        for layer in (self.patch_in, self.noise_mlp[0], self.noise_mlp[2]):
+            nn.init.normal_(layer.weight, mean=0.0, std=config.init_std)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, tokens, embeds, noisy, sigma):
+        """tokens [B, S], embeds [B, S, h], noisy [B, N, d] (N = placeholders per row), sigma [B]
+        -> embeds with patch_in(noisy) at the [ENC] placeholders and the noise embedding added at
+        [BOI1]."""
+        where = latent_positions(tokens, self.latent_token, noisy.shape[1])  # [B, S]
+        patches = self.patch_in(noisy.to(self.patch_in.weight.dtype))        # [B, N, h]
+        dense = embeds.new_zeros(embeds.shape)
+        dense[where] = patches.reshape(-1, patches.shape[-1]).to(embeds.dtype)
+        embeds = torch.where(where[..., None], dense, embeds)
+        level = self.noise_mlp(noise_features(sigma).to(self.patch_in.weight.dtype))  # [B, h]
+        at_level = (tokens == self.noise_token)[..., None].to(embeds.dtype)
+        return embeds + at_level * level[:, None, :].to(embeds.dtype)
+
+
+class DenoiseHead(nn.Module):
+    """hidden [B, S, h] -> x0 predictions [B, S, d]. Zero-initialised: a fresh model predicts
+    the data mean (0), the minimiser of the loss before it has learnt anything."""
+
+    def __init__(self, config, device=None, dtype=torch.float32):
+        super().__init__()
+        self.proj = nn.Linear(config.hidden_size, config.latent_channels, device=device,
+                              dtype=dtype)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden, word_embeddings_weight=None, gather: bool = False):
+        return self.proj(hidden)
+
+
+def latent_positions(tokens: torch.Tensor, latent_token: int, n: int) -> torch.Tensor:
+    """The [ENC] positions of tokens [B, S], n per row, as a bool mask [B, S]."""
+    where = tokens == latent_token
+    if not bool((where.sum(1) == n).all()):
+        raise ValueError(f"denoiser: every row needs {n} latent placeholders (one per noisy "
+                         f"patch), found {where.sum(1).tolist()}")
+    return where
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """x_t = (1 - sigma) x0 + sigma noise (TLD; the flow-matching path diffusers' flow sigmas
+    follow). sigma: a float or [B] (broadcast over the trailing dims)."""
+    if torch.is_tensor(sigma) and sigma.dim():
+        sigma = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - sigma) * x0 + sigma * noise

@@ -37,7 +37,7 @@ Environment variables (defaults in brackets); the data and training defaults are
   NUM_PROMPTS      held-out captions evaluated [64]
   SAMPLES          samples per caption, RERANK_TOP of them kept by their score [16, 1]
   CFG_SCALE        classifier-free guidance of the samples (0: none) [0; lformer 1.5;
-                   diffusion DIFFUSION_CFG]
+                   diffusion 2, TLD's class_guidance 3]
   CLIP_NOISE       clip-gen: LAFITE's noise xi on the CLIP image embedding in training [0.2]
   CVAE             lformer: the CVAE latent's dimension, 0 for none [0]; its checkpoints and
                    samples go to ./checkpoints/lformer-cvae and ./samples/lformer-cvae
@@ -78,8 +78,8 @@ case "$METHOD" in
     OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/diffusion}
     LMDB=$DATA_DIR/tokens-clip.lmdb  # the CLIP beside the codes: stored with the checkpoint
     CLIP=$DATA_DIR/clip.pt
-    export TASKS=diffusion:1 LR=${LR:-DIFFUSION_LR} TRAIN_ITERS=${TRAIN_ITERS:-DIFFUSION_ITERS}
-    export MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-DIFFUSION_BATCH}
+    export TASKS=diffusion:1 LR=${LR:-1e-3} TRAIN_ITERS=${TRAIN_ITERS:-1500}
+    export MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-16}
     TRAIN_FLAGS=(--ema-decay 0.999)
     STAGES=6 ;;
   *) echo "quickstart.sh: METHOD must be caption, clip-gen, lformer or diffusion, got $METHOD" >&2
@@ -90,7 +90,7 @@ SAMPLES=${SAMPLES:-16}
 RERANK_TOP=${RERANK_TOP:-1}
 # guidance: none for the raster models; 1.5 for L-shape, whose blocks are drawn in parallel (at
 # the same checkpoint it lifts shape 0.68 -> 0.72, best 1 of 16)
-case "$METHOD" in lformer) cfg=1.5 ;; diffusion) cfg=DIFFUSION_CFG ;; *) cfg=0 ;; esac
+case "$METHOD" in lformer) cfg=1.5 ;; diffusion) cfg=2 ;; *) cfg=0 ;; esac
 CFG_SCALE=${CFG_SCALE:-$cfg}
 EVAL=$OUTPUT_PATH/eval
 

@@ -18,7 +18,7 @@ from megatron_t2i.data.latents import latent_scale, nearest_codes
 from megatron_t2i.data.loader import SequenceBuilder, collate
 from megatron_t2i.generation.strategies.diffusion import denoise, make_sampler, sequence_inputs
 from megatron_t2i.model.attention import block_causal_mask
-from megatron_t2i.model.diffusion import noised
+from megatron_t2i.model.diffusion import grid_positions, noised
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.tokenizers.layout import TokenLayout
 from megatron_t2i.training import convert
@@ -142,6 +142,17 @@ def test_latent_scale_and_nearest_codes():
     codes = torch.randint(0, 32, (2, 5))
     latents = torch.from_numpy(table)[codes] + 1e-3
     assert torch.equal(nearest_codes(latents, torch.from_numpy(table)), codes)
+
+
+def test_grid_positions_tell_rows_and_columns_apart():
+    side, h = 5, 16
+    e = grid_positions(side * side, h).view(side, side, h)
+    rows, cols = e[..., :h // 2], e[..., h // 2:]
+    assert torch.equal(rows[2, 0], rows[2, 4]) and not torch.equal(rows[1, 0], rows[2, 0])
+    assert torch.equal(cols[0, 3], cols[4, 3]) and not torch.equal(cols[0, 1], cols[0, 3])
+    assert e.pow(2).mean().sqrt() == pytest.approx(0.5 ** 0.5, rel=1e-5)  # unit amplitude
+    with pytest.raises(ValueError, match="not a square grid"):
+        grid_positions(10, h)
 
 
 def test_the_ema_follows_its_formula():

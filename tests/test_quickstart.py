@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # multi-process / end-to-end runs: see conftest.py
 
@@ -124,6 +125,31 @@ def test_the_lformer_quickstart_decodes_in_l_shapes_with_and_without_the_cvae(tm
         assert config["latent_dim"] == int(cvae)
     layout = json.loads((tmp_path / "data" / "tokens-lshape.lmdb" / "layout.json").read_text())
     assert layout["image_order"] == "lshape"
+
+
+def test_the_diffusion_quickstart_trains_a_denoiser_and_reranks_by_clip(tmp_path):
+    env = {"METHOD": "diffusion", "DATA_DIR": str(tmp_path / "data"), "SAVE": str(tmp_path / "ckpt"),
+           "OUTPUT_PATH": str(tmp_path / "out"), "SYNTHETIC_COUNT": "150", "VQVAE_STEPS": "20",
+           "TEXT_VOCAB_SIZE": "400", "CLIP_STEPS": "5", "MODEL_SIZE": "tiny", "TRAIN_ITERS": "4",
+           "MICRO_BATCH_SIZE": "2", "NUM_PROMPTS": "3", "SAMPLES": "2", "RERANK_TOP": "1",
+           "NUM_GPUS_PER_WORKER": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    first = run(env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    names = [s.split()[2] for s in stage_lines(first.stdout)]
+    assert names == [f"{i}/6" for i in range(1, 7)] + ["done"], names
+    report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
+    assert report["source"]["decoding"] == "diffusion"
+    assert report["source"]["reranked"] == "best 1 of 2 by clip score"
+    assert report["source"]["sampling"].startswith("dpm-solver++, 15 steps, cfg-scale 2")
+    assert report["heldout_loss"]["patches"] > 0 and report["binding"] is None
+    assert re.search(r"shape alignment, best by clip score\s+[0-9.]+ +\(target 0.7",
+                     first.stdout), first.stdout[-2000:]
+    config = json.loads((tmp_path / "ckpt" / "iter_0000004" / "model_config.json").read_text())
+    assert config["head"] == "denoise" and config["latent_channels"] > 0
+    state = torch.load(tmp_path / "ckpt" / "iter_0000004" / "mp_rank_00_model_states.pt",
+                       weights_only=True)
+    assert state["ema"]["updates"] == 4  # the recipe keeps the moving average it samples with
+    assert len(list((tmp_path / "out" / "text2image").rglob("*.png"))) == 2 * 2
 
 
 def test_default_inputs_from_a_large_folder_reach_the_generator(tmp_path):

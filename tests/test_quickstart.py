@@ -79,14 +79,18 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
     assert bad.returncode == 2 and "takes no arguments" in bad.stderr
 
 
+def tiny_recipe(method: str, tmp_path) -> dict:
+    """The environment of a METHOD's quickstart on a tiny data set, model and evaluation."""
+    return {"METHOD": method, "DATA_DIR": str(tmp_path / "data"), "SAVE": str(tmp_path / "ckpt"),
+            "OUTPUT_PATH": str(tmp_path / "out"), "SYNTHETIC_COUNT": "150", "VQVAE_STEPS": "20",
+            "TEXT_VOCAB_SIZE": "400", "CLIP_STEPS": "5", "MODEL_SIZE": "tiny", "TRAIN_ITERS": "4",
+            "MICRO_BATCH_SIZE": "2", "NUM_PROMPTS": "3", "SAMPLES": "2", "RERANK_TOP": "1",
+            "NUM_GPUS_PER_WORKER": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+
+
 def test_the_language_free_quickstart_trains_a_clip_and_a_model_that_never_reads_a_caption(
         tmp_path):
-    env = {"METHOD": "clip-gen", "DATA_DIR": str(tmp_path / "data"), "SAVE": str(tmp_path / "ckpt"),
-           "OUTPUT_PATH": str(tmp_path / "out"), "SYNTHETIC_COUNT": "150", "VQVAE_STEPS": "20",
-           "TEXT_VOCAB_SIZE": "400", "CLIP_STEPS": "5", "MODEL_SIZE": "tiny", "TRAIN_ITERS": "4",
-           "MICRO_BATCH_SIZE": "2", "NUM_PROMPTS": "3", "SAMPLES": "2", "RERANK_TOP": "1",
-           "NUM_GPUS_PER_WORKER": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    first = run(env)
+    first = run(tiny_recipe("clip-gen", tmp_path))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     stages = stage_lines(first.stdout)
     assert [s.split()[2] for s in stages] == ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6", "done"]
@@ -128,12 +132,7 @@ def test_the_lformer_quickstart_decodes_in_l_shapes_with_and_without_the_cvae(tm
 
 
 def test_the_diffusion_quickstart_trains_a_denoiser_and_reranks_by_clip(tmp_path):
-    env = {"METHOD": "diffusion", "DATA_DIR": str(tmp_path / "data"), "SAVE": str(tmp_path / "ckpt"),
-           "OUTPUT_PATH": str(tmp_path / "out"), "SYNTHETIC_COUNT": "150", "VQVAE_STEPS": "20",
-           "TEXT_VOCAB_SIZE": "400", "CLIP_STEPS": "5", "MODEL_SIZE": "tiny", "TRAIN_ITERS": "4",
-           "MICRO_BATCH_SIZE": "2", "NUM_PROMPTS": "3", "SAMPLES": "2", "RERANK_TOP": "1",
-           "NUM_GPUS_PER_WORKER": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    first = run(env)
+    first = run(tiny_recipe("diffusion", tmp_path))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     names = [s.split()[2] for s in stage_lines(first.stdout)]
     assert names == [f"{i}/6" for i in range(1, 7)] + ["done"], names

@@ -2,6 +2,7 @@
 path's states, guidance 0 is the conditional model, the training sequence hides the codes, the x0
 loss is the hand-computed MSE, TP=2 = TP=1 (outputs, losses, gradients), samples do not depend on
 their batch, and pretrain.py --tasks diffusion --ema-decay killed and resumed = uninterrupted."""
+import dataclasses
 import os
 
 import numpy as np
@@ -14,13 +15,14 @@ import generate_samples
 from distributed import run_distributed
 from generation_toy import make_checkpoint
 from megatron_t2i.config import model_config
-from megatron_t2i.data.latents import latent_scale, nearest_codes
+from megatron_t2i.data.latents import latent_scale
 from megatron_t2i.data.loader import SequenceBuilder, collate
 from megatron_t2i.generation.strategies.diffusion import denoise, make_sampler, sequence_inputs
 from megatron_t2i.model.attention import block_causal_mask
 from megatron_t2i.model.diffusion import grid_positions, noised
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.tokenizers.layout import TokenLayout
+from megatron_t2i.tokenizers.vqvae import EMACodebook, VQVAEConfig
 from megatron_t2i.training import convert
 from megatron_t2i.training.ema import EMA
 from megatron_t2i.training.objectives import X0MeanSquaredError
@@ -139,9 +141,11 @@ def test_latent_scale_and_nearest_codes():
     records = Records([type("R", (), {"image_codes": np.array([c, c])})() for c in range(32)])
     scale = latent_scale(table, records, range(32))
     assert scale == pytest.approx(1 / np.sqrt((table.astype(np.float64) ** 2).mean()), rel=1e-6)
-    codes = torch.randint(0, 32, (2, 5))
+    codes = torch.randint(0, 32, (10,))
     latents = torch.from_numpy(table)[codes] + 1e-3
-    assert torch.equal(nearest_codes(latents, torch.from_numpy(table)), codes)
+    quantize = EMACodebook(dataclasses.replace(VQVAEConfig(), embed_dim=D, codebook_size=32))
+    quantize.embed.copy_(torch.from_numpy(table).t())
+    assert torch.equal(quantize.nearest(latents), codes)  # what sampling snaps with
 
 
 def test_grid_positions_tell_rows_and_columns_apart():

@@ -4,7 +4,7 @@ A denoiser (model/diffusion.py) trains on the image tokenizer's latent space: ea
 looked up in the VQ-VAE codebook give its latent grid [N, d], which the VQ-VAE decoder decodes, so
 no data set has to be preprocessed again and the latents are exactly those of its codes. The
 scale gives them unit root mean square over the data (latent diffusion's scale factor); it is saved in the
-model config, and sampling divides by it before snapping to the nearest codebook vector.
+model config, and sampling divides by it before snapping to the nearest codebook vector (EMACodebook.nearest).
 """
 from __future__ import annotations
 
@@ -46,11 +46,3 @@ def latent_scale(table: np.ndarray, dataset, indices, limit: int = 2000) -> floa
     second_moment = float(counts / counts.sum() @ (table.astype(np.float64) ** 2).mean(1))
     return float(1.0 / max(np.sqrt(second_moment), 1e-8))
 
-
-def nearest_codes(latents: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """latents [B, N, d] (unscaled) -> the ids [B, N] of their nearest codebook rows of table
-    [K, d] (squared L2)."""
-    flat = latents.reshape(-1, latents.shape[-1]).float()
-    dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ table.t().float()
-            + table.float().pow(2).sum(1)[None])
-    return dist.argmin(1).view(latents.shape[:-1])

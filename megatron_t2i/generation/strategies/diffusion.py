@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from megatron_t2i.data.latents import nearest_codes
 from megatron_t2i.model.attention import block_causal_mask
 from megatron_t2i.progress import progress_bar
 from megatron_t2i.tokenizers.layout import block_ids, real_length
@@ -161,5 +160,6 @@ def sample_latent_codes(ctx, config, prompt, uncond, generators, progress=False)
     sampler = make_sampler(config.sampler, config.diffusion_steps)
     x0 = denoise(model, batch(prompt), batch(uncond) if uncond is not None else None, sampler,
                  noise, config.cfg_scale, progress)
-    table = ctx.image_tokenizer.model.quantize_t.embed.t().to(device)      # [K, d]
-    return nearest_codes(x0 / model.config.latent_scale, table)
+    latents = (x0 / model.config.latent_scale).reshape(-1, d)                # [B N, d]
+    quantize = ctx.image_tokenizer.model.quantize_t                      # the VQ-VAE's own search
+    return quantize.nearest(latents.to(quantize.embed.device)).view(rows, n).to(device)

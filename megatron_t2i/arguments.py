@@ -100,7 +100,9 @@ def add_data_args(parser):
                    help="token data sets (LMDB folders written by preprocess, or CogView .bin)")
     g.add_argument("--input", metavar="PATH",
                    help="images with captions: a folder (caption in a .txt beside each image), "
-                        "a TSV (path<TAB>caption) or a JSONL file")
+                        "a TSV (path<TAB>caption), a JSONL file, or webdataset / img2dataset "
+                        "shards (a .tar, a brace pattern such as 'shards/{00000..00099}.tar', "
+                        "or a folder of .tar files)")
     g.add_argument("--output", metavar="PATH", help="where to write the result")
     g.add_argument("--synthetic-dir", default="data/synthetic",
                    help="folder of the embedded default data set (default: %(default)s)")
@@ -113,10 +115,23 @@ def add_data_args(parser):
                         "any order (harder: see megatron_t2i/data/synthetic.py) (default: %(default)s)")
     g.add_argument("--image-size", type=_positive_int, default=64,
                    help="image side in pixels after resize and centre crop (default: %(default)s)")
-    g.add_argument("--workers", type=_positive_int, default=max(1, min(8, os.cpu_count() or 1)),
-                   help="parallel worker processes (default: %(default)s)")
+    g.add_argument("--workers", type=_positive_int,
+                   default=max(1, min(8, (os.cpu_count() or 1)
+                                      // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))),
+                   help="parallel worker processes (of each process a launcher starts) "
+                        "(default: %(default)s)")
     g.add_argument("--encode-batch-size", type=_positive_int, default=32,
                    help="images per VQ-VAE batch when preprocessing (default: %(default)s)")
+    g.add_argument("--image-fit", choices=("crop", "pad"), default="crop",
+                   help="preprocess: how an image becomes a square: crop (short side to "
+                        "--image-size, centre crop) or pad (long side to --image-size, centred "
+                        "on white, nothing cut off) (default: %(default)s)")
+    g.add_argument("--max-image-pixels", type=_positive_int, default=64_000_000,
+                   help="preprocess: images of more pixels are skipped, read from the header "
+                        "before decoding (decompression bombs) (default: %(default)s)")
+    g.add_argument("--min-image-side", type=int, default=None, metavar="PIXELS",
+                   help="preprocess: images with a shorter side are skipped (0 keeps all; "
+                        "default: a quarter of --image-size, past which upscaling is mostly blur)")
     g.add_argument("--sr-low-res", action="store_true",
                    help="preprocess: also store the codes of each image at half resolution, the "
                         "training data of super-resolution (pretrain.py --tasks super-resolution)")

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
+from test_preprocess import tokenizers  # noqa: F401
+from test_shards import cli, same_data_set, write_shards
 from toy_data import write_toy_dataset
 
 pytestmark = pytest.mark.slow  # multi-process / end-to-end runs: see conftest.py
@@ -356,6 +358,25 @@ def test_two_nodes_train_like_one_node(cluster):
     for launcher in ("deepspeed", "torchrun"):
         assert re.search(r"^node0: ", outputs[launcher], re.M), launcher
         assert re.search(r"^node1: ", outputs[launcher], re.M), launcher
+
+
+@needs_namespaces
+def test_two_nodes_tokenize_like_one_process(cluster, tokenizers):
+    """preprocess on 2 nodes x 1 process (torchrun over pdsh, each node tokenizing its share of
+    the shards into its part, node 0 merging) = one process, record for record."""
+    from megatron_t2i.data.preprocess import preprocess
+    text_tok, image_tok = tokenizers
+    shards = write_shards(cluster["tmp"] / "shards", count=96, per_shard=16)
+    reference, out = str(cluster["tmp"] / "tok-one"), str(cluster["tmp"] / "tok-two-nodes")
+    preprocess(shards, reference, text_tok, image_tok, max_text_tokens=8, workers=1, progress=False)
+    args = cli(text_tok, image_tok, shards, out)[2:]  # after "-m megatron_t2i.cli.preprocess"
+    env = {**os.environ, **cluster["env"], "PROGRAM": "megatron_t2i/cli/preprocess.py",
+           "LAUNCHER": "torchrun", "MASTER_PORT": "29530"}
+    r = subprocess.run(["ip", "netns", "exec", cluster["ns"][0], str(LAUNCH), *args], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"^node1: .*rank 1: its share is in", r.stdout + r.stderr, re.M)
+    same_data_set(out, reference)
 
 
 def _pids_of_rank(marker: str, rank: int) -> list[int]:

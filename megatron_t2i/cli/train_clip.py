@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron_t2i.arguments import parse_args
 from megatron_t2i.data.images import BadInput, load_rgb
 from megatron_t2i.data.lmdb_store import TokenDataset
-from megatron_t2i.data.preprocess import list_sources, read_caption
+from megatron_t2i.data.sources import all_examples, read_caption
 from megatron_t2i.device import resolve_device
 from megatron_t2i.progress import progress_bar
 from megatron_t2i.tokenizers.clip import config_for
@@ -42,14 +42,14 @@ def load_pairs(input_path: str, text: TextTokenizer, image_size: int, max_text_t
             raise ValueError(f"--input {input_path}: a token data set whose source images "
                              f"({source}) are not here; give the images themselves")
         input_path = source
-    sources, listed_skips = list_sources(input_path)
-    pixels, captions, skipped = [], [], len(listed_skips)
-    for s in progress_bar(sources, desc="loading images", unit="img", disable=not progress):
+    pixels, captions, skipped = [], [], 0
+    for s in progress_bar(all_examples(input_path), desc="loading images", unit="img",
+                          disable=not progress):
         try:
             ids = text.encode(read_caption(s), max_text_tokens)
             if not ids:
                 raise BadInput("empty caption", "no tokens")
-            pixels.append(crop_square(load_rgb(s.image), image_size))
+            pixels.append(crop_square(load_rgb(s.image if s.data is None else s.data), image_size))
             captions.append(ids)
         except BadInput:
             skipped += 1

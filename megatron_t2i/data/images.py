@@ -7,6 +7,9 @@ Pillow's plain `convert("RGB")` is wrong for several valid inputs, so they are h
     a 16-bit image almost white);
   - CMYK: through the embedded ICC profile when there is one, else Pillow's formula;
   - EXIF orientation: applied, so photos are upright.
+
+Before decoding, the header's size is checked: more than `max_pixels` (a decompression bomb, or
+just too big to be worth it) or a shorter side below `min_side` is a counted skip.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from PIL import Image, ImageCms, ImageOps
 
 UNREADABLE = "unreadable image"
 UNSUPPORTED = "unsupported image mode"
+TOO_LARGE = "image too large"
+TOO_SMALL = "image too small"
+MAX_PIXELS = 64_000_000  # default limit: 8000 x 8000
 
 
 class BadInput(ValueError):
@@ -27,12 +33,24 @@ class BadInput(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode `path` completely (so truncation is caught here) and convert it to RGB."""
+def load_rgb(path: str | bytes, max_pixels: int = MAX_PIXELS, min_side: int = 0) -> Image.Image:
+    """Decode an image file (a path, or its bytes) completely, so truncation is caught here, and
+    convert it to RGB."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path if isinstance(path, str) else io.BytesIO(path)) as image:
+            w, h = image.size
+            if w * h > max_pixels:
+                raise BadInput(TOO_LARGE, f"{w}x{h} pixels, more than --max-image-pixels "
+                                          f"{max_pixels}")
+            if min(w, h) < min_side:
+                raise BadInput(TOO_SMALL, f"{w}x{h} pixels, a side below --min-image-side "
+                                          f"{min_side}")
             image.load()
             image = ImageOps.exif_transpose(image)
+    except BadInput:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow's own limit, met before ours is checked
+        raise BadInput(TOO_LARGE, str(e)) from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, zlib errors...
         raise BadInput(UNREADABLE, f"{type(e).__name__}: {e}") from None
     try:

@@ -1,7 +1,9 @@
 """Token data sets on LMDB: one record format, a resumable writer and a fork-safe reader.
 
 A published data set is an LMDB folder (`data.mdb`, `lock.mdb`) plus `layout.json` (the token
-layout, also in the metadata) and, when inputs were skipped, `skipped.tsv` (source key, reason).
+layout, also in the metadata), `report.json` (the preprocessing report of the metadata with every
+skipped input: {"file": source key, "reason": ...}) and, when inputs were skipped, `skipped.tsv`
+(source key, reason).
 
 Keys and values of a published data set:
 
@@ -65,6 +67,7 @@ _LOW_COUNT = struct.Struct("<I")  # version 2: number of low-resolution codes
 _CODE_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<i4")}
 _INITIAL_MAP_SIZE = 1 << 28   # 256 MiB; doubled whenever a transaction does not fit
 _PUBLISH_TXN_RECORDS = 10_000  # records per transaction while building the published index
+_SHARD_PREFIX = b"shard:"      # staging: finished input shards, in the main database
 
 
 RECORD_VERSIONS = (1, 2, 3)
@@ -263,9 +266,10 @@ class LMDBWriter:
                 keys.update(k.decode("utf-8") for k in txn.cursor(db=db).iternext(values=False))
         return keys
 
-    def add(self, records=(), skipped=(), counts: dict | None = None) -> None:
+    def add(self, records=(), skipped=(), counts: dict | None = None, shards=()) -> None:
         """Commit, in one transaction, encoded records [(key, value bytes)], skipped inputs
-        [(key, reason)] and increments of named counters (e.g. truncated captions)."""
+        [(key, reason)], increments of named counters (e.g. truncated captions) and the names of
+        input shards now finished (a re-run does not read them again)."""
         def work(txn):
             for k, v in records:
                 txn.put(k.encode("utf-8"), v, db=self.records)
@@ -275,7 +279,41 @@ class LMDBWriter:
                 total = Counter(json.loads(txn.get(b"counts") or b"{}"))
                 total.update(counts)
                 txn.put(b"counts", json.dumps(dict(total)).encode())
+            for name in shards:
+                txn.put(_SHARD_PREFIX + name.encode("utf-8"), b"1")
         _transact(self.env, work)
+
+    def done_shards(self) -> set[str]:
+        with self.env.begin() as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(_SHARD_PREFIX):
+                return set()
+            return {k[len(_SHARD_PREFIX):].decode("utf-8")
+                    for k in cursor.iternext(values=False) if k.startswith(_SHARD_PREFIX)}
+
+    def absorb(self, staging: str) -> None:
+        """Add everything another writer committed to its (closed) staging environment: how
+        the parts of a distributed run become one data set."""
+        env = lmdb.open(staging, readonly=True, lock=False, max_dbs=2)
+        try:
+            with env.begin() as txn:
+                if txn.get(b"config") is None or json.loads(txn.get(b"config")) != self.config:
+                    raise LayoutMismatchError(f"{staging}: a part written with another "
+                                              f"configuration; delete it to start over")
+                counts = json.loads(txn.get(b"counts") or b"{}")
+                for name, put in ((b"records", "records"), (b"skipped", "skipped")):
+                    cursor = txn.cursor(db=env.open_db(name, txn=txn, create=False))
+                    batch = []
+                    for k, v in cursor:
+                        batch.append((k.decode("utf-8"), bytes(v) if put == "records" else
+                                      bytes(v).decode("utf-8")))
+                        if len(batch) == _PUBLISH_TXN_RECORDS:
+                            self.add(**{put: batch})
+                            batch = []
+                    self.add(**{put: batch})
+        finally:
+            env.close()
+        self.add(counts=counts)
 
     def record_count(self) -> int:
         with self.env.begin() as txn:
@@ -313,7 +351,9 @@ class LMDBWriter:
         _put_all(final, batch + [(META_KEY, json.dumps(meta).encode())])  # metadata last
         final.sync(True)
         final.close()
-        extra = {"layout.json": json.dumps(self.config["layout"], indent=2)}
+        extra = {"layout.json": json.dumps(self.config["layout"], indent=2),
+                 "report.json": json.dumps(dict(meta["report"], skipped_records=[
+                     {"file": k, "reason": r} for k, r in skipped]), indent=2, ensure_ascii=False)}
         if skipped:
             extra["skipped.tsv"] = "".join(f"{k}\t{r}\n" for k, r in skipped)
         for name, text in extra.items():

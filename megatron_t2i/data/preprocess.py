@@ -1,26 +1,32 @@
-"""Images with captions -> token data set (LMDB), in parallel, resumable, robust to bad input.
+"""Images with captions -> token data set (LMDB): parallel, on many processes, resumable, robust.
 
     python -m megatron_t2i.cli.preprocess --input data/synthetic --output data/tokens \
         --text-tokenizer text.model --image-tokenizer vqvae.pt --image-size 64 --workers 8
+    torchrun --nproc-per-node 8 -m megatron_t2i.cli.preprocess --input 'shards/{00000..00999}.tar' ...
 
-Inputs (the source key of an example is its image path relative to the input's folder):
-  - a folder: every image (png, jpg, jpeg, webp, bmp, gif, tif, tiff) with a caption in a `.txt`
-    of the same stem beside it, searched recursively;
-  - a TSV file: `path<TAB>caption` per line, paths relative to the TSV's folder (an optional
-    first line `path<TAB>caption` is a header);
-  - a JSONL file: `{"path": ..., "caption": ...}` per line ("image" and "text" also accepted).
-The same image listed again (e.g. several captions) gets the key `path#1`, `path#2`...
+Inputs: folders, TSV, JSONL and webdataset / img2dataset shards (see sources.py).
 
-Worker processes read, convert (see images.py) and resize/crop the images and tokenize the
-captions; the main process encodes batches with the VQ-VAE and commits them (see lmdb_store.py).
-Killed at any point, a re-run of the same command continues where it stopped, and the result is
-identical to an uninterrupted run's; once finished, a re-run with the same settings keeps the
-data set (anything else already at --output is an error, never overwritten).
+Worker processes read and convert the images (images.py: EXIF orientation, every mode to RGB, a
+size limit against decompression bombs, a minimum side), fit them to the square (resize + centre
+crop, or pad with --image-fit pad) and tokenize the captions; the main process encodes batches
+with the VQ-VAE on its device and commits them (see lmdb_store.py). Killed at any point, a re-run
+of the same command continues where it stopped, and the result is identical to an uninterrupted
+run's; once finished, a re-run with the same settings keeps the data set (anything else already
+at --output is an error, never overwritten).
+
+Many processes (torchrun or the multi-node launcher set RANK and WORLD_SIZE): rank r of W takes
+every W-th shard (or every W-th listed input) starting at the r-th and writes it to its own
+staging environment `<out>.part<r>-of-<W>.partial`, then `<out>.part<r>-of-<W>.done`. Rank 0
+waits for every part, merges them into `<out>` (key order, so the data set equals one process's
+record for record) and removes them. The output's folder must be one that every rank reaches;
+each part has a single writer and is read only after it is closed. Finished shards are not read
+again on a re-run; one cut short continues after its last committed record. Rank 0's progress bar
+counts the images of all ranks (each rank leaves its count in `<part>.progress`).
 
 An input that cannot be used is skipped with a one-line warning naming it and the reason; the
 counts per reason are printed at the end and stored in the data set's metadata (`report`), the
-list in `skipped.tsv` inside the data set. Valid images in odd modes (RGBA, CMYK, grey, palette,
-16-bit) are converted, not skipped.
+list in `skipped.tsv` and the whole report, with every skipped (file, reason), in `report.json`
+inside the data set.
 
 With --sr-low-res each record also stores the codes of its image resized to half the side
 (S/2 px -> (grid/2)^2 codes, the same VQ-VAE): the low-resolution input of super-resolution
@@ -32,183 +38,117 @@ import json
 import logging
 import multiprocessing
 import os
-from collections import Counter
-from dataclasses import dataclass, replace
+import shutil
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
 
+import lmdb
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from megatron_t2i.data.images import BadInput, load_rgb
+from megatron_t2i.data.images import MAX_PIXELS, BadInput, load_rgb
 from megatron_t2i.data.lmdb_store import LMDBWriter, TokenDataset, dataset_config, encode_record
+from megatron_t2i.data.sources import (EMPTY_CAPTION, MISSING_IMAGE, Source, count_shard_images,
+                                       expand_shards, is_shards, list_sources, read_caption,
+                                       shard_examples, shard_names)
+from megatron_t2i.io_utils import read_json, write_json_atomic
 from megatron_t2i.progress import progress_bar
 from megatron_t2i.tokenizers.layout import TokenLayout
+from megatron_t2i.tokenizers.pixels import FITS
 from megatron_t2i.tokenizers.text import TextTokenizer
-from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer
+from megatron_t2i.tokenizers.vqvae import ImageTokenizer
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-# skip reasons (besides images.UNREADABLE and images.UNSUPPORTED)
-MISSING_IMAGE = "missing image"
-MISSING_CAPTION = "missing caption"
-EMPTY_CAPTION = "empty caption"
-NOT_UTF8 = "caption not UTF-8"
-MALFORMED = "malformed line"
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """How a real photo becomes the square the tokenizer reads (see images.py, pixels.py)."""
+    fit: str = "crop"               # crop: short side to S, centre crop; pad: long side, padded
+    max_pixels: int = MAX_PIXELS    # larger images are skipped (decompression bombs)
+    min_side: int | None = None     # smaller are skipped; None: a quarter of the image size
+
+    def resolved(self, image_size: int) -> "ImagePolicy":
+        if self.fit not in FITS:
+            raise ValueError(f"--image-fit {self.fit}: expected one of {', '.join(FITS)}")
+        if self.max_pixels < 1 or (self.min_side or 0) < 0:
+            raise ValueError("--max-image-pixels must be positive and --min-image-side >= 0")
+        side = max(1, image_size // 4) if self.min_side is None else self.min_side
+        return ImagePolicy(self.fit, self.max_pixels, side)
 
 
 @dataclass(frozen=True)
-class Source:
-    key: str                          # image path relative to the input's folder
-    image: str                        # path of the image file
-    caption: str | None = None        # the caption (TSV, JSONL) ...
-    caption_file: str | None = None   # ... or the file holding it (folder input)
+class ShardEnd:
+    """Marks the end of a shard in the stream of examples: committed together with its last
+    records, so a re-run skips the shard."""
+    name: str
 
 
-# ---- listing the inputs -------------------------------------------------------------------------
-def list_sources(input_path: str) -> tuple[list[Source], list[tuple[str, str, str]]]:
-    """-> (usable-looking sources, skipped [(key, reason, detail)]) of a folder, TSV or JSONL."""
-    if os.path.isdir(input_path):
-        return _list_folder(input_path)
-    if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"--input {input_path}: no such folder or file")
-    ext = os.path.splitext(input_path)[1].lower()
-    if ext not in (".tsv", ".jsonl"):
-        raise ValueError(f"--input {input_path}: expected a folder, a .tsv or a .jsonl file")
-    sources, skipped = [], []
-    root, name = os.path.dirname(os.path.abspath(input_path)), os.path.basename(input_path)
-    parse = _parse_tsv_line if ext == ".tsv" else _parse_jsonl_line
-    with open(input_path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                continue
-            try:
-                path, caption = parse(raw, lineno)
-            except ValueError as e:
-                skipped.append((f"{name}:{lineno}", MALFORMED, str(e)))
-                continue
-            if path is None:  # header
-                continue
-            key = os.path.normpath(path)
-            if caption is None:
-                skipped.append((key, NOT_UTF8, f"{name} line {lineno}"))
-                continue
-            sources.append(Source(key, os.path.join(root, path), caption=caption))
-    return _unique_keys(sources), skipped
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from a launcher's environment (torchrun, deepspeed, mpirun)."""
+    rank = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    world = os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
+    return int(rank), int(world)
 
 
-def _parse_tsv_line(raw: bytes, lineno: int):
-    """-> (path, caption or None if not UTF-8); (None, None) for a header."""
-    if b"\t" not in raw:
-        raise ValueError("expected path<TAB>caption")
-    path, caption = raw.split(b"\t", 1)
-    try:
-        path = path.decode("utf-8-sig" if lineno == 1 else "utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("path is not UTF-8") from None
-    if lineno == 1 and (path.lower(), caption.strip().lower()) in (("path", b"caption"),
-                                                                   ("image", b"text")):
-        return None, None
-    if not path:
-        raise ValueError("empty path")
-    try:
-        return path, caption.decode("utf-8")
-    except UnicodeDecodeError:
-        return path, None
-
-
-def _parse_jsonl_line(raw: bytes, lineno: int):
-    try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"not JSON ({e})") from None
-    path = obj.get("path", obj.get("image")) if isinstance(obj, dict) else None
-    caption = obj.get("caption", obj.get("text")) if isinstance(obj, dict) else None
-    if not isinstance(path, str) or not path or not isinstance(caption, str):
-        raise ValueError('expected {"path": str, "caption": str} (or "image"/"text")')
-    return path, caption
-
-
-def _unique_keys(sources: list[Source]) -> list[Source]:
-    seen = Counter()
-    out = []
-    for s in sources:
-        n = seen[s.key]
-        seen[s.key] += 1
-        out.append(replace(s, key=f"{s.key}#{n}") if n else s)
-    return out
-
-
-def _list_folder(root: str):
-    images, captions = {}, set()  # stem (relative, without extension) -> [relative image paths]
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if name.startswith("."):  # hidden files (.DS_Store, editor swap files) are not inputs
-                continue
-            rel = os.path.relpath(os.path.join(folder, name), root)
-            stem, ext = os.path.splitext(rel)
-            if ext.lower() in IMAGE_EXTENSIONS:
-                images.setdefault(stem, []).append(rel)
-            elif ext.lower() == ".txt":
-                captions.add(stem)
-    sources, skipped = [], []
-    for stem in sorted(images):
-        for rel in sorted(images[stem]):
-            if stem in captions:
-                sources.append(Source(rel, os.path.join(root, rel),
-                                      caption_file=os.path.join(root, stem + ".txt")))
-            else:
-                skipped.append((rel, MISSING_CAPTION, f"no {stem}.txt beside it"))
-    for stem in sorted(captions - set(images)):
-        skipped.append((stem + ".txt", MISSING_IMAGE, "caption without an image"))
-    return sources, skipped
-
-
-# ---- worker processes: read, convert, crop, tokenize --------------------------------------------
+# ---- worker processes: read, convert, fit, tokenize ---------------------------------------------
 _WORKER: dict = {}
 
 
-def _init_worker(text_tokenizer, image_config, image_size: int, max_text_tokens: int) -> None:
+def _init_worker(text_tokenizer, image_size: int, max_text_tokens: int, policy: ImagePolicy) -> None:
     torch.set_num_threads(1)
-    # Only the cropping of ImageTokenizer is used here; a model on the meta device has the config
-    # but no weights, so workers neither copy the VQ-VAE nor touch the accelerator.
-    with torch.device("meta"):
-        model = VQVAE(replace(image_config, image_size=image_size))
-    _WORKER.update(text=text_tokenizer, pixels=ImageTokenizer(model), max_text=max_text_tokens)
+    # Pillow refuses images above twice its own limit before ours is checked; ours decides
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, policy.max_pixels)
+    _WORKER.update(text=text_tokenizer, size=image_size, max_text=max_text_tokens, policy=policy)
 
 
-def read_caption(source: Source) -> str:
-    text = source.caption
-    if source.caption_file is not None:
-        try:
-            with open(source.caption_file, "rb") as f:
-                text = f.read().decode("utf-8-sig")
-        except FileNotFoundError:
-            raise BadInput(MISSING_CAPTION, f"{source.caption_file} disappeared") from None
-        except UnicodeDecodeError as e:
-            raise BadInput(NOT_UTF8, f"{source.caption_file}: {e}") from None
-    text = " ".join(text.split())  # one line, single spaces
-    if not text:
-        raise BadInput(EMPTY_CAPTION, "no text")
-    return text
-
-
-def _load_example(source: Source):
-    """-> ("ok", key, text_ids, truncated, pixels uint8 [3,S,S]) or ("skip", key, reason, detail)."""
+def _load_example(item):
+    """Source -> ("ok", key, text_ids, truncated, pixels uint8 [3,S,S]) or ("skip", key, reason,
+    detail); skips and shard ends decided while listing pass through."""
+    if not isinstance(item, Source):
+        return item
+    policy = _WORKER["policy"]
     try:
-        if not os.path.isfile(source.image):
-            raise BadInput(MISSING_IMAGE, f"{source.image} not found")
-        ids = _WORKER["text"].encode(read_caption(source))
+        if item.data is None and not os.path.isfile(item.image):
+            raise BadInput(MISSING_IMAGE, f"{item.image} not found")
+        ids = _WORKER["text"].encode(read_caption(item))
         if not ids:
             raise BadInput(EMPTY_CAPTION, "caption has no tokens")
-        pixels = _WORKER["pixels"].crop_uint8(load_rgb(source.image))
+        image = load_rgb(item.image if item.data is None else item.data, policy.max_pixels,
+                         policy.min_side)
+        pixels = FITS[policy.fit](image, _WORKER["size"])
     except BadInput as e:
-        return "skip", source.key, e.reason, e.detail
+        return "skip", item.key, e.reason, e.detail
     limit = _WORKER["max_text"]
-    return "ok", source.key, ids[:limit], len(ids) > limit, pixels.numpy()
+    return "ok", item.key, ids[:limit], len(ids) > limit, pixels.numpy()
+
+
+def _load_chunk(items: list) -> list:
+    return [_load_example(item) for item in items]
+
+
+def _ordered_map(pool, items, chunk: int, window: int):
+    """_load_example over `items` in order, in chunks on the pool, with at most `window` chunks
+    in flight: a stream of shards is read as fast as the workers go, never into memory whole
+    (Pool.imap would queue all of it)."""
+    if pool is None:
+        yield from map(_load_example, items)
+        return
+    pending, buf = deque(), []
+    for item in items:
+        buf.append(item)
+        if len(buf) == chunk:
+            pending.append(pool.apply_async(_load_chunk, (buf,)))
+            buf = []
+            if len(pending) >= window:
+                yield from pending.popleft().get()
+    if buf:
+        pending.append(pool.apply_async(_load_chunk, (buf,)))
+    while pending:
+        yield from pending.popleft().get()
 
 
 # ---- the main process ---------------------------------------------------------------------------
@@ -248,20 +188,26 @@ def load_image_tokenizer(path: str, device="cpu") -> ImageTokenizer:
             raise ours from None
 
 
+
 def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_text_tokens: int = 40,
                image_size: int | None = None, workers: int = 0, batch_size: int = 32,
                progress: bool = True, sr_low_res: bool = False,
-               image_positions: str = "fixed", clip=None, image_order: str = "raster") -> dict:
-    """Tokenize `input` into the data set `output`; returns the report (also in the metadata).
+               image_positions: str = "fixed", clip=None, image_order: str = "raster",
+               policy: ImagePolicy = ImagePolicy(), rank: int | None = None,
+               world_size: int | None = None) -> dict | None:
+    """Tokenize `input` into the data set `output`; returns the report (also in the metadata),
+    or None on a rank other than 0 of a distributed run (rank 0 merges and reports).
 
     text_tokenizer / image_tokenizer: objects or paths. image_size: pixels per side after
-    resize and centre crop (default: the image tokenizer's). workers: processes reading images
-    (0: in this process). batch_size: images per VQ-VAE batch and per committed transaction.
+    fitting (default: the image tokenizer's). workers: processes reading images (0: in this
+    process). batch_size: images per VQ-VAE batch and per committed transaction.
     sr_low_res: also store the codes of each image at half resolution (super-resolution data).
     image_positions, image_order: the layout's numbering of image positions and the order its
     sequences generate an image in (see TokenLayout; records keep raster codes). clip: a Clip
     (tokenizers/clip.py): each record also stores the unit CLIP embedding of its image as the
-    float array "clip_image" (what language-free training, --tasks clip2image, reads)."""
+    float array "clip_image" (what language-free training, --tasks clip2image, reads).
+    policy: fitting and size limits of the images. rank, world_size: this process's share
+    (default: from the launcher's environment)."""
     text_tok = TextTokenizer(text_tokenizer) if isinstance(text_tokenizer, str) else text_tokenizer
     image_tok = (load_image_tokenizer(image_tokenizer) if isinstance(image_tokenizer, str)
                  else image_tokenizer)
@@ -279,54 +225,246 @@ def preprocess(input: str, output: str, text_tokenizer, image_tokenizer, max_tex
                          f"{layout.image_grid}x{layout.image_grid}; half an image needs an even grid")
     low_res_grid = layout.image_grid // 2 if sr_low_res else 0
     config = dataset_config(layout, text_tok.sha256, image_tok.sha256, image_size, low_res_grid)
+    policy = policy.resolved(image_size)
+    if policy != ImagePolicy().resolved(image_size):  # (the default is left out, as before it existed)
+        config["image_policy"] = {"fit": policy.fit, "max_pixels": policy.max_pixels,
+                                  "min_side": policy.min_side}
     if clip is not None:
         if clip.tokens.text.sha256 != text_tok.sha256:
             raise ValueError("--clip: a CLIP trained with another text tokenizer than "
                              "--text-tokenizer")
         config["clip_tokenizer_sha256"] = clip.sha256  # records depend on it: resume checks it
+    rank, world = distributed_rank() if rank is None else (rank, world_size or 1)
+    shards = expand_shards(input) if is_shards(input) else None
+    names = shard_names(shards) if shards else None
     extend = os.path.isdir(output)
     if extend:
         _check_existing(output, config, input)
-    sources, listed_skips = list_sources(input)
-    if extend:
-        new = _new_inputs(output, input, sources, listed_skips)
+        meta = TokenDataset(output).meta
+        if shards:
+            _check_same_shards(output, input, names, meta)
+        new = [] if shards else _new_inputs(output, input)
         if not new:
-            meta = TokenDataset(output).meta
-            logger.info("%s is already complete (%d records of every input in %s); remove it to "
-                        "tokenize again", output, meta["count"], input)
-            return meta["report"]
+            if rank == 0:
+                logger.info("%s is already complete (%d records of every input in %s); remove it "
+                            "to tokenize again", output, meta["count"], input)
+            return meta["report"] if rank == 0 else None
+        if world > 1:
+            raise FileExistsError(f"{output}: adding the {len(new)} new inputs of --input {input} "
+                                  f"(e.g. {new[0]}) runs in one process; or choose another --output")
         logger.info("%s: %d new inputs in %s (e.g. %s); adding them (the data set is rebuilt "
                     "with them and replaced when complete)", output, len(new), input, new[0])
-    writer = LMDBWriter(output, config, extend=extend)
-    try:
-        done = writer.done_keys()
-        todo = [s for s in sources if s.key not in done]
-        pending_skips = [(k, r) for k, r, _ in listed_skips if k not in done]
-        for key, reason, detail in listed_skips:
-            if key not in done:
-                logger.warning("skipped %s: %s (%s)", key, reason, detail)
-        if done:
-            logger.info("resuming %s: %d of %d inputs already done", writer.staging, len(done),
-                        len(sources) + len(listed_skips))
-        _run(writer, todo, pending_skips, text_tok, image_tok, layout, image_size, workers,
-             batch_size, progress, low_res_grid > 0, clip)
-        if not writer.record_count():
-            raise ValueError(f"--input {input}: no usable example (skipped: "
-                             f"{dict(Counter(r for _, r in writer.skipped_items()))})")
-        # where the tokenizers were, so training can copy them beside its checkpoints
-        tokenizers = {f"{name}_tokenizer_path": os.path.abspath(path) for name, path in
-                      (("text", text_tok.model_path), ("image", image_tok.path),
-                       ("clip", getattr(clip, "path", None))) if path}
-        meta = writer.publish({"input": os.path.abspath(input),
-                               "sources": len(sources) + len(listed_skips), **tokenizers})
-    finally:
-        writer.close()
+    run = _Run(text_tok, image_tok, layout, image_size, workers, batch_size, policy,
+               low_res_grid > 0, clip)
+    report = {"input": os.path.abspath(input), **({"shards": names} if shards else {}),
+              **_tokenizer_paths(text_tok, image_tok, clip)}
+    if world == 1:
+        writer = LMDBWriter(output, config, extend=extend)
+        try:
+            run(writer, _share(writer, input, shards, names, 0, 1), _Progress(progress))
+            return _publish(writer, input, report)
+        finally:
+            writer.close()
+    parts = [f"{os.path.abspath(output)}.part{r}-of-{world}" for r in range(world)]
+    if not os.path.isfile(parts[rank] + ".done"):
+        writer = LMDBWriter(parts[rank], config)
+        try:
+            run(writer, _share(writer, input, shards, names, rank, world),
+                _Progress(progress and rank == 0, parts, rank))
+            write_json_atomic(parts[rank] + ".done", {"records": writer.record_count()})
+        finally:
+            writer.close()
+    if rank != 0:
+        logger.info("rank %d: its share is in %s.partial; rank 0 merges the parts", rank,
+                    parts[rank])
+        return None
+    _Progress(progress, parts, None).wait([p + ".done" for p in parts])
+    return _merge(output, config, parts, input, report)
+
+
+def _tokenizer_paths(text_tok, image_tok, clip) -> dict:
+    """Where the tokenizers were, so training can copy them beside its checkpoints."""
+    return {f"{name}_tokenizer_path": os.path.abspath(path) for name, path in
+            (("text", text_tok.model_path), ("image", image_tok.path),
+             ("clip", getattr(clip, "path", None))) if path}
+
+
+def _publish(writer: LMDBWriter, input: str, report: dict) -> dict:
+    if not writer.record_count():
+        raise ValueError(f"--input {input}: no usable example (skipped: "
+                         f"{dict(Counter(r for _, r in writer.skipped_items()))})")
+    sources = writer.record_count() + len(writer.skipped_items())
+    meta = writer.publish(dict(report, sources=sources))
     report = meta["report"]
     logger.info("wrote %d records to %s (layout.json inside); skipped %d: %s", report["written"],
-                os.path.abspath(output), report["skipped_total"], report["skipped"] or "none")
+                writer.out, report["skipped_total"], report["skipped"] or "none")
     if report["skipped_total"]:
-        logger.info("skipped inputs listed in %s", os.path.join(os.path.abspath(output), "skipped.tsv"))
+        logger.info("skipped inputs (file, reason) listed in %s",
+                    os.path.join(writer.out, "report.json"))
     return report
+
+
+def _merge(output: str, config: dict, parts: list[str], input: str, report: dict) -> dict:
+    """Rank 0: the finished parts -> the data set at `output`, then the parts are removed."""
+    staging = os.path.abspath(output) + ".partial"
+    if os.path.exists(staging):  # a one-process run's, or a merge cut short: both superseded
+        logger.warning("removing %s: the parts of this distributed run replace it", staging)
+        shutil.rmtree(staging)
+    writer = LMDBWriter(output, config)
+    try:
+        for part in parts:
+            writer.absorb(part + ".partial")
+        report = _publish(writer, input, report)
+    finally:
+        writer.close()
+    for part in parts:
+        shutil.rmtree(part + ".partial")
+        for suffix in (".done", ".progress"):
+            if os.path.exists(part + suffix):
+                os.remove(part + suffix)
+    return report
+
+
+def _share(writer: LMDBWriter, input: str, shards, names, rank: int, world: int):
+    """-> (this rank's examples not done yet: Sources, skips and ShardEnds; their count)."""
+    done = writer.done_keys()
+    if shards is None:
+        sources, listed_skips = list_sources(input)
+        items = [s for s in sources] + [("skip", *skip) for skip in listed_skips]
+        items = sorted(items, key=_key)[rank::world]
+        todo = [item for item in items if _key(item) not in done]
+        if done:
+            logger.info("resuming %s: %d of %d inputs already done", writer.staging,
+                        len(items) - len(todo), len(items))
+        return todo, len(todo)
+    finished = writer.done_shards()
+    mine = [(path, name) for i, (path, name) in enumerate(zip(shards, names))
+            if i % world == rank and name not in finished]
+    if finished:
+        logger.info("resuming %s: %d shards done, %d to go", writer.staging, len(finished), len(mine))
+    total = sum(count_shard_images(path) for path, _ in mine)
+    total -= sum(1 for k in done if any(k.startswith(name + "/") for _, name in mine))
+
+    def stream():
+        for path, name in mine:
+            yield from (item for item in shard_examples(path, name) if _key(item) not in done)
+            yield ShardEnd(name)
+    return stream(), max(total, 0)
+
+
+def _key(item) -> str:
+    return item.key if isinstance(item, Source) else item[1]
+
+
+class _Run:
+    """Tokenizes a stream of examples into a writer: workers load, this process encodes."""
+
+    def __init__(self, text_tok, image_tok, layout, image_size, workers, batch_size, policy,
+                 sr_low_res, clip):
+        self.image_tok, self.layout, self.clip = image_tok, layout, clip
+        self.workers, self.batch_size, self.sr_low_res = workers, batch_size, sr_low_res
+        self.init = (text_tok, image_size, layout.max_text_tokens, policy)
+
+    def encode(self, batch) -> list:
+        codes = _encode(self.image_tok, [pixels for _, _, pixels in batch])
+        lows = (_encode(self.image_tok, [half_resolution(p) for _, _, p in batch])
+                if self.sr_low_res else [None] * len(batch))
+        arrays = ([{"clip_image": e} for e in _clip_embed(self.clip, [p for *_, p in batch])]
+                  if self.clip is not None else [None] * len(batch))
+        return [(key, encode_record(ids, c, key, self.layout.num_image_codes, low, a))
+                for (key, ids, _), c, low, a in zip(batch, codes, lows, arrays)]
+
+    def __call__(self, writer: LMDBWriter, share, bar: "_Progress") -> None:
+        items, total = share
+        batch, skipped, truncated, n_skipped = [], [], 0, 0
+
+        def flush(shards=()):
+            nonlocal batch, skipped, truncated
+            writer.add(self.encode(batch) if batch else [], skipped,
+                       counts={"truncated_captions": truncated}, shards=shards)
+            batch, skipped, truncated = [], [], 0
+
+        pool = (multiprocessing.Pool(self.workers, _init_worker, self.init)
+                if self.workers > 0 else None)
+        if pool is None:
+            _init_worker(*self.init)
+        bar.start(total)
+        try:
+            with logging_redirect_tqdm():
+                for result in _ordered_map(pool, items, chunk=8, window=4 * max(1, self.workers)):
+                    if isinstance(result, ShardEnd):
+                        flush(shards=[result.name])
+                        continue
+                    bar.update()
+                    if result[0] == "skip":
+                        _, key, reason, detail = result
+                        n_skipped += 1
+                        logger.warning("skipped %s: %s (%s) [%d skipped so far]", key, reason,
+                                       detail, n_skipped)
+                        skipped.append((key, reason))
+                        continue
+                    _, key, ids, was_truncated, pixels = result
+                    batch.append((key, ids, pixels))
+                    truncated += was_truncated
+                    if len(batch) == self.batch_size:
+                        flush()
+                flush()
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+
+
+class _Progress:
+    """A bar over images. In a distributed run every rank leaves its count in `<part>.progress`
+    and rank 0's bar (shown with `show`) sums them, so its rate and ETA are the whole job's."""
+
+    def __init__(self, show: bool, parts: list[str] | None = None, rank: int | None = None):
+        self.show, self.parts, self.rank = show, parts, rank
+        self.count, self.total, self.last, self.bar = 0, 0, 0.0, None
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.bar = progress_bar(total=total, unit="img", desc="preprocess", disable=not self.show,
+                                dynamic_ncols=True)
+        self._report(force=True)
+
+    def update(self) -> None:
+        self.count += 1
+        if self.parts is None:
+            self.bar.update()
+        else:
+            self._report()
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.parts is None or (now - self.last < 1 and not force):
+            return
+        self.last = now
+        if self.rank is not None:
+            write_json_atomic(self.parts[self.rank] + ".progress",
+                              {"done": self.count, "total": self.total})
+        if self.show:
+            counts = [read_json(p + ".progress") if os.path.isfile(p + ".progress") else {}
+                      for p in self.parts]
+            self.bar.total = sum(c.get("total", 0) for c in counts)
+            self.bar.update(sum(c.get("done", 0) for c in counts) - self.bar.n)
+
+    def wait(self, done_files: list[str]) -> None:
+        """Rank 0: until every rank has finished its part, with the bar still moving."""
+        self.start(0)
+        try:
+            while not all(os.path.isfile(f) for f in done_files):
+                self._report(force=True)
+                time.sleep(1)
+            self._report(force=True)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._report(force=True)
+        self.bar.close()
 
 
 def _check_existing(output: str, config: dict, input: str) -> None:
@@ -345,9 +483,20 @@ def _check_existing(output: str, config: dict, input: str) -> None:
                               f"remove it or choose another --output")
 
 
-def _new_inputs(output: str, input: str, sources: list[Source], listed_skips) -> list[str]:
+def _check_same_shards(output: str, input: str, names: list[str], meta: dict) -> None:
+    """A data set of shards is kept only if made from the same shards; it is not extended (a
+    shard's examples are known only by reading it)."""
+    made_from = meta.get("report", {}).get("shards") or []
+    if sorted(made_from) != sorted(names):
+        raise FileExistsError(f"{output} was made from {len(made_from)} other shards than the "
+                              f"{len(names)} of --input {input}; remove it or choose another "
+                              f"--output")
+
+
+def _new_inputs(output: str, input: str) -> list[str]:
     """Keys of `input` that the data set at `output` has neither written nor skipped. Inputs it
     holds that are no longer listed are an error: a data set only grows."""
+    sources, listed_skips = list_sources(input)
     dataset = TokenDataset(output)
     done = {dataset[i].key for i in range(len(dataset))}
     listing = os.path.join(output, "skipped.tsv")
@@ -361,54 +510,3 @@ def _new_inputs(output: str, input: str, sources: list[Source], listed_skips) ->
                               f"in --input {input} (e.g. {gone[0]}); "
                               f"remove {output} to tokenize again")
     return sorted(listed - done)
-
-
-def _run(writer, todo, skipped, text_tok, image_tok, layout, image_size, workers, batch_size,
-         progress, sr_low_res: bool = False, clip=None) -> None:
-    batch, truncated, n_skipped = [], 0, len(skipped)
-
-    def flush():
-        nonlocal batch, skipped, truncated
-        records = []
-        if batch:
-            codes = _encode(image_tok, [pixels for _, _, pixels in batch])
-            lows = _encode(image_tok, [half_resolution(pixels) for _, _, pixels in batch]) \
-                if sr_low_res else [None] * len(batch)
-            arrays = [{"clip_image": e} for e in _clip_embed(clip, [p for *_, p in batch])] \
-                if clip is not None else [None] * len(batch)
-            records = [(key, encode_record(ids, c, key, layout.num_image_codes, low, a))
-                       for (key, ids, _), c, low, a in zip(batch, codes, lows, arrays)]
-        writer.add(records, skipped, counts={"truncated_captions": truncated})
-        batch, skipped, truncated = [], [], 0
-
-    init = (text_tok, image_tok.config, image_size, layout.max_text_tokens)
-    pool = multiprocessing.Pool(workers, _init_worker, init) if workers > 0 else None
-    if pool is None:
-        _init_worker(*init)
-    try:
-        if pool is None:
-            results = map(_load_example, todo)
-        else:  # chunks amortise the IPC; small enough that every worker gets some
-            chunk = max(1, min(16, len(todo) // (4 * workers)))
-            results = pool.imap_unordered(_load_example, todo, chunksize=chunk)
-        bar = progress_bar(results, total=len(todo), unit="img", desc="preprocess",
-                           disable=not progress, dynamic_ncols=True)
-        with logging_redirect_tqdm():
-            for result in bar:
-                if result[0] == "skip":
-                    _, key, reason, detail = result
-                    n_skipped += 1
-                    logger.warning("skipped %s: %s (%s) [%d skipped so far]", key, reason, detail,
-                                   n_skipped)
-                    skipped.append((key, reason))
-                    continue
-                _, key, ids, was_truncated, pixels = result
-                batch.append((key, ids, pixels))
-                truncated += was_truncated
-                if len(batch) == batch_size:
-                    flush()
-            flush()
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()

@@ -1,4 +1,4 @@
-"""Train the image tokenizer (VQ-VAE) on a folder of images or a list of PIL images.
+"""Train the image tokenizer (VQ-VAE) on a folder of images, shards or a list of PIL images.
 
     python -m megatron_t2i.cli.train_vqvae --input images/ --image-tokenizer vqvae.pt
 
@@ -17,6 +17,8 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
+from megatron_t2i.data.images import BadInput, load_rgb
+from megatron_t2i.data.sources import all_examples, is_shards
 from megatron_t2i.progress import progress_bar
 from megatron_t2i.tokenizers.vqvae import VQVAE, ImageTokenizer, VQVAEConfig, code_usage, psnr
 
@@ -34,8 +36,16 @@ def list_images(folder: str) -> list[str]:
 
 
 def load_pixels(images, tokenizer: ImageTokenizer) -> torch.Tensor:
-    """A folder or a list of PIL images -> uint8 [N, 3, S, S], resized and centre-cropped."""
-    if isinstance(images, (str, os.PathLike)):
+    """A folder, webdataset shards or a list of PIL images -> uint8 [N, 3, S, S], resized and
+    centre-cropped."""
+    if isinstance(images, str) and is_shards(images):
+        crops = []
+        for source in progress_bar(all_examples(images), desc="loading images", unit="img"):
+            try:
+                crops.append(tokenizer.crop_uint8(load_rgb(source.data)))
+            except BadInput:
+                pass  # counted and named when the shards are tokenized
+    elif isinstance(images, (str, os.PathLike)):
         paths, crops = list_images(str(images)), []
         for path in progress_bar(paths, desc="loading images", unit="img",
                                  disable=len(paths) < 1000):

@@ -133,6 +133,7 @@ def other_captions(found: list[dict], wanted: list[dict], shift: int) -> dict | 
 # ---- the two modes -------------------------------------------------------------------------------
 def evaluate_checkpoint(args, reader=None) -> dict:
     from megatron_t2i.data.loader import open_dataset, split_indices
+    from megatron_t2i.generation.guidance import resolve_guidance
     from megatron_t2i.generation.loading import build_context
     from megatron_t2i.evaluation.clip_metrics import clip_figures
     from megatron_t2i.generation.scoring import (caption_log_likelihood, image_log_likelihood,
@@ -144,6 +145,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
         raise ValueError(f"--rerank-top {args.rerank_top} exceeds --samples-per-prompt {k}")
     config = generation_config(args, samples=k)  # text2image draws `samples` per query
     ctx = build_context(load_config(args))
+    config = resolve_guidance(ctx, config)
     conditioned = bool(ctx.config.condition_slots)  # language-free: no caption direction
     denoiser = bool(ctx.config.latent_channels)     # diffusion: no likelihoods either
     ranked_by = rerank_kind(ctx, config.rerank_by)
@@ -196,7 +198,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
                    "prompt_count": len(prompts), "samples_per_prompt": k, "image_size": size,
                    "sampling": (f"{args.sampler}, {args.diffusion_steps} steps" if denoiser else
                                 f"temperature {args.temperature}, top-k {args.top_k}, top-p "
-                                f"{args.top_p}") + f", cfg-scale {args.cfg_scale}, seed {args.seed}",
+                                f"{args.top_p}") + f", cfg-scale {config.cfg_scale:g}, seed {args.seed}",
                    "reranked": f"best {args.rerank_top} of {k} by {ranked_by} score"
                                if args.rerank_top else None,
                    "condition": "CLIP text embedding of the caption (language-free model)"

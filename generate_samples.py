@@ -83,9 +83,11 @@ def main(argv=None) -> int:
         run = task_function(args.task)
         init_parallel(args)
         config = generation_config(args)
+        from megatron_t2i.generation.guidance import resolve_guidance
         from megatron_t2i.generation.loading import build_context
         with torch.no_grad():
             ctx = build_context(load_config(args))
+            config = resolve_guidance(ctx, config)
             if ctx.config.latent_channels and registry.get(args.task).name != "text2image":
                 raise ValueError(f"--task {args.task} needs an autoregressive model; this "
                                  f"checkpoint is a denoiser (--tasks diffusion), which draws "

@@ -47,6 +47,17 @@ def _positive_int(text):
     return value
 
 
+def _float_list(text):
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") \
+            from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
+    return values
+
+
 def _fraction(text):
     try:
         value = float(text)
@@ -289,9 +300,15 @@ def add_generation_args(parser):
     g.add_argument("--debug", action="store_true", help="write one grid per query")
     g.add_argument("--task", default="text2image", choices=list(registry.REGISTRY),
                    help="generation task (default: %(default)s)")
-    g.add_argument("--cfg-scale", type=float, default=0.0,
+    g.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance: logits + s * (logits - unconditional logits); "
-                        "0 disables it (default: %(default)s)")
+                        "0 disables it (default: the scale chosen on held-out captions for the "
+                        "checkpoint, recorded in its guidance.json by python -m "
+                        "megatron_t2i.cli.choose_guidance, which pretrain_single_node.sh runs; "
+                        "else 0)")
+    g.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
+                   help="which checkpoint of a --load save folder: the newest, or the best by "
+                        "held-out loss (default: %(default)s)")
     g.add_argument("--decoding", choices=("auto", *IMAGE_ORDERS), default="auto",
                    help="text->image decoding: raster (one code per step, KV-cached) or lshape "
                         "(Lformer: an h x h grid in h block-parallel steps); it must be the order "
@@ -305,6 +322,9 @@ def add_generation_args(parser):
     g.add_argument("--sampler", choices=("dpm-solver++", "ddim"), default="dpm-solver++",
                    help="a denoiser's sampler, diffusers' DPMSolverMultistepScheduler (flow "
                         "sigmas) or DDIMScheduler (default: %(default)s)")
+    g.add_argument("--guidance-scales", type=_float_list, default=(0.0, 1.0, 2.0, 3.0, 5.0),
+                   metavar="S,S,...",
+                   help="choose_guidance: the scales tried (default: 0,1,2,3,5)")
     g.add_argument("--no-ema", dest="ema", action="store_false",
                    help="sample with the trained weights, not their moving average (saved by "
                         "--ema-decay)")
@@ -411,7 +431,7 @@ def validate(args, outputs=()) -> None:
         raise ArgumentError("--clip-model needs --clip-checkpoint FILE (weights are never "
                             "downloaded)")
     for flag in ("top_k", "cfg_scale", "rerank_top", "beam_size", "top", "keep_checkpoints"):
-        if a.get(flag, 0) < 0:
+        if (a.get(flag) or 0) < 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 0, got {a[flag]}")
     if a.get("batch_size", 0) > MAX_SAMPLES_PER_QUERY:
         raise ArgumentError(f"--batch-size {args.batch_size}: at most {MAX_SAMPLES_PER_QUERY} "
@@ -445,7 +465,7 @@ def train_config(args) -> TrainConfig:
 def load_config(args) -> LoadConfig:
     return LoadConfig(args.load, args.device, "fp16" if args.fp16 else "bf16" if args.bf16 else None,
                       args.offload, args.trust_checkpoint, args.text_tokenizer, args.image_tokenizer,
-                      args.clip, args.ema)
+                      args.clip, args.ema, args.checkpoint)
 
 
 def generation_config(args, **changes) -> GenerationConfig:

@@ -29,9 +29,12 @@ Environment variables (defaults in brackets):
   TRAIN_ITERS          optimiser steps [4500: about 20 minutes on 2 CPU cores]
   MICRO_BATCH_SIZE     sequences per process per micro-batch [8]
   LR                   peak learning rate [2e-3]
-  DROPOUT              hidden and attention dropout [0: the demo is far from overfitting]
+  DROPOUT              hidden and attention dropout [by the data set's size: 0 from 5000 records
+                       (the demo is far from overfitting), else 0.1]
   TEXT_DROPOUT         share of text->image samples without their caption, which classifier-free
                        guidance (--cfg-scale) needs [0.1]
+  CHOOSE_GUIDANCE      after training, choose the guidance scale generation uses by default on
+                       8 held-out captions (megatron_t2i.cli.choose_guidance) [1]
   MASTER_PORT          rendezvous port [29500]
   LAUNCHER             torchrun or deepspeed [torchrun]
 EOF
@@ -49,10 +52,10 @@ TASKS=${TASKS:-text2image:3,image2text:1}
 TRAIN_ITERS=${TRAIN_ITERS:-4500}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-8}
 LR=${LR:-2e-3}
-DROPOUT=${DROPOUT:-0}
 TEXT_DROPOUT=${TEXT_DROPOUT:-0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 LAUNCHER=${LAUNCHER:-torchrun}
+CHOOSE_GUIDANCE=${CHOOSE_GUIDANCE:-1}
 
 gpus=$(gpu_count)
 if [[ -z "${NUM_GPUS_PER_WORKER:-}" ]]; then
@@ -78,6 +81,14 @@ if [[ ! -d "$DATA_PATH" && "$DATA_PATH" == "$DATA_DIR/tokens.lmdb" ]]; then
   DATA_DIR=$DATA_DIR OUTPUT=$DATA_PATH "$ROOT/scripts/preprocess.sh"
 fi
 
+if [[ -z "${DROPOUT:-}" ]]; then
+  # shellcheck disable=SC2086  # DATA_PATH may name several data sets
+  records=$("$PY" -c 'import sys; from megatron_t2i.data.loader import open_dataset
+print(len(open_dataset(sys.argv[1:])[0]))' $DATA_PATH 2>/dev/null || echo 0)
+  if (( records >= 5000 )); then DROPOUT=0; else DROPOUT=0.1; fi
+  echo "== DROPOUT $DROPOUT (the data set holds $records records; set DROPOUT to choose)"
+fi
+
 args=(--model-size "$MODEL_SIZE" --data-path "$DATA_PATH" --save "$SAVE"
       --tensor-model-parallel-size "$MP_SIZE" --pipeline-model-parallel-size "$PP_SIZE"
       --deepspeed_config "$DS_CONFIG" --distributed-backend "$backend"
@@ -96,6 +107,14 @@ case "$LAUNCHER" in
       pretrain.py "${args[@]}" "$@" ;;
   *) echo "pretrain_single_node.sh: LAUNCHER must be torchrun or deepspeed, got $LAUNCHER" >&2; exit 2 ;;
 esac
+
+if (( CHOOSE_GUIDANCE )) && (( MP_SIZE * PP_SIZE == 1 )); then
+  echo "== choosing the default guidance scale on held-out captions"
+  # shellcheck disable=SC2086  # DATA_PATH may name several data sets
+  "$PY" -m megatron_t2i.cli.choose_guidance --load "$SAVE" --data-path $DATA_PATH \
+    --num-prompts 8 --samples-per-prompt 4 \
+    || echo "note: no guidance scale chosen (see above); generation defaults to --cfg-scale 0"
+fi
 
 cat <<EOF
 

@@ -51,6 +51,8 @@ METHOD=${METHOD:-caption}
 TRAIN_FLAGS=()  # extra pretrain.py flags of a method
 CLIP=""         # the CLIP a method trains first
 export DATA_DIR=${DATA_DIR:-$ROOT/data}
+# the quickstart samples with its own CFG_SCALE, so training need not choose one
+export CHOOSE_GUIDANCE=${CHOOSE_GUIDANCE:-0}
 case "$METHOD" in
   caption)
     export SAVE=${SAVE:-$ROOT/checkpoints/demo}

@@ -23,6 +23,7 @@ class LoadConfig:
     image_tokenizer: str | None = None
     clip: str | None = None                # a CLIP trained here (default: the stored one)
     ema: bool = True                       # the moving average of the weights, if saved
+    checkpoint: str = "latest"             # of a --save folder: latest, or best by held-out loss
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class GenerationConfig:
     samples: int = 4                       # per query (--batch-size)
     max_inference_batch_size: int = 8      # rows drawn together
     sampling: SamplingConfig = SamplingConfig()
-    cfg_scale: float = 0.0
+    cfg_scale: float | None = None         # None: the checkpoint's chosen scale, else 0 (guidance.py)
     seed: int = 1234
     use_cache: bool = True
     rerank_top: int = 0                    # keep the best K of `samples`, scored by:

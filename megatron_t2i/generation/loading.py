@@ -23,7 +23,7 @@ from megatron_t2i.generation.config import LoadConfig
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.safe_load import check_state_dict, deepspeed_safe_globals, load_torch_file
 from megatron_t2i.tokenizers.layout import TokenLayout
-from megatron_t2i.training.checkpoint import TOKENIZER_FILES, CheckpointError
+from megatron_t2i.training.checkpoint import TOKENIZER_FILES, CheckpointError, checkpoint_folder
 from megatron_t2i.training.convert import (check_finite, model_file, read_info,
                                            read_verified_info)
 from megatron_t2i.training.ema import module_weights
@@ -166,6 +166,7 @@ class GenerationContext:
     device: torch.device
     is_writer: bool
     clip: object | None = None       # Clip (tokenizers/clip.py), on every rank, when there is one
+    folder: str = ""                 # the checkpoint folder loaded (iter_XXXXXXX)
 
     def encode_image_file(self, path: str) -> list[int]:
         """An image file -> its codes [grid^2] under the checkpoint's VQ-VAE (on the writer)."""
@@ -186,7 +187,8 @@ def build_context(load: LoadConfig) -> GenerationContext:
         raise ValueError("--load DIR is required: a checkpoint folder (./scripts/"
                          "pretrain_single_node.sh writes checkpoints/demo)")
     device = resolve_device(load.device)
-    model, config, layout, stored = load_model(load.load, device, DTYPES[load.dtype], load.offload,
+    folder = checkpoint_folder(load.load, load.checkpoint)
+    model, config, layout, stored = load_model(folder, device, DTYPES[load.dtype], load.offload,
                                                load.trust_checkpoint, load.ema)
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
     # a denoiser's samples become codes on every rank (its codebook snaps them)
@@ -197,7 +199,7 @@ def build_context(load: LoadConfig) -> GenerationContext:
     if clip and config.condition_slots and clip.config.embed_dim != config.condition_dim:
         raise ValueError(f"--clip {clip.path}: embeddings of {clip.config.embed_dim} values, this "
                          f"checkpoint's condition takes {config.condition_dim} (another CLIP)")
-    return GenerationContext(model, config, layout, text, image, device, is_writer, clip)
+    return GenerationContext(model, config, layout, text, image, device, is_writer, clip, folder)
 
 
 def load_clip(path: str | None, text_tokenizer, device, required: bool = False,

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 
 from megatron_t2i.generation.config import GenerationConfig
+from megatron_t2i.generation.guidance import recorded_guidance
 from megatron_t2i.generation.io import save_image
 from megatron_t2i.generation.sampling import SamplingConfig
 from megatron_t2i.generation.scoring import ranked, rerank_kind
@@ -204,8 +205,11 @@ def build_app(contexts: dict, limits: DemoLimits, output_dir: str,
                 top_k = gr.Number(200, precision=0, label="Top-k (0: all)", elem_id="top-k")
                 top_p = gr.Slider(0.0, 0.99, value=0.0, step=0.01, label="Top-p (0: all)",
                                   elem_id="top-p")
-                cfg_scale = gr.Slider(0.0, 10.0, value=0.0, step=0.5,
-                                      label="Guidance scale (0: none)", elem_id="cfg-scale")
+                chosen = recorded_guidance(contexts[names[0]].folder) or {"cfg_scale": 0.0}
+                cfg_scale = gr.Slider(0.0, 10.0, value=chosen["cfg_scale"], step=0.5,
+                                      label="Guidance scale (0: none; preset: the checkpoint's "
+                                            "choice on held-out captions, if any)",
+                                      elem_id="cfg-scale")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown(elem_id="status")
         with gr.Row():

@@ -97,6 +97,21 @@ def read_latest(load_dir: str, which: str = LATEST) -> str:
     return tag
 
 
+def checkpoint_folder(load_dir: str, which: str = LATEST) -> str:
+    """The checkpoint folder (iter_XXXXXXX) that `which` (latest or best) of a --save folder
+    names; a checkpoint folder itself is taken as it is (for latest)."""
+    if which not in (LATEST, BEST):
+        raise ValueError(f"--checkpoint {which}: expected {LATEST} or {BEST}")
+    if os.path.isfile(os.path.join(load_dir, "meta.json")):
+        if which == BEST:
+            raise CheckpointError(f"--load {load_dir} is one checkpoint; --checkpoint best needs "
+                                  f"its --save folder ({os.path.dirname(os.path.abspath(load_dir))})")
+        return load_dir
+    if which == LATEST and not os.path.isfile(os.path.join(load_dir, LATEST)):
+        return load_dir  # not ours: the loader says what it is
+    return os.path.join(load_dir, read_latest(load_dir, which))
+
+
 def published_tags(save_dir: str) -> list[str]:
     """The complete checkpoint folders of save_dir, oldest first."""
     names = os.listdir(save_dir) if os.path.isdir(save_dir) else []

@@ -174,10 +174,11 @@ def pipeline_inputs(batch: dict, condition_dim: int = 0) -> tuple:
 class Trainer:
     def __init__(self, config, engine, model_config, layout, dataset, train_idx, eval_idx,
                  writer, reference, objective, start_iteration: int = 0, consumed: int = 0,
-                 latent_table=None, ema=None):
+                 latent_table=None, ema=None, best_eval=None):
         """config: TrainConfig; reference: the MFU denominator (flops.MatmulReference);
         latent_table: a denoiser's scaled codebook latents [K, d] (data/latents.py); ema: the
-        moving average of the weights (training/ema.py), updated after every step."""
+        moving average of the weights (training/ema.py), updated after every step; best_eval:
+        (iteration, held-out loss) of the best evaluation so far (resumed from the checkpoint)."""
         self.cfg, self.engine, self.config, self.layout = config, engine, model_config, layout
         self.ema = ema
         self.writer, self.reference, self.objective = writer, reference, objective
@@ -201,6 +202,8 @@ class Trainer:
         self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
         self.work = [0, 0.0]  # tokens fed and their model FLOPs on this replica, since the last log
         self.last_eval = (-1, None)  # (iteration, held-out loss) of the latest evaluation
+        self.best_eval = tuple(best_eval) if best_eval else None
+        self.rise_explained = False  # the first warning of a rising held-out loss says why
 
     # ---- one optimiser step ------------------------------------------------------------------
     def train_step(self):
@@ -292,9 +295,28 @@ class Trainer:
             with open(os.path.join(self.writer.log_dir, METRICS_FILE), "a") as f:
                 f.write(json.dumps({"iteration": self.iteration, **values}) + "\n")
 
+    def track_best(self, loss: float) -> bool:
+        """Note a held-out loss; True when it is the best so far (the trainer then saves, so
+        `best` names it). Says so when the loss has risen above its best: overfitting."""
+        best = self.best_eval
+        if best is not None and loss >= best[1]:
+            if self.is_logger and loss > best[1] * (1 + RISE_WARNING):
+                logger.warning(
+                    "held-out loss %.4f at iteration %d is %.1f%% above its best, %.4f at "
+                    "iteration %d%s", loss, self.iteration, 100 * (loss / best[1] - 1), best[1],
+                    best[0], "" if self.rise_explained else
+                    ": the model is overfitting its training data (or the learning rate is too "
+                    "high). The best checkpoint is kept as `best` (sample it with --checkpoint "
+                    "best); more data, more --hidden-dropout or --weight-decay, or fewer "
+                    "--train-iters help")
+                self.rise_explained = True
+            return False
+        self.best_eval = (self.iteration, loss)
+        return True
+
     def save(self) -> None:
         loss = self.last_eval[1] if self.last_eval[0] == self.iteration else None
-        state = {"data": self.train.sampler.state_dict()}
+        state = {"data": self.train.sampler.state_dict(), BEST_EVAL_KEY: self.best_eval}
         if self.ema is not None:
             state[EMA_KEY] = self.ema.state_dict()
         save_checkpoint(self.engine, self.cfg.save, self.iteration, self.config, self.layout,
@@ -331,6 +353,7 @@ class Trainer:
         window = new_window()
         start_iter, t_start, t_window = self.iteration, time.time(), time.time()
         while self.iteration < cfg.train_iters:
+            new_best = False
             loss, sums = self.train_step()
             window["loss"] += loss.item()
             window["sums"] += sums.cpu()
@@ -364,13 +387,18 @@ class Trainer:
                 if self.is_logger:
                     logger.info("evaluation at iteration %d | %s", self.iteration,
                                 " | ".join(f"{k[5:]} {v:.6f}" for k, v in values.items()))
+                new_best = self.track_best(values["eval/loss"])
             stopping = self.stop.any_rank(self.device)
-            if cfg.save and (stopping or self.iteration % cfg.save_interval == 0
+            if cfg.save and (stopping or self.iteration % cfg.save_interval == 0 or new_best
                              or self.iteration == cfg.train_iters):
                 self.save()
             if stopping:
                 return "stopped"
         return "done"
+
+
+BEST_EVAL_KEY = "best_eval"  # client state: (iteration, held-out loss) of the best evaluation
+RISE_WARNING = 0.005         # a held-out loss this far above its best is reported
 
 
 def _hms(seconds: float) -> str:

@@ -20,10 +20,12 @@ from megatron_t2i.training.config import TrainConfig
 from megatron_t2i.training.ema import EMA, EMA_KEY
 from megatron_t2i.training.engine import build_engine, init_distributed, load_ds_config, precision
 from megatron_t2i.training.flops import MatmulReference
-from megatron_t2i.training.loop import METRICS_FILE, PipelineLoss, Trainer, drop_replayed_metrics
+from megatron_t2i.training.loop import (BEST_EVAL_KEY, METRICS_FILE, PipelineLoss, Trainer,
+                                        drop_replayed_metrics)
 from megatron_t2i.training.objectives import build_objective
 
 logger = logging.getLogger("megatron_t2i.train")
+EPOCHS_WARNING = 5  # passes over the training records past which overfitting is to be expected
 
 
 def build_model(cfg: TrainConfig, config, objective, ds_config):
@@ -181,5 +183,22 @@ def prepare(cfg: TrainConfig) -> Trainer:
                     "--peak-flops" if cfg.peak_flops else "best matmul measured")
         if cfg.save:
             logger.info("checkpoints: %s | TensorBoard: %s", cfg.save, tb_dir)
+        recommend_regularisation(cfg, config.hidden_dropout, len(train_idx))
     return Trainer(cfg, engine, config, layout, dataset, train_idx, eval_idx, writer, reference,
-                   objective, iteration, consumed, latent_table, ema)
+                   objective, iteration, consumed, latent_table, ema,
+                   None if cfg.finetune else state.get(BEST_EVAL_KEY))
+
+
+def recommend_regularisation(cfg: TrainConfig, hidden_dropout: float, train_records: int) -> None:
+    """A data set small for the run's length is seen many times over: say what to expect."""
+    global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps * \
+        mpu.get_data_parallel_world_size()
+    epochs = cfg.train_iters * global_batch / max(1, train_records)
+    if epochs > EPOCHS_WARNING:
+        logger.info("the run reads each of the %d training records about %.0f times "
+                    "(--train-iters %d x global batch %d): on so little data expect the held-out "
+                    "loss to turn up before the end; the best checkpoint by held-out loss is kept "
+                    "as `best` (generation: --checkpoint best). Against it: more data, "
+                    "--hidden-dropout 0.2 (now %g), --weight-decay 0.1 (now %g), fewer "
+                    "--train-iters", train_records, epochs, cfg.train_iters, global_batch,
+                    hidden_dropout, cfg.weight_decay)

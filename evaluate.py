@@ -19,6 +19,9 @@ sample, and the report gives
   - with --rerank-top K, the same for the best K samples of each prompt by caption score
     (text2image's --rerank-top; the grid then shows each prompt's samples best first);
   - diversity of the samples of one prompt;
+  - FID and KID of the samples against the held-out pictures, and of the held-out pictures
+    through the image tokenizer (the floor), in the feature space of the reader and of the
+    checkpoint's CLIP if it has one (megatron_t2i/evaluation/fid.py);
   - the image tokenizer's PSNR, SSIM, code usage and perplexity on held-out images;
   - with --data-path, the held-out token loss split into image and text targets (the split
     pretrain.py uses: pass the same --seed and --holdout-fraction).
@@ -51,6 +54,7 @@ from megatron_t2i.progress import progress_bar
 PROG = "evaluate.py"
 PROMPT_SEED = 271828      # fresh prompts: a seed no data set is made with by default
 HELD_OUT_IMAGES = 256     # held-out pictures for the tokenizer figures and the reader checks
+MIN_FID_IMAGES = 20       # fewer on either side: no FID/KID (a covariance of so few is noise)
 GRID_ROWS = 16
 
 
@@ -136,6 +140,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     from megatron_t2i.generation.guidance import resolve_guidance
     from megatron_t2i.generation.loading import build_context
     from megatron_t2i.evaluation.clip_metrics import clip_figures
+    from megatron_t2i.evaluation.fid import ClipFeatures, ReaderFeatures, fid_kid
     from megatron_t2i.generation.scoring import (caption_log_likelihood, image_log_likelihood,
                                                  rerank, rerank_kind)
     from megatron_t2i.generation.tasks.text2image import text2image
@@ -193,6 +198,12 @@ def evaluate_checkpoint(args, reader=None) -> dict:
                             [e["caption"] for e in examples], truth,
                             [e["caption"] for e in examples], best or None)
         clip["path"] = ctx.clip.path
+    networks = {"reader": ReaderFeatures(reader)}
+    if ctx.clip is not None:
+        networks["clip"] = ClipFeatures(ctx.clip)
+    fid = {name: {"samples": fid_kid(net, truth, torch.cat(samples)),
+                  "tokenizer_floor": fid_kid(net, truth, recon)} for name, net in networks.items()
+           } if min(len(truth), len(prompts) * k) >= MIN_FID_IMAGES else None
     report = {
         "source": {"checkpoint": os.path.abspath(args.load), "prompts": source,
                    "prompt_count": len(prompts), "samples_per_prompt": k, "image_size": size,
@@ -219,6 +230,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
         "alignment_other_captions": other_captions(found, wanted, k),
         "binding": binding,
         "clip": clip,
+        "fid": fid,
         "reader_check_clean": without_per_image(alignment(reader.read(truth), truth_wanted)),
         "reader_check_reconstructed": without_per_image(alignment(reader.read(recon), truth_wanted)),
         "diversity": diversity(samples),

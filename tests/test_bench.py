@@ -1,5 +1,6 @@
 """The GPU check script runs end to end where no GPU is: its checks pass on the CPU, its GPU-only
-parts say they were skipped, and its JSON holds every section (bench/gpu_check.py)."""
+parts say they were skipped, and its JSON holds every section (bench/gpu_check.py); the
+tokenizing benchmark runs with 1 and 2 processes."""
 import json
 import os
 import subprocess
@@ -23,3 +24,15 @@ def test_gpu_check_runs_on_the_cpu_with_its_gpu_parts_skipped(tmp_path):
     assert result["training"][0]["tokens_per_s"] > 0 and 0 < result["training"][0]["mfu"] <= 1
     assert "skipped: no CUDA device" in run.stderr and "skipped" in result["quickstart"]
     assert "\"benchmark\": \"gpu_check\"" in run.stdout  # the JSON, after the trainer's log lines
+
+
+@pytest.mark.slow
+def test_tokenize_bench_runs_one_and_two_processes():
+    """The figures exist and are positive (their values are the machine's, never asserted)."""
+    sys.path.insert(0, ROOT)
+    from bench.tokenize_throughput import bench_shards
+    result = bench_shards(images=48)
+    for name in ("1_process", "2_processes"):
+        assert result[f"shards_seconds_{name}"] > 0 and result[f"shards_startup_seconds_{name}"] > 0
+        assert result[f"shards_images_per_s_{name}"] > 0
+    assert result["shards_2_vs_1_processes"] > 0

@@ -443,3 +443,32 @@ def test_bad_invocations_are_one_line_errors(tmp_path, capsys, reader):
     (empty / "attributes.jsonl").write_text('{"file": "a.png"}\n')
     assert evaluate.main(["--images", str(empty), "--output-path", str(tmp_path)], reader=reader) == 2
     assert "attributes.jsonl:1: expected a JSON object" in capsys.readouterr().err
+
+
+# ---- FID and KID ---------------------------------------------------------------------------------
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """The Fréchet distance of two Gaussians fitted to feature rows, written out with scipy."""
+    from scipy import linalg
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def test_fid_matches_the_formula_and_orders_corruptions(reader, held_out):
+    from megatron_t2i.evaluation.fid import ReaderFeatures, fid_kid
+    from megatron_t2i.evaluation.reader import blur
+    images = held_out[0]                                                       # [200, 3, S, S]
+    real, other = images[:100], images[100:]
+    features = ReaderFeatures(reader)
+    assert features(real[:2]).shape == (2, features.num_features)
+    same = fid_kid(features, real, other)
+    blurred = fid_kid(features, real, blur(other, 1.5))
+    shuffled = other.flatten(1)[:, torch.randperm(other[0].numel(), generator=torch.Generator()
+                                                  .manual_seed(0))].view_as(other)
+    noise = fid_kid(features, real, shuffled)  # the same pixels, no picture
+    assert same["fid"] < blurred["fid"] < noise["fid"]
+    assert same["kid"] < blurred["kid"] < noise["kid"]
+    assert abs(same["kid"]) < 3 * same["kid_std"]  # two samples of one distribution: about 0
+    want = frechet(features(real).double().numpy(), features(blur(other, 1.5)).double().numpy())
+    assert blurred["fid"] == pytest.approx(want, rel=1e-3)

@@ -168,6 +168,17 @@ def markdown(report: dict, grid_name: str | None, shown_rows: int = 0) -> str:
                        for d in ("text_to_image", "image_to_text")]) + [""]
         out += [f"Paired cosine {_fmt(h['paired_cosine'])}, unpaired {_fmt(h['unpaired_cosine'])}, "
                 f"gap {_fmt(h['cosine_gap'])} ({h['pairs']} pairs).", ""]
+    if report.get("fid"):
+        out += ["## FID and KID", "",
+                "Distances between the samples and the held-out pictures, in the feature space "
+                "of a network trained here (no Inception weights: megatron_t2i/evaluation/fid.py); "
+                "the floor is the held-out pictures through the image tokenizer. Lower is closer; "
+                "figures compare within one network only.", ""]
+        out += _table(["network", "images", "FID", "KID", "KID std", "generated", "held-out"],
+                      [[name, which, r["fid"], r["kid"], r["kid_std"], r["generated"], r["real"]]
+                       for name, f in report["fid"].items()
+                       for which, r in (("samples", f["samples"]),
+                                        ("tokenizer floor", f["tokenizer_floor"]))]) + [""]
     if report.get("speed"):
         v = report["speed"]
         out += ["## Sampling speed", "",

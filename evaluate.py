@@ -198,12 +198,14 @@ def evaluate_checkpoint(args, reader=None) -> dict:
                             [e["caption"] for e in examples], truth,
                             [e["caption"] for e in examples], best or None)
         clip["path"] = ctx.clip.path
-    networks = {"reader": ReaderFeatures(reader)}
-    if ctx.clip is not None:
-        networks["clip"] = ClipFeatures(ctx.clip)
-    fid = {name: {"samples": fid_kid(net, truth, torch.cat(samples)),
-                  "tokenizer_floor": fid_kid(net, truth, recon)} for name, net in networks.items()
-           } if min(len(truth), len(prompts) * k) >= MIN_FID_IMAGES else None
+    fid = None
+    if min(len(truth), len(prompts) * k) >= MIN_FID_IMAGES:
+        networks = {"reader": ReaderFeatures(reader)}
+        if ctx.clip is not None:
+            networks["clip"] = ClipFeatures(ctx.clip)
+        fid = {name: {"samples": fid_kid(net, truth, torch.cat(samples)),
+                      "tokenizer_floor": fid_kid(net, truth, recon)}
+               for name, net in networks.items()}
     report = {
         "source": {"checkpoint": os.path.abspath(args.load), "prompts": source,
                    "prompt_count": len(prompts), "samples_per_prompt": k, "image_size": size,

@@ -5,19 +5,21 @@
 # text tokenizer (SentencePiece) and the image tokenizer (VQ-VAE) at demo size, and write the LMDB.
 # Each stage is skipped when its output already exists, so a re-run resumes where it stopped.
 #
-# Your own images: INPUT=/path/to/folder_or.tsv_or.jsonl ./scripts/preprocess.sh
+# Your own images: INPUT=/path/to/folder_or.tsv_or.jsonl ./scripts/preprocess.sh, or webdataset /
+# img2dataset shards: INPUT='shards/{00000..00099}.tar' (on many processes: see README).
 # Every setting below can be overridden from the environment; extra flags go to the LMDB writer.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 source "$(dirname "$0")/lib/common.sh"
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  script_help 9
+  script_help 10
   cat <<'EOF'
 
 Environment variables (defaults in brackets):
   DATA_DIR          where everything is written [./data]
-  INPUT             images with captions: folder (.txt beside each image), TSV or JSONL
+  INPUT             images with captions: folder (.txt beside each image), TSV, JSONL, or
+                    webdataset shards (a .tar, 'dir/{00000..00099}.tar', a folder of .tar)
                     [empty: the embedded default, written to $DATA_DIR/synthetic]
   SYNTHETIC_COUNT   images in the embedded default [10000]
   CAPTION_ORDER     the embedded default names its shapes in reading order, or in any order
@@ -66,7 +68,9 @@ if [[ -z "$INPUT" ]]; then
   "$PY" -m megatron_t2i.cli.synthetic --synthetic-dir "$INPUT" --synthetic-count "$SYNTHETIC_COUNT" \
     --image-size "$IMAGE_SIZE" --caption-order "$CAPTION_ORDER" --seed "$SEED"
 fi
-[[ -e "$INPUT" ]] || { echo "preprocess.sh: INPUT $INPUT does not exist" >&2; exit 2; }
+# (a brace pattern of shards names files, not itself: preprocessing checks each of them)
+[[ -e "$INPUT" || "$INPUT" == *"{"* || "$INPUT" == *"::"* ]] \
+  || { echo "preprocess.sh: INPUT $INPUT does not exist" >&2; exit 2; }
 
 if [[ -f "$TEXT_TOKENIZER" ]]; then
   stage "text tokenizer: using $TEXT_TOKENIZER"

@@ -15,8 +15,8 @@ generation with no --cfg-scale takes it (`resolve_guidance`), and --cfg-scale ov
 """
 from __future__ import annotations
 
-import logging
 import os
+import sys
 from dataclasses import replace
 
 import torch
@@ -25,8 +25,6 @@ from megatron_t2i.generation.config import GenerationConfig
 from megatron_t2i.generation.scoring import clip_scores, rerank_kind, score_captions
 from megatron_t2i.io_utils import read_json, write_json_atomic
 from megatron_t2i.progress import progress_bar
-
-logger = logging.getLogger(__name__)
 
 GUIDANCE_FILE = "guidance.json"
 MARGIN = 0.02  # nats of the mean score: scales this close to the best are as good
@@ -53,10 +51,10 @@ def resolve_guidance(ctx, config: GenerationConfig) -> GenerationConfig:
         return config
     chosen = recorded_guidance(ctx.folder) if ctx.folder else None
     scale = float(chosen["cfg_scale"]) if chosen else 0.0
-    if chosen and ctx.is_writer:
-        logger.info("guidance scale %g: chosen on %d held-out captions for %s (%s); --cfg-scale "
-                    "overrides it", scale, chosen.get("captions", 0), ctx.folder,
-                    _file(ctx.folder)[0])
+    if chosen and ctx.is_writer:  # (the generation scripts print, they configure no logging)
+        print(f"guidance scale {scale:g}: chosen on {chosen.get('captions', 0)} held-out captions "
+              f"for {ctx.folder} ({_file(ctx.folder)[0]}); --cfg-scale overrides it",
+              file=sys.stderr, flush=True)
     return replace(config, cfg_scale=scale)
 
 

@@ -273,7 +273,7 @@ def evaluate_images(args, reader=None) -> dict:
     tokenizer = None
     if args.image_tokenizer:  # a reader that also knows this tokenizer's reconstructions
         from megatron_t2i.tokenizers.vqvae import ImageTokenizer
-        tokenizer = ImageTokenizer.load(args.image_tokenizer)
+        tokenizer = ImageTokenizer.load(args.image_tokenizer).check_kind(args.image_tokenizer_kind)
     reader, reader_file = reader_for(args, size, tokenizer, reader)
     wanted = [e["attributes"] for e in entries]
     found = reader.read(x)

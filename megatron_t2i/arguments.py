@@ -20,6 +20,7 @@ from megatron_t2i.data.synthetic import CAPTION_ORDERS
 from megatron_t2i.generation.config import METHODS, GenerationConfig, LoadConfig
 from megatron_t2i.generation.sampling import SamplingConfig
 from megatron_t2i.tokenizers.layout import IMAGE_ORDERS, IMAGE_POSITIONS
+from megatron_t2i.tokenizers.vqvae import KINDS
 from megatron_t2i.training.config import TrainConfig
 
 GROUPS = ("model", "data", "tokenizers", "training", "distributed", "generation", "evaluation")
@@ -166,7 +167,11 @@ def add_tokenizer_args(parser):
                         "per step) or lshape (Lformer: an h x h grid in h L-shaped blocks); "
                         "stored in the data set's layout, so a model trained on it generates "
                         "in that order (records keep raster codes) (default: %(default)s)")
-    g.add_argument("--image-tokenizer", metavar="FILE.pt", help="VQ-VAE checkpoint")
+    g.add_argument("--image-tokenizer", metavar="FILE.pt", help="VQ-VAE or VQGAN checkpoint")
+    g.add_argument("--image-tokenizer-kind", choices=KINDS, default=None,
+                   help="train_vqvae: what to train (default vqvae; vqgan adds a patch-GAN and an "
+                        "optional perceptual loss, for real photographs); elsewhere: the kind the "
+                        "given tokenizer must be (default: any)")
     g.add_argument("--tensorboard-dir", metavar="DIR", help="write TensorBoard logs here")
     # training the VQ-VAE (tokenizers/train_vqvae.py); the defaults are the demo tokenizer
     # (36-pixel images: 9x9 codes, one 3x3 block per cell of the synthetic images' grid)
@@ -182,6 +187,21 @@ def add_tokenizer_args(parser):
                         "around it too, as CogView's (default: %(default)s)")
     g.add_argument("--vqvae-embed-dim", type=_positive_int, default=32)
     g.add_argument("--vqvae-res-blocks", type=int, choices=range(0, 9), metavar="0..8", default=2)
+    g.add_argument("--vqvae-save-every", type=_positive_int, default=500,
+                   help="steps between training states written beside the output (<out>.resume.pt),"
+                        " from which the same command resumes (default: %(default)s)")
+    # the VQGAN's losses (tokenizers/vqgan.py); taming's defaults where they fit a CPU
+    g.add_argument("--vqgan-disc-start", type=int, default=None, metavar="STEPS",
+                   help="steps before the discriminator counts (default: a third of --vqvae-steps)")
+    g.add_argument("--vqgan-disc-weight", type=float, default=0.8,
+                   help="scale of the adaptive GAN weight (default: %(default)s)")
+    g.add_argument("--vqgan-disc-channels", type=_positive_int, default=64)
+    g.add_argument("--vqgan-disc-layers", type=_positive_int, default=3)
+    g.add_argument("--vqgan-disc-lr", type=float, default=None,
+                   help="discriminator learning rate (default: --vqvae-lr)")
+    g.add_argument("--vqgan-perceptual-weight", type=float, default=0.0,
+                   help="weight of a perceptual loss from a feature network trained first on the "
+                        "same images (tokenizers/feature_net.py; 0: none) (default: %(default)s)")
     # the CLIP trained here (tokenizers/clip.py, cli/train_clip.py); defaults: the demo's
     g.add_argument("--clip", metavar="FILE.pt",
                    help="a CLIP checkpoint trained here (default for generation: the one stored "
@@ -465,7 +485,7 @@ def train_config(args) -> TrainConfig:
 def load_config(args) -> LoadConfig:
     return LoadConfig(args.load, args.device, "fp16" if args.fp16 else "bf16" if args.bf16 else None,
                       args.offload, args.trust_checkpoint, args.text_tokenizer, args.image_tokenizer,
-                      args.clip, args.ema, args.checkpoint)
+                      args.clip, args.ema, args.checkpoint, args.image_tokenizer_kind)
 
 
 def generation_config(args, **changes) -> GenerationConfig:

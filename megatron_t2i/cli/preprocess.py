@@ -28,7 +28,8 @@ def main(argv=None) -> None:
         text = TextTokenizer(args.text_tokenizer)
         clip = Clip.load(args.clip, text, device) if args.clip else None
         preprocess(args.input, args.output, text,
-                   load_image_tokenizer(args.image_tokenizer, device), args.max_text_tokens,
+                   load_image_tokenizer(args.image_tokenizer, device).check_kind(
+                       args.image_tokenizer_kind), args.max_text_tokens,
                    args.image_size, args.workers, args.encode_batch_size,
                    sr_low_res=args.sr_low_res, image_positions=args.image_positions, clip=clip,
                    image_order=args.image_order,

@@ -24,6 +24,7 @@ class LoadConfig:
     clip: str | None = None                # a CLIP trained here (default: the stored one)
     ema: bool = True                       # the moving average of the weights, if saved
     checkpoint: str = "latest"             # of a --save folder: latest, or best by held-out loss
+    image_tokenizer_kind: str | None = None  # vqvae | vqgan: what the image tokenizer must be
 
 
 @dataclass(frozen=True)

@@ -125,9 +125,11 @@ def load_model(load_dir: str, device="cpu", dtype: torch.dtype | None = None,
 # Tokenizers and the context every task runs with
 
 def load_tokenizers(layout: TokenLayout, text_path: str | None, image_path: str | None,
-                    device="cpu", stored: dict | None = None, need_image: bool = True):
+                    device="cpu", stored: dict | None = None, need_image: bool = True,
+                    image_kind: str | None = None):
     """(TextTokenizer, ImageTokenizer or None) from the given paths, else the checkpoint's stored
-    ones; refuses tokenizers whose vocabulary does not match the token layout."""
+    ones; refuses tokenizers whose vocabulary does not match the token layout, an image tokenizer
+    of another kind (VQ-VAE / VQGAN) than the stored one, or than `image_kind` asks."""
     from megatron_t2i.tokenizers.text import TextTokenizer
     from megatron_t2i.tokenizers.vqvae import ImageTokenizer
 
@@ -142,11 +144,17 @@ def load_tokenizers(layout: TokenLayout, text_path: str | None, image_path: str 
                          f"checkpoint's token layout has {layout.num_text_tokens}")
     if not need_image:
         return text, None
-    image_path = image_path or stored.get("image")
+    given, image_path = image_path, image_path or stored.get("image")
     if not image_path:
         raise FileNotFoundError("no image tokenizer: the checkpoint has no tokenizers/"
                                 f"{TOKENIZER_FILES['image']}; pass --image-tokenizer FILE.pt")
-    image = ImageTokenizer.load(image_path, device)
+    image = ImageTokenizer.load(image_path, device).check_kind(image_kind)
+    if given and stored.get("image"):  # codes of one kind mean nothing to a decoder of the other
+        trained_on = ImageTokenizer.load(stored["image"]).kind
+        if trained_on != image.kind:
+            raise ValueError(f"--image-tokenizer {given}: a {image.kind} image tokenizer, the "
+                             f"checkpoint was trained on the codes of a {trained_on} "
+                             f"(tokenizers/{TOKENIZER_FILES['image']})")
     if image.codebook_size != layout.num_image_codes or image.grid != layout.image_grid:
         raise ValueError(f"--image-tokenizer {image_path}: {image.codebook_size} codes on a "
                          f"{image.grid}x{image.grid} grid, the checkpoint's token layout has "
@@ -193,7 +201,8 @@ def build_context(load: LoadConfig) -> GenerationContext:
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
     # a denoiser's samples become codes on every rank (its codebook snaps them)
     text, image = load_tokenizers(layout, load.text_tokenizer, load.image_tokenizer, device,
-                                  stored, need_image=is_writer or bool(config.latent_channels))
+                                  stored, need_image=is_writer or bool(config.latent_channels),
+                                  image_kind=load.image_tokenizer_kind)
     clip = load_clip(load.clip or stored.get("clip"), text, device, required=bool(
         config.condition_slots), trust=load.trust_checkpoint)
     if clip and config.condition_slots and clip.config.embed_dim != config.condition_dim:

@@ -30,6 +30,7 @@ from megatron_t2i.safe_load import check_state_dict, load_torch_file
 from megatron_t2i.tokenizers.pixels import crop_square
 
 FORMAT = "megatron_t2i.vqvae/1"
+KINDS = ("vqvae", "vqgan")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class VQVAEConfig:
     decay: float = 0.99                  # EMA decay of the codebook statistics
     eps: float = 1e-5                    # Laplace smoothing of the EMA cluster sizes
     dead_code_steps: int = 50            # re-seed codes unused this many training steps (0: never)
+    # how it was trained: "vqvae" (reconstruction loss only) or "vqgan" (plus a patch-GAN and an
+    # optional perceptual loss, tokenizers/vqgan.py); the networks and the file are the same
+    kind: str = "vqvae"
 
     def __post_init__(self):
         for f in ("in_channels", "hidden_channels", "embed_dim", "codebook_size", "image_size"):
@@ -63,6 +67,8 @@ class VQVAEConfig:
             raise ValueError(f"vqvae config: downsample must be a power of two >= 2 (4, 8, 16), got {d!r}")
         if self.encoder not in ("conv", "patch"):
             raise ValueError(f"vqvae config: encoder must be conv or patch, got {self.encoder!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"vqvae config: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.num_res_blocks < 0 or self.dead_code_steps < 0:
             raise ValueError("vqvae config: num_res_blocks and dead_code_steps must be >= 0")
         for f in ("mean", "std"):
@@ -179,6 +185,10 @@ class EMACodebook(nn.Module):
         self.register_buffer("idle_steps", torch.full((c.codebook_size,), c.dead_code_steps),
                              persistent=False)
         self.register_load_state_dict_post_hook(EMACodebook._loaded)
+        # Data-parallel training sets this to a function that concatenates a tensor's rows from
+        # every rank in rank order: the EMA statistics and restarts then see the global batch, so
+        # every rank keeps the same codebook, the one a single process would (None: one process).
+        self.gather_rows = None
 
     @staticmethod
     def _loaded(module, incompatible_keys) -> None:
@@ -214,6 +224,8 @@ class EMACodebook(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
+        if self.gather_rows is not None:
+            flat, codes = self.gather_rows(flat), self.gather_rows(codes)
         onehot = F.one_hot(codes, self.codebook_size).type(flat.dtype)  # [N, K]
         counts = onehot.sum(0)                                           # [K]
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -405,12 +417,23 @@ class ImageTokenizer:
         return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
 
     # ---- files -----------------------------------------------------------------------------------
-    def save(self, path: str) -> None:
-        """Atomic write of {"format", "config", "state_dict"}; readable with weights_only=True."""
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def save(self, path: str, training: dict | None = None) -> None:
+        """Atomic write of {"format", "config", "state_dict", "training"} (how it was trained: the
+        losses' settings, for the record); readable with weights_only=True."""
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         write_torch_atomic(path, {"format": FORMAT, "config": self.config.to_dict(),
-                                  "state_dict": state})
+                                  "state_dict": state, "training": training or {}})
         self.sha256, self.path = file_sha256(path), path
+
+    def check_kind(self, kind: str | None, flag: str = "--image-tokenizer-kind") -> "ImageTokenizer":
+        """One line when a tokenizer of one kind is given where `kind` is asked for (None: any)."""
+        if kind is not None and kind != self.kind:
+            raise ValueError(f"{self.path}: a {self.kind} image tokenizer, but {flag} asks for {kind}")
+        return self
 
     @classmethod
     def load(cls, path: str, device="cpu") -> "ImageTokenizer":

@@ -186,6 +186,10 @@ def add_tokenizer_args(parser):
                    help="patch: each code depends on its own patch only; conv: on the pixels "
                         "around it too, as CogView's (default: %(default)s)")
     g.add_argument("--vqvae-embed-dim", type=_positive_int, default=32)
+    g.add_argument("--vqvae-upsample", choices=("transposed", "nearest"), default="transposed",
+                   help="the decoder's 2x steps: transposed convolutions (CogView's) or nearest "
+                        "neighbour + 3x3 convolution (no checkerboard; what a VQGAN wants) "
+                        "(default: %(default)s)")
     g.add_argument("--vqvae-res-blocks", type=int, choices=range(0, 9), metavar="0..8", default=2)
     g.add_argument("--vqvae-save-every", type=_positive_int, default=500,
                    help="steps between training states written beside the output (<out>.resume.pt),"

@@ -29,8 +29,12 @@ Environment variables (defaults in brackets):
                     codes, 3x3 per cell of the shapes' grid]
   TEXT_TOKENIZER    SentencePiece model; trained from the captions if missing [$DATA_DIR/text.model]
   TEXT_VOCAB_SIZE   text vocabulary when training it [1000]
-  IMAGE_TOKENIZER   VQ-VAE checkpoint; trained on the images if missing [$DATA_DIR/vqvae.pt]
-  VQVAE_STEPS       VQ-VAE training steps [the tokenizer default]
+  IMAGE_TOKENIZER   VQ-VAE or VQGAN checkpoint; trained on the images if missing
+                    [$DATA_DIR/vqvae.pt]
+  IMAGE_TOKENIZER_KIND  vqvae, or vqgan (adds a patch-GAN: sharper real photographs, see README)
+                    when training it; when set, a given tokenizer of the other kind is refused
+                    [empty: train a vqvae, accept either]
+  VQVAE_STEPS       image tokenizer training steps [the tokenizer default]
   OUTPUT            the LMDB data set [$DATA_DIR/tokens.lmdb]
   CLIP              a CLIP (./scripts/train_clip.sh): each record also keeps the CLIP embedding
                     of its image, what language-free training reads [none]
@@ -51,6 +55,7 @@ VQVAE_DOWNSAMPLE=${VQVAE_DOWNSAMPLE:-4}
 TEXT_TOKENIZER=${TEXT_TOKENIZER:-$DATA_DIR/text.model}
 TEXT_VOCAB_SIZE=${TEXT_VOCAB_SIZE:-1000}
 IMAGE_TOKENIZER=${IMAGE_TOKENIZER:-$DATA_DIR/vqvae.pt}
+IMAGE_TOKENIZER_KIND=${IMAGE_TOKENIZER_KIND:-}
 VQVAE_STEPS=${VQVAE_STEPS:-}
 OUTPUT=${OUTPUT:-$DATA_DIR/tokens.lmdb}
 CLIP=${CLIP:-}
@@ -83,17 +88,18 @@ fi
 if [[ -f "$IMAGE_TOKENIZER" ]]; then
   stage "image tokenizer: using $IMAGE_TOKENIZER"
 else
-  stage "image tokenizer: training the VQ-VAE -> $IMAGE_TOKENIZER"
+  stage "image tokenizer: training the ${IMAGE_TOKENIZER_KIND:-vqvae} -> $IMAGE_TOKENIZER"
   "$PY" -m megatron_t2i.cli.train_vqvae --input "$INPUT" --image-tokenizer "$IMAGE_TOKENIZER" \
     --image-size "$IMAGE_SIZE" --vqvae-downsample "$VQVAE_DOWNSAMPLE" --seed "$SEED" \
-    --tensorboard-dir "$DATA_DIR/runs/vqvae" ${VQVAE_STEPS:+--vqvae-steps "$VQVAE_STEPS"}
+    --tensorboard-dir "$DATA_DIR/runs/vqvae" ${VQVAE_STEPS:+--vqvae-steps "$VQVAE_STEPS"} \
+    ${IMAGE_TOKENIZER_KIND:+--image-tokenizer-kind "$IMAGE_TOKENIZER_KIND"}
 fi
 
 stage "tokenizing into LMDB -> $OUTPUT"
 "$PY" -m megatron_t2i.cli.preprocess --input "$INPUT" --output "$OUTPUT" \
   --text-tokenizer "$TEXT_TOKENIZER" --image-tokenizer "$IMAGE_TOKENIZER" \
   --image-size "$IMAGE_SIZE" --workers "$WORKERS" --image-order "$IMAGE_ORDER" \
-  ${CLIP:+--clip "$CLIP"} "$@"
+  ${CLIP:+--clip "$CLIP"} ${IMAGE_TOKENIZER_KIND:+--image-tokenizer-kind "$IMAGE_TOKENIZER_KIND"} "$@"
 
 stage "done"
 cat <<EOF

@@ -193,3 +193,25 @@ def test_vqgan_through_preprocessing_and_generation(tmp_path, toy_tokenizers, ca
         assert generate_samples.main(common + ["--output-path", str(tmp_path / "no")] + flags) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_the_comparison_tool_scores_every_tokenizer_on_held_out_photos(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import compare_tokenizers as tool
+    train = tool.photo_crops(6, 64, held_out=False, seed=0)
+    held = tool.photo_crops(6, 64, held_out=True, seed=0)
+    assert all(im.size == (64, 64) and im.mode == "RGB" for im in train + held)
+    train_pixels = {tool.as_uint8([im]).numpy().tobytes() for im in train}
+    assert not any(tool.as_uint8([im]).numpy().tobytes() in train_pixels for im in held)
+    out = tmp_path / "cmp"
+    assert tool.main(["--data", "photos", "--out", str(out), "--steps", "3", "--train-crops", "16",
+                      "--eval-crops", "8", "--batch-size", "4", "--feature-steps", "2"]) == 0
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert sorted(report["tokenizers"]) == ["vqgan-f16", "vqgan-f8", "vqvae-f16", "vqvae-f8"]
+    for figures in report["tokenizers"].values():
+        assert 0 < figures["psnr"] < 60 and figures["fid"] >= 0 and figures["images"] == 8
+    assert ImageTokenizer.load(str(out / "vqgan-f16.pt")).kind == "vqgan"
+    from PIL import Image
+    with Image.open(out / "reconstructions.png") as grid:  # originals + 4 rows, 2x larger
+        assert grid.size == (8 * 64 * 2, 5 * 64 * 2)

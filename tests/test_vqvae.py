@@ -46,10 +46,12 @@ def mse_through(tokenizer, images):
 
 
 # ---- model shapes ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("downsample", [4, 8, 16])
-def test_shapes_and_round_trip(downsample):
+@pytest.mark.parametrize("downsample,upsample", [(4, "transposed"), (8, "transposed"),
+                                                 (16, "transposed"), (16, "nearest")])
+def test_shapes_and_round_trip(downsample, upsample):
     torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig(**{**TINY, "downsample": downsample, "image_size": 32})).eval()
+    model = VQVAE(VQVAEConfig(**{**TINY, "downsample": downsample, "image_size": 32,
+                                 "upsample": upsample})).eval()
     x = torch.randn(2, 3, 32, 32)
     g = 32 // downsample
     assert model.grid_size(32) == g
@@ -95,6 +97,10 @@ def test_bad_config_is_one_clear_error():
         VQVAEConfig(downsample=6)
     with pytest.raises(ValueError, match="mean needs 3 values"):
         VQVAEConfig(mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="upsample must be transposed or nearest"):
+        VQVAEConfig(upsample="bilinear")
+    with pytest.raises(ValueError, match="kind must be one of vqvae, vqgan"):
+        VQVAEConfig(kind="dalle")
 
 
 # ---- EMA codebook --------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         config = VQVAEConfig(hidden_channels=args.vqvae_channels, embed_dim=args.vqvae_embed_dim,
                              codebook_size=args.vqvae_codebook_size, downsample=args.vqvae_downsample,
                              num_res_blocks=args.vqvae_res_blocks, image_size=args.image_size,
-                             encoder=args.vqvae_encoder)
+                             encoder=args.vqvae_encoder, upsample=args.vqvae_upsample)
         gan = None
         if args.image_tokenizer_kind == "vqgan":
             start = args.vqgan_disc_start

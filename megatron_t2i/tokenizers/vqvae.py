@@ -47,6 +47,10 @@ class VQVAEConfig:
     # Codes that leak what lies below or beside them let an autoregressive model read a shape's
     # colour from the codes before it instead of from the caption.
     encoder: str = "conv"
+    # the decoder's 2x steps: "transposed" (4x4 stride-2 transposed convolutions, CogView's) or
+    # "nearest" (nearest-neighbour 2x, then a 3x3 convolution, taming's): transposed steps overlap
+    # unevenly and leave a checkerboard, which an adversarial loss amplifies (seen on photos)
+    upsample: str = "transposed"
     image_size: int = 64                 # side of the square images the tokenizer is used at
     mean: tuple = (0.5, 0.5, 0.5)        # per-channel pixel normalisation, pixels in [0, 1]
     std: tuple = (0.5, 0.5, 0.5)
@@ -67,6 +71,8 @@ class VQVAEConfig:
             raise ValueError(f"vqvae config: downsample must be a power of two >= 2 (4, 8, 16), got {d!r}")
         if self.encoder not in ("conv", "patch"):
             raise ValueError(f"vqvae config: encoder must be conv or patch, got {self.encoder!r}")
+        if self.upsample not in ("transposed", "nearest"):
+            raise ValueError(f"vqvae config: upsample must be transposed or nearest, got {self.upsample!r}")
         if self.kind not in KINDS:
             raise ValueError(f"vqvae config: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.num_res_blocks < 0 or self.dead_code_steps < 0:
@@ -149,10 +155,13 @@ class Decoder(nn.Module):
             layers += [nn.Conv2d(c.embed_dim, c.hidden_channels, 3, padding=1)]
             layers += [ResBlock(c.hidden_channels) for _ in range(c.num_res_blocks)] + [nn.ReLU()]
         for i in range(n_up):
-            first = i == 0 and not c.num_res_blocks
-            # kernel 4, stride 2, padding 1 doubles the side exactly (32 -> 64 -> 128 -> 256)
-            layers += [nn.ConvTranspose2d(c.embed_dim if first else c.hidden_channels, c.hidden_channels,
-                                          4, stride=2, padding=1), nn.ReLU()]
+            c_in = c.embed_dim if i == 0 and not c.num_res_blocks else c.hidden_channels
+            if c.upsample == "nearest":
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                           nn.Conv2d(c_in, c.hidden_channels, 3, padding=1), nn.ReLU()]
+            else:  # kernel 4, stride 2, padding 1 doubles the side exactly (32 -> 64 -> 128)
+                layers += [nn.ConvTranspose2d(c_in, c.hidden_channels, 4, stride=2, padding=1),
+                           nn.ReLU()]
         layers.append(nn.Conv2d(c.hidden_channels, c.in_channels, 1))
         self.blocks = nn.Sequential(*layers)
 

@@ -215,3 +215,21 @@ def test_the_comparison_tool_scores_every_tokenizer_on_held_out_photos(tmp_path)
     from PIL import Image
     with Image.open(out / "reconstructions.png") as grid:  # originals + 4 rows, 2x larger
         assert grid.size == (8 * 64 * 2, 5 * 64 * 2)
+
+
+def test_cli_flags_of_the_wrong_kind_are_one_line(tmp_path, capsys):
+    from megatron_t2i.cli.train_vqvae import main
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, im in enumerate(shapes_images(4, 32)):
+        im.save(folder / f"{i}.png")
+    base = ["--input", str(folder), "--image-tokenizer", str(tmp_path / "t.pt"), "--image-size",
+            "32", "--vqvae-steps", "2"]
+    assert main(base + ["--vqgan-perceptual-weight", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "--vqgan-perceptual-weight: settings of a VQGAN; add --image-tokenizer-kind vqgan" in err
+    assert main(base + ["--image-tokenizer-kind", "vqgan", "--vqgan-disc-start", "-1"]) == 1
+    assert "--vqgan-disc-start must be >= 0" in capsys.readouterr().err
+    assert main(base + ["--image-tokenizer-kind", "vqgan", "--vqgan-disc-channels", "8",
+                        "--vqgan-disc-layers", "1"]) == 0
+    assert ImageTokenizer.load(str(tmp_path / "t.pt")).kind == "vqgan"

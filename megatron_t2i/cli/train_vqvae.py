@@ -43,6 +43,15 @@ def main(argv=None) -> int:
                              num_res_blocks=args.vqvae_res_blocks, image_size=args.image_size,
                              encoder=args.vqvae_encoder, upsample=args.vqvae_upsample)
         gan = None
+        gan_flags = [f"--{name.replace('_', '-')}" for name in ("vqgan_disc_start", "vqgan_disc_lr")
+                     if getattr(args, name) is not None]
+        d = GANConfig()
+        gan_flags += [f"--vqgan-{name.replace('_', '-')}" for name in (
+            "disc_weight", "disc_channels", "disc_layers", "perceptual_weight")
+            if getattr(args, f"vqgan_{name}") != getattr(d, name)]
+        if gan_flags and args.image_tokenizer_kind != "vqgan":
+            raise ValueError(f"{', '.join(gan_flags)}: settings of a VQGAN; add "
+                             f"--image-tokenizer-kind vqgan, or leave them out for a VQ-VAE")
         if args.image_tokenizer_kind == "vqgan":
             start = args.vqgan_disc_start
             gan = GANConfig(disc_start=args.vqvae_steps // 3 if start is None else start,

@@ -93,6 +93,7 @@ def evaluate(tokenizer: ImageTokenizer, pixels: torch.Tensor, batch_size: int) -
             "perplexity": perplexity}
 
 
+@torch.no_grad()
 def _image_grid(tokenizer: ImageTokenizer, pixels: torch.Tensor) -> torch.Tensor:
     """uint8 [n, 3, S, S] -> [3, 2S, n*S] in [0, 1]: the images over their reconstructions."""
     recon = tokenizer.decode_to_tensor(tokenizer.encode_images(tokenizer.normalize(pixels)))

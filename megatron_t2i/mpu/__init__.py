@@ -24,6 +24,7 @@ from megatron_t2i.mpu.state import (destroy_model_parallel, get_data_parallel_gr
                                     get_pipeline_model_parallel_world_size,
                                     get_tensor_model_parallel_group, get_tensor_model_parallel_rank,
                                     get_tensor_model_parallel_src_rank,
-                                    get_tensor_model_parallel_world_size, initialize_model_parallel,
+                                    get_tensor_model_parallel_world_size, global_rank_world,
+                                    initialize_model_parallel,
                                     is_pipeline_first_stage, is_pipeline_last_stage,
                                     model_parallel_is_initialized, parallel_group_ranks)

@@ -73,6 +73,13 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     _SIZES.update({kind: sizes[kind] for kind in _SIZES})
 
 
+def global_rank_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's default group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def model_parallel_is_initialized() -> bool:
     return _GROUPS is not None
 

@@ -22,17 +22,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_t2i.io_utils import write_torch_atomic
+from megatron_t2i.mpu.state import global_rank_world
 from megatron_t2i.progress import progress_bar
 from megatron_t2i.safe_load import load_torch_file
 from megatron_t2i.tokenizers.clip import Clip, ClipConfig, ClipTextTokens, build_open_clip
 
 STATE_FORMAT = "megatron_t2i.clip_training/1"
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def split(n: int, holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +90,7 @@ def train_clip(pixels: torch.Tensor, captions: list, out_path: str, config: Clip
     """Train, save the CLIP to out_path and return its held-out retrieval figures."""
     from open_clip import ClipLoss
 
-    rank, world = _rank_world()
+    rank, world = global_rank_world()
     if len(pixels) != len(captions):
         raise ValueError(f"train_clip: {len(pixels)} images but {len(captions)} captions")
     if batch_size % world:

@@ -31,6 +31,7 @@ from PIL import Image
 from megatron_t2i.data.images import BadInput, load_rgb
 from megatron_t2i.data.sources import all_examples, is_shards
 from megatron_t2i.io_utils import write_torch_atomic
+from megatron_t2i.mpu.state import global_rank_world
 from megatron_t2i.progress import progress_bar
 from megatron_t2i.safe_load import load_torch_file
 from megatron_t2i.tokenizers.feature_net import (FeatureNet, perceptual_distance,
@@ -101,12 +102,6 @@ def _image_grid(tokenizer: ImageTokenizer, pixels: torch.Tensor) -> torch.Tensor
     return torch.cat([top, torch.cat(list(recon), dim=2)], dim=1)
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather_rows(t: torch.Tensor) -> torch.Tensor:
     """[n, ...] on each rank (the same n) -> [world * n, ...], rank 0's rows first."""
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
@@ -133,7 +128,7 @@ class _Trainer:
 
     def __init__(self, config: VQVAEConfig, gan: GANConfig | None, steps: int, lr: float,
                  seed: int, device):
-        self.world = _rank_world()[1]
+        self.world = global_rank_world()[1]
         self.model = VQVAE(config).to(device)
         if self.world > 1:
             self.model.quantize_t.gather_rows = _gather_rows
@@ -248,7 +243,7 @@ def train_vqvae(images, out_path: str, config: VQVAEConfig | None = None, steps:
     second than few large ones (at 64 px, 3000 steps of 4 images reach ~31 dB PSNR where 600
     steps of 32 images, 1.6x the compute, reach ~26 dB and lose the colours of small shapes).
     `batch_size` is the global batch: under torch.distributed each rank takes its share."""
-    rank, world = _rank_world()
+    rank, world = global_rank_world()
     if steps <= 0 or batch_size <= 0 or not lr > 0 or save_every <= 0:
         raise ValueError(f"train_vqvae: steps, batch_size, lr and save_every must be positive, got "
                          f"{steps}, {batch_size}, {lr}, {save_every}")

@@ -17,6 +17,7 @@ import zlib
 import torch.distributed as dist
 
 from megatron_t2i.io_utils import read_json, write_json_atomic
+from megatron_t2i.mpu.state import global_rank_world
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron_t2i.checkpoint_manifest/1"
@@ -43,15 +44,9 @@ def list_files(folder: str) -> list[str]:
     return sorted(n for n in names if n != MANIFEST)
 
 
-def _rank_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather(obj) -> list:
     """Every rank's obj, on every rank (itself alone without torch.distributed)."""
-    rank, world = _rank_world()
+    rank, world = global_rank_world()
     if world == 1:
         return [obj]
     out = [None] * world
@@ -62,7 +57,7 @@ def _gather(obj) -> list:
 def entries(folder: str, names: list[str], shared: bool = False) -> dict:
     """{name: file_entry} of names in folder; with shared, every rank of the process group
     checksums a share of them (collective) and all get the whole dict."""
-    rank, world = _rank_world() if shared else (0, 1)
+    rank, world = global_rank_world() if shared else (0, 1)
     mine = {n: file_entry(os.path.join(folder, n)) for n in names[rank::world]}
     if world == 1:
         return mine
@@ -120,7 +115,7 @@ def verify(folder: str, names: list[str] | None = None, shared: bool = False) ->
         return False
     names = sorted(manifest) if names is None else names
     unlisted = [n for n in names if n not in manifest]
-    rank, world = _rank_world() if shared else (0, 1)
+    rank, world = global_rank_world() if shared else (0, 1)
     problems = [_problem(folder, n, manifest[n]) for n in names[rank::world] if n in manifest]
     first = next((p for p in problems if p), None)
     if unlisted:

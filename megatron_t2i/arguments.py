@@ -186,6 +186,9 @@ def add_tokenizer_args(parser):
                    help="patch: each code depends on its own patch only; conv: on the pixels "
                         "around it too, as CogView's (default: %(default)s)")
     g.add_argument("--vqvae-embed-dim", type=_positive_int, default=32)
+    g.add_argument("--vqvae-l2-codes", action="store_true",
+                   help="LlamaGen's codes: encoder outputs and codebook entries l2-normalised "
+                        "(with a small --vqvae-embed-dim such as 8: high codebook usage)")
     g.add_argument("--vqvae-upsample", choices=("transposed", "nearest"), default="transposed",
                    help="the decoder's 2x steps: transposed convolutions (CogView's) or nearest "
                         "neighbour + 3x3 convolution (no checkerboard; what a VQGAN wants) "

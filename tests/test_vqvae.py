@@ -361,3 +361,18 @@ def test_cogview_import_errors(tmp_path):
     torch.save(sd, tmp_path / "extra.pt")
     with pytest.raises(ValueError, match="unexpected key enc_b.extra"):
         ImageTokenizer.from_cogview(str(tmp_path / "extra.pt"))
+
+
+def test_l2_codes_live_on_the_unit_sphere_and_pick_the_most_similar_direction(tmp_path):
+    cfg = VQVAEConfig(**{**TINY, "embed_dim": 4, "l2_codes": True})
+    images = shapes_images(12, 16)
+    m = train_vqvae(images, str(tmp_path / "l2.pt"), cfg, steps=30, batch_size=4, lr=1e-2, seed=1,
+                    progress=False)
+    tok = ImageTokenizer.load(str(tmp_path / "l2.pt"))
+    embed = tok.model.quantize_t.embed                                     # [D, K]
+    torch.testing.assert_close(embed.norm(dim=0), torch.ones(embed.shape[1]))
+    x = torch.stack([tok.prepare(im) for im in images])
+    with torch.no_grad():
+        z = F.normalize(tok.model.enc_b(x).permute(0, 2, 3, 1), dim=-1)   # [B, h, w, D]
+    assert torch.equal(tok.model.encode(x), (z @ embed).argmax(-1))       # max cosine
+    assert m["usage"] > 0 and tok.config.l2_codes

@@ -41,7 +41,8 @@ def main(argv=None) -> int:
         config = VQVAEConfig(hidden_channels=args.vqvae_channels, embed_dim=args.vqvae_embed_dim,
                              codebook_size=args.vqvae_codebook_size, downsample=args.vqvae_downsample,
                              num_res_blocks=args.vqvae_res_blocks, image_size=args.image_size,
-                             encoder=args.vqvae_encoder, upsample=args.vqvae_upsample)
+                             encoder=args.vqvae_encoder, upsample=args.vqvae_upsample,
+                             l2_codes=args.vqvae_l2_codes)
         gan = None
         gan_flags = [f"--{name.replace('_', '-')}" for name in ("vqgan_disc_start", "vqgan_disc_lr")
                      if getattr(args, name) is not None]

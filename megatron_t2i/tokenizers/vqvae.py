@@ -51,6 +51,10 @@ class VQVAEConfig:
     # "nearest" (nearest-neighbour 2x, then a 3x3 convolution, taming's): transposed steps overlap
     # unevenly and leave a checkerboard, which an adversarial loss amplifies (seen on photos)
     upsample: str = "transposed"
+    # LlamaGen's codes: encoder outputs and codebook entries on the unit sphere, so the nearest
+    # code is the most similar direction and no code drifts off in scale (with a small embed_dim,
+    # e.g. 8, most of the codebook stays in use)
+    l2_codes: bool = False
     image_size: int = 64                 # side of the square images the tokenizer is used at
     mean: tuple = (0.5, 0.5, 0.5)        # per-channel pixel normalisation, pixels in [0, 1]
     std: tuple = (0.5, 0.5, 0.5)
@@ -181,7 +185,10 @@ class EMACodebook(nn.Module):
     def __init__(self, c: VQVAEConfig):
         super().__init__()
         self.decay, self.eps, self.dead_code_steps = c.decay, c.eps, c.dead_code_steps
+        self.l2 = c.l2_codes
         embed = torch.randn(c.embed_dim, c.codebook_size)
+        if self.l2:
+            embed = F.normalize(embed, dim=0)
         self.register_buffer("embed", embed)
         # a fresh code counts as having received one vector, so that until it wins one it stays
         # where it is instead of being divided by the tiny smoothed size of an empty cluster
@@ -242,7 +249,8 @@ class EMACodebook(nn.Module):
         # Laplace smoothing keeps never-used codes from dividing by zero; total mass is preserved
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
-        self.embed.copy_(self.embed_avg / smoothed.unsqueeze(0))
+        embed = self.embed_avg / smoothed.unsqueeze(0)
+        self.embed.copy_(F.normalize(embed, dim=0) if self.l2 else embed)
 
         if self.dead_code_steps:
             self.idle_steps.add_(1).masked_fill_(counts > 0, 0)
@@ -292,10 +300,14 @@ class VQVAE(nn.Module):
             raise ValueError(f"vqvae input must be [B, {c}, H, W] with H, W multiples of {f}, "
                              f"got {list(x.shape)}")
 
+    def _latents(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, h, w, D]
+        z = self.enc_b(x).permute(0, 2, 3, 1)
+        return F.normalize(z, dim=-1) if self.config.l2_codes else z
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images [B, C, H, W] -> codes [B, H/f, W/f] (int64)."""
         self._check_input(x)
-        z = self.enc_b(x).permute(0, 2, 3, 1)  # [B, h, w, D]
+        z = self._latents(x)
         codes = self.quantize_t.nearest(z.reshape(-1, z.shape[-1]).float())
         return codes.view(z.shape[:-1])
 
@@ -318,7 +330,7 @@ class VQVAE(nn.Module):
         """-> (reconstruction [B, C, H, W], losses {loss, recon, commitment, usage, perplexity},
         codes [B, h, w]). `loss` is what to minimise; usage/perplexity describe this batch."""
         self._check_input(x)
-        z = self.enc_b(x).permute(0, 2, 3, 1)  # [B, h, w, D]
+        z = self._latents(x)                   # [B, h, w, D]
         zq, commitment, codes = self.quantize_t(z)
         recon = self.dec(zq.permute(0, 3, 1, 2))
         recon_loss = F.mse_loss(recon, x)

@@ -221,7 +221,11 @@ class _Trainer:
 def _read_resume(path: str, settings: dict) -> dict | None:
     if not os.path.exists(path):
         return None
-    state = load_torch_file(path)
+    try:
+        state = load_torch_file(path)
+    except ValueError as e:  # (no --trust-checkpoint here: a training state is ours or nothing)
+        raise ValueError(f"{str(e).split('; pass --trust')[0]}; remove it to train from the "
+                         f"start") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise ValueError(f"{path}: not a tokenizer training state ({RESUME_FORMAT}); remove it")
     if state["settings"] != settings:

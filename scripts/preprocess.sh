@@ -30,7 +30,7 @@ Environment variables (defaults in brackets):
   TEXT_TOKENIZER    SentencePiece model; trained from the captions if missing [$DATA_DIR/text.model]
   TEXT_VOCAB_SIZE   text vocabulary when training it [1000]
   IMAGE_TOKENIZER   VQ-VAE or VQGAN checkpoint; trained on the images if missing
-                    [$DATA_DIR/vqvae.pt]
+                    [$DATA_DIR/vqvae.pt, or $DATA_DIR/vqgan.pt with IMAGE_TOKENIZER_KIND=vqgan]
   IMAGE_TOKENIZER_KIND  vqvae, or vqgan (adds a patch-GAN: sharper real photographs, see README)
                     when training it; when set, a given tokenizer of the other kind is refused
                     [empty: train a vqvae, accept either]
@@ -54,8 +54,8 @@ IMAGE_SIZE=${IMAGE_SIZE:-36}
 VQVAE_DOWNSAMPLE=${VQVAE_DOWNSAMPLE:-4}
 TEXT_TOKENIZER=${TEXT_TOKENIZER:-$DATA_DIR/text.model}
 TEXT_VOCAB_SIZE=${TEXT_VOCAB_SIZE:-1000}
-IMAGE_TOKENIZER=${IMAGE_TOKENIZER:-$DATA_DIR/vqvae.pt}
 IMAGE_TOKENIZER_KIND=${IMAGE_TOKENIZER_KIND:-}
+IMAGE_TOKENIZER=${IMAGE_TOKENIZER:-$DATA_DIR/${IMAGE_TOKENIZER_KIND:-vqvae}.pt}
 VQVAE_STEPS=${VQVAE_STEPS:-}
 OUTPUT=${OUTPUT:-$DATA_DIR/tokens.lmdb}
 CLIP=${CLIP:-}

@@ -71,6 +71,12 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        saved = f"{args.image_tokenizer}.resume.pt"
+        where = (f"it goes on from {saved}" if os.path.isfile(saved)
+                 else f"nothing was saved yet (every --vqvae-save-every {args.vqvae_save_every} steps)")
+        print(f"{prog}: interrupted; run the same command again: {where}", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

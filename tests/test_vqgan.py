@@ -233,3 +233,14 @@ def test_cli_flags_of_the_wrong_kind_are_one_line(tmp_path, capsys):
     assert main(base + ["--image-tokenizer-kind", "vqgan", "--vqgan-disc-channels", "8",
                         "--vqgan-disc-layers", "1"]) == 0
     assert ImageTokenizer.load(str(tmp_path / "t.pt")).kind == "vqgan"
+
+
+def test_an_edited_kind_in_a_tokenizer_file_names_the_file(tmp_path):
+    path = tmp_path / "t.pt"
+    train(shapes_images(12, 32), path, steps=2)
+    raw = torch.load(path, weights_only=True)
+    raw["config"]["kind"] = "dalle"
+    torch.save(raw, path)
+    with pytest.raises(ValueError, match=r"t.pt config: vqvae config: kind must be one of vqvae, "
+                                         r"vqgan, got 'dalle'"):
+        ImageTokenizer.load(str(path))

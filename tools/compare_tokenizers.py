@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -136,7 +137,6 @@ def grid_png(rows: list[torch.Tensor], path: str, scale: int = 2) -> None:
     img = (torch.cat(strips, dim=1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     pil = Image.fromarray(img)
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
-    import io
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     write_bytes_atomic(path, buf.getvalue())

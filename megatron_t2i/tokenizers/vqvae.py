@@ -110,7 +110,10 @@ class VQVAEConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"{source}: unknown vqvae config fields {sorted(unknown)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:  # a bad value names the file it came from
+            raise ValueError(f"{source}: {e}") from None
 
 
 class ResBlock(nn.Module):

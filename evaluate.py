@@ -239,7 +239,8 @@ def evaluate_checkpoint(args, reader=None) -> dict:
         "tokenizer": tokenizer_figures(tokenizer, truth),
         "heldout_loss": heldout_losses(
             ctx.model, ctx.layout, dataset, held, args.micro_batch_size, ctx.device,
-            task="diffusion" if denoiser else "clip2image" if conditioned else "text2image",
+            task=("clip-diffusion" if conditioned else "diffusion") if denoiser
+            else "clip2image" if conditioned else "text2image",
             latent_table=latent_table(ctx) if denoiser else None)
         if dataset is not None and len(held) else None,
     }

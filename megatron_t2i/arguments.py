@@ -102,6 +102,10 @@ def add_model_args(parser):
     g.add_argument("--pb-relax", action=argparse.BooleanOptionalAction,
                    help="precision-bottleneck relaxation of attention and LayerNorm "
                         "(default: the size's, as --sandwich-ln)")
+    g.add_argument("--decoder-layers", type=int, default=0, metavar="N",
+                   help="a denoiser's mask decoder (MaskDiT): N layers after the trunk that read "
+                        "every patch, the hidden ones as a mask token; needed by --mask-ratio, "
+                        "give the unmasked run you compare with the same (default: %(default)s)")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute layer activations in the backward pass to save memory")
 
@@ -284,6 +288,16 @@ def add_training_args(parser):
     g.add_argument("--noise-beta", type=_beta_pair, default=(0.75, 0.75), metavar="A,B",
                    help="a denoiser's (--tasks diffusion) noise levels sigma ~ Beta(A, B), "
                         "x_t = (1 - sigma) x0 + sigma noise (default: TLD's 0.75,0.75)")
+    g.add_argument("--mask-ratio", type=_fraction, default=0.0,
+                   help="a denoiser's masked-patch training (MaskDiT): the share of latent "
+                        "patches hidden from the trunk in each sample, e.g. 0.5 (needs "
+                        "--decoder-layers; default: %(default)s)")
+    g.add_argument("--mask-loss-weight", type=float, default=0.1,
+                   help="the weight of the hidden patches' reconstruction loss (MaskDiT's 0.1, "
+                        "the default)")
+    g.add_argument("--unmask-finetune-iters", type=int, default=0, metavar="ITERS",
+                   help="the last ITERS iterations of --train-iters train with every patch "
+                        "visible (MaskDiT's unmasked fine-tune; default: %(default)s)")
     g.add_argument("--ema-decay", type=_fraction, default=0.0,
                    help="keep an exponential moving average of the weights with this decay "
                         "(e.g. 0.999; 0: none); saved with every checkpoint, and what generation "
@@ -479,7 +493,8 @@ def model_overrides(args) -> dict:
                                         "pb_relax": args.pb_relax}.items() if v is not None})
     return {**overrides, "hidden_dropout": args.hidden_dropout,
             "attention_dropout": args.attention_dropout,
-            "checkpoint_activations": args.checkpoint_activations}
+            "checkpoint_activations": args.checkpoint_activations,
+            **({"decoder_layers": args.decoder_layers} if args.decoder_layers else {})}
 
 
 def train_config(args) -> TrainConfig:

@@ -51,6 +51,9 @@ class ModelConfig:
     latent_scale: float = 1.0
     latent_token: int = -1
     noise_token: int = -1
+    # MaskDiT (model/masked.py): layers of the decoder that reads every patch after the trunk,
+    # the hidden ones as a learned mask token (0: none)
+    decoder_layers: int = 0
 
     def __post_init__(self):
         for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -85,6 +88,9 @@ class ModelConfig:
                              f"positive latent_scale, latent_token and noise_token (got head "
                              f"{self.head!r}, {self.latent_channels}, {self.latent_scale}, "
                              f"{self.latent_token}, {self.noise_token})")
+        if self.decoder_layers < 0 or (self.decoder_layers and not self.latent_channels):
+            raise ValueError(f"model config: decoder_layers {self.decoder_layers} must be >= 0, "
+                             f"and is a denoiser's (masked-patch training)")
 
     @property
     def head_dim(self) -> int:
@@ -99,8 +105,9 @@ class ModelConfig:
             else 0
         c = self.latent_channels
         denoiser = (c * h + h + 128 * h + h + h * h + h + h * c + c) if c else 0
+        decoder = self.decoder_layers * per_layer + 3 * h if self.decoder_layers else 0
         return ((self.vocab_size + self.max_position_embeddings) * h + layers * per_layer + 2 * h
-                + conditioning + cvae + denoiser)
+                + conditioning + cvae + denoiser + decoder)
 
     def check_tensor_parallel(self, tp: int) -> None:
         if self.num_attention_heads % tp:

@@ -67,6 +67,11 @@ REGISTRY: dict[str, Task] = {t.name: t for t in (
          attention="bidirectional", objective="x0-mse", caption_dropout=True, latents=True,
          summary="captions -> images by denoising continuous latents (TLD): x0 prediction, "
                  "sampled with DPM-Solver++ or DDIM"),
+    Task("clip-diffusion", "condition_to_image", f"{_GEN}.text2image:main_text2image",
+         attention="bidirectional", objective="x0-mse", caption_dropout=True,
+         condition="clip_image", latents=True,
+         summary="language-free latent diffusion: a denoiser trained on CLIP image embeddings "
+                 "of pictures alone, prompted with the CLIP text embedding of a caption"),
     Task("completion", "text_to_image", f"{_GEN}.text2image:main_completion", trainable=False,
          summary="a caption and the top rows of an image -> the rest (a text2image model)"),
     Task("post-selection", "image_to_text", f"{_GEN}.post_selection:main_post_selection",

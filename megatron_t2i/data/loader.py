@@ -83,13 +83,18 @@ class SequenceBuilder:
     def __init__(self, layout: TokenLayout, tasks: dict[str, float] | None = None,
                  text_dropout: float = 0.0, condition_slots: int = 0,
                  condition_noise: float = 0.0, latent_dim: int = 0, latent_table=None,
-                 noise_beta: tuple[float, float] = (0.75, 0.75)):
+                 noise_beta: tuple[float, float] = (0.75, 0.75), mask_ratio: float = 0.0):
         """condition_slots: the [MASK] slots of a conditioned task's template (the model's);
         condition_noise: LAFITE's xi, see perturb; latent_dim: of a CVAE model, the size of the
         noise each text->image sample draws for its latent (its posterior reads the record's
         clip_image array). latent_table [K, d]: of a denoiser, the (scaled) latent patch of each
         image code; noise_beta: the Beta(a, b) its noise levels are drawn from (TLD's 0.75,
-        0.75: most mass near 0 and 1)."""
+        0.75: most mass near 0 and 1); mask_ratio: the share of its patches hidden from the
+        trunk (MaskDiT, model/masked.py; 0: none), an attribute the trainer sets to 0 for the
+        unmasked fine-tune."""
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"--mask-ratio {mask_ratio}: must be in [0, 1)")
+        self.mask_ratio = mask_ratio
         self.layout, self.latent_dim = layout, latent_dim
         self.latent_table, self.noise_beta = latent_table, noise_beta
         self.condition_slots, self.condition_noise = condition_slots, condition_noise
@@ -119,9 +124,11 @@ class SequenceBuilder:
         if task.condition:
             seq = self._conditioned(task, image_codes, arrays, rng, dropped)
         elif task.latents:
-            seq = self._noised(text_ids, image_codes, rng)
+            seq = self.layout.text_to_latents(text_ids)
         else:
             seq = self.layout.template(task.template, text_ids, image_codes, low_codes)
+        if task.latents:
+            self._noise(seq, image_codes, rng)
         if self.latent_dim and task.template == "text_to_image":
             seq.latent_source = self._array(task, arrays, "clip_image")
             seq.latent_noise = torch.from_numpy(rng.standard_normal(self.latent_dim)).float()
@@ -152,18 +159,19 @@ class SequenceBuilder:
         f = self._array(task, arrays, task.condition).double().numpy()
         if not self.condition_slots:
             raise ValueError(f"--tasks {task.name}: a model without condition slots")
-        seq = self.layout.condition_to_image(self.condition_slots, image_codes)
+        seq = self.layout.condition_to_latents(self.condition_slots) if task.latents \
+            else self.layout.condition_to_image(self.condition_slots, image_codes)
         seq.condition = torch.from_numpy(
             np.zeros_like(f) if dropped else perturb(f, self.condition_noise, rng)).float()
         seq.condition_present = not dropped
         return seq
 
-    def _noised(self, text_ids, image_codes, rng):
-        """The denoiser's sequence of one record: x0 the codebook latents of its codes, noised
-        to x_t = (1 - sigma) x0 + sigma e at a sigma ~ Beta(noise_beta) of its own."""
+    def _noise(self, seq, image_codes, rng) -> None:
+        """A denoiser's sequence (layout.text_to_latents or condition_to_latents) gets its record's
+        x0, the codebook latents of its codes, noised to x_t = (1 - sigma) x0 + sigma e at a sigma
+        ~ Beta(noise_beta) of its own; with a mask ratio, also the patches its trunk reads."""
         if self.latent_table is None:
             raise ValueError("a denoising task needs the latent table of the image tokenizer")
-        seq = self.layout.text_to_latents(text_ids)
         x0 = self.latent_table[self.layout.image_codes(image_codes, self.layout.image_tokens)
                                .numpy()]                                              # [N, d]
         sigma = float(rng.beta(*self.noise_beta))
@@ -171,8 +179,11 @@ class SequenceBuilder:
         seq.x0 = torch.from_numpy(x0).float()
         seq.noisy_latents = noised(torch.from_numpy(x0).double(), noise, sigma).float()
         seq.noise_level = sigma
-        return seq
-
+        if self.mask_ratio:
+            n = len(x0)
+            seq.visible = torch.zeros(n, dtype=torch.bool)
+            keep = max(1, n - round(self.mask_ratio * n))
+            seq.visible[torch.from_numpy(rng.permutation(n)[:keep])] = True
 
 
 def perturb(f: np.ndarray, xi: float, rng: np.random.Generator) -> np.ndarray:
@@ -222,6 +233,8 @@ def collate(sequences) -> dict[str, torch.Tensor]:
         batch["x0"] = torch.stack([s.x0 for s in sequences])
         batch["noisy_latents"] = torch.stack([s.noisy_latents for s in sequences])
         batch["noise_level"] = torch.tensor([s.noise_level for s in sequences])
+        if sequences[0].visible is not None:
+            batch["visible_patches"] = torch.stack([s.visible for s in sequences])
     return batch
 
 

@@ -21,6 +21,8 @@ from megatron_t2i.model.conditioning import ConditionProjector, slot_inputs
 from megatron_t2i.model.cvae import CVAE
 from megatron_t2i.model.diffusion import LatentInputs
 from megatron_t2i.model.heads import build_head
+from megatron_t2i.model.masked import (MaskDecoder, gather_mask, gather_positions, kept_positions,
+                                       scatter_positions)
 from megatron_t2i.model.trunk import Transformer, check_inputs, seed_component
 
 
@@ -61,6 +63,9 @@ class GPT(nn.Module):
         if config.latent_channels:
             seed_component(seed, config.num_layers + 5)
             self.latent_inputs = LatentInputs(config, device, params_dtype)
+        if config.decoder_layers:
+            seed_component(seed, config.num_layers + 6)
+            self.mask_decoder = MaskDecoder(config, device, params_dtype)
 
     def embed(self, tokens, slots: Slots | None = None):
         """tokens [B, S] -> input embeddings [B, S, h], slot values where slots.mask."""
@@ -107,18 +112,39 @@ class GPT(nn.Module):
         return self.cvae.add_context(tokens, embeds, latent, latent_mask), kl
 
     def hidden(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
-               **inputs):
-        """tokens, position_ids [B, S] -> the trunk's final hidden states [B, S, h] (inputs: the
+               visible_patches=None, **inputs):
+        """tokens, position_ids [B, S] -> the final hidden states [B, S, h] (inputs: the
         keywords of forward that fill slots or the CVAE context)."""
         check_inputs(tokens, position_ids, self.config.max_position_embeddings,
                      cached=kv_cache is not None)
-        return self.transformer(self.inputs(tokens, **inputs)[0], position_ids, attention_mask,
-                                kv_cache)
+        return self._hidden(tokens, self.inputs(tokens, **inputs)[0], position_ids,
+                            attention_mask, kv_cache, visible_patches)
+
+    def _hidden(self, tokens, embeds, position_ids, attention_mask, kv_cache, visible_patches):
+        """The trunk (on the visible patches only, given visible_patches [B, N]) and a
+        denoiser's mask decoder (model/masked.py) -> [B, S, h]."""
+        if visible_patches is None:
+            hidden = self.transformer(embeds, position_ids, attention_mask, kv_cache)
+            where = hidden_patches = None
+        else:
+            if not self.config.decoder_layers:
+                raise ValueError("GPT: visible_patches (masked training) need a denoiser with a "
+                                 "mask decoder (decoder_layers > 0)")
+            index, hidden_patches = kept_positions(tokens, self.config.latent_token,
+                                                   visible_patches)
+            kept = self.transformer(gather_positions(embeds, index),
+                                    gather_positions(position_ids, index),
+                                    gather_mask(attention_mask, index))
+            hidden = scatter_positions(kept, index, tokens.shape[1])
+            where = tokens == self.config.latent_token
+        if self.config.decoder_layers:
+            hidden = self.mask_decoder(hidden, attention_mask, where, hidden_patches)
+        return hidden
 
     def forward(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
                 gather_logits: bool = False, slots: Slots | None = None, condition=None,
                 condition_mask=None, latent=None, latent_source=None, latent_noise=None,
-                latent_mask=None, noisy_latents=None, noise_level=None):
+                latent_mask=None, noisy_latents=None, noise_level=None, visible_patches=None):
         """-> the head's output: logits [B, S, V/tp] (all V with gather_logits) for the LM head;
         (logits, KL [B]) when a CVAE model is given latent_source; x0 predictions [B, S, d] of a
         denoiser given noisy_latents [B, N, d] and noise_level [B] (model/diffusion.py).
@@ -129,13 +155,15 @@ class GPT(nn.Module):
         [B]): of a conditioned model, projected into its slots (see condition_slots). Of a CVAE
         model (model/cvae.py), in rows where latent_mask [B] (None: all): latent z [B, d] (sampling,
         from prior_latent), or latent_source [B, D] and latent_noise [B, d] (training: z from the
-        posterior, and its KL returned).
+        posterior, and its KL returned). visible_patches [B, N] bool: a denoiser's trunk reads
+        only these patches (masked training, model/masked.py).
         """
         check_inputs(tokens, position_ids, self.config.max_position_embeddings,
                      cached=kv_cache is not None)
         embeds, kl = self.inputs(tokens, slots, condition, condition_mask, latent, latent_source,
                                  latent_noise, latent_mask, noisy_latents, noise_level)
-        hidden = self.transformer(embeds, position_ids, attention_mask, kv_cache)
+        hidden = self._hidden(tokens, embeds, position_ids, attention_mask, kv_cache,
+                              visible_patches)
         out = self.head(hidden, self.word_embeddings.weight, gather_logits)
         return out if kl is None else (out, kl)
 

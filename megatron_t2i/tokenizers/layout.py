@@ -135,6 +135,8 @@ class Sequence:
     x0: torch.Tensor | None = None
     noisy_latents: torch.Tensor | None = None
     noise_level: float = 0.0
+    # of masked training (model/masked.py): [N] bool, the patches the trunk reads
+    visible: torch.Tensor | None = None
 
 
 @dataclass
@@ -368,10 +370,19 @@ class TokenLayout:
         """A denoiser's sequence: text->image's, padded, with its codes replaced by [ENC]
         placeholders (each the input slot of one noisy latent patch, model/diffusion.py) and
         [BOI1] the noise level's slot. Training and sampling read the same one."""
+        return self._latents(self.text_to_image(text_ids, self._no_codes()))
+
+    def condition_to_latents(self, slots: int) -> Sequence:
+        """A language-free denoiser's sequence: condition_to_image's with [ENC] placeholders."""
+        return self._latents(self.condition_to_image(slots, self._no_codes()))
+
+    def _no_codes(self) -> torch.Tensor:
         if self.image_order != "raster":
             raise ValueError(f"a denoiser's latents are laid out in raster order; this token "
                              f"layout's image_order is {self.image_order}")
-        seq = self.text_to_image(text_ids, torch.zeros(self.image_tokens, dtype=torch.long))
+        return torch.zeros(self.image_tokens, dtype=torch.long)
+
+    def _latents(self, seq: Sequence) -> Sequence:
         seq.tokens[seq.image_start:seq.image_start + self.image_tokens] = self["[ENC]"]
         return seq
 

@@ -22,6 +22,9 @@ class TrainConfig:
     cvae_kl_warmup: int = 500                       # iterations of beta's linear ramp
     noise_beta: tuple[float, float] = (0.75, 0.75)  # a denoiser's noise levels ~ Beta(a, b)
     ema_decay: float = 0.0                          # EMA of the weights (0: none), e.g. 0.999
+    mask_ratio: float = 0.0                         # MaskDiT: patches hidden from the trunk
+    mask_loss_weight: float = 0.1                   # MaskDiT: the hidden patches' loss weight
+    unmask_finetune_iters: int = 0                  # the last iterations train unmasked
     holdout_fraction: float = 0.02
     seed: int = 1234
     # optimisation

@@ -17,17 +17,28 @@ logger = logging.getLogger("megatron_t2i.train")
 FORMULA = "6*N_params_nonembedding + 6*V*h (head) + 12*layers*hidden*seq (attention), per token"
 
 
-def model_flops_per_token(config, seq_length: int, training: bool = True) -> float:
-    """Forward+backward FLOPs per token (x3 of forward) of the transformer, head included,
-    embeddings (lookups) excluded: the LM head's vocabulary, or a denoiser's patch projections
-    in and out (its noise MLP runs once per sequence: left out). Forward only when `training`
-    is False."""
-    h, layers = config.hidden_size, config.num_layers
-    dense = layers * (4 * h * h + 2 * h * config.ffn_hidden_size)   # matmul weights per layer
+def model_flops(config, batch: int, seq_length: int, kept_length: int | None = None,
+                training: bool = True) -> float:
+    """Forward+backward FLOPs (x3 of forward; forward only when `training` is False) of `batch`
+    sequences of seq_length tokens: the trunk's layers over kept_length of them (a denoiser's
+    masked training, model/masked.py; default all), a mask decoder's layers and the head over
+    every one. The head is the LM head's vocabulary, or a denoiser's patch projections in and out
+    (its noise MLP runs once per sequence: left out); embeddings (lookups) are excluded."""
+    h, f = config.hidden_size, config.ffn_hidden_size
+    kept = seq_length if kept_length is None else kept_length
+
+    def layers(count: int, tokens: int) -> float:  # matmul weights, then QK^T and AV
+        return count * tokens * (2 * (4 * h * h + 2 * h * f) + 4 * h * tokens)
+
     head = 2 * config.latent_channels * h if config.latent_channels else config.vocab_size * h
-    attention = layers * h * seq_length                            # QK^T and AV, per token
-    forward = 2 * (dense + head) + 4 * attention
+    forward = batch * (layers(config.num_layers, kept) + layers(config.decoder_layers, seq_length)
+                       + seq_length * 2 * head)
     return 3 * forward if training else forward
+
+
+def model_flops_per_token(config, seq_length: int, training: bool = True) -> float:
+    """model_flops of one unmasked sequence, per token."""
+    return model_flops(config, 1, seq_length, training=training) / seq_length
 
 
 def matmul_flops(dtype=torch.float32, device="cpu", size: int | None = None,

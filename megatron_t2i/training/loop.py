@@ -25,7 +25,7 @@ from megatron_t2i.model.attention import block_causal_mask
 from megatron_t2i.training.checkpoint import save_checkpoint
 from megatron_t2i.training.ema import EMA_KEY
 from megatron_t2i.training.engine import loss_scale
-from megatron_t2i.training.flops import model_flops_per_token
+from megatron_t2i.training.flops import model_flops
 
 logger = logging.getLogger("megatron_t2i.train")
 
@@ -81,6 +81,14 @@ def _all_reduce_dp(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def step_flops(config, batch: dict) -> float:
+    """The model FLOPs of training on a micro-batch (its trunk on the visible patches only)."""
+    b, s = batch["tokens"].shape
+    visible = batch.get("visible_patches")
+    kept = None if visible is None else s - visible.shape[1] + int(visible[0].sum())
+    return model_flops(config, b, s, kept)
+
+
 def attention_mask(batch: dict) -> torch.Tensor | None:
     """The batch's attention mask: from its block ids, or None (causal) when it has none."""
     return block_causal_mask(batch["block_ids"]) if "block_ids" in batch else None
@@ -116,7 +124,7 @@ class Batches:
 
 
 CONDITION_KEYS = ("condition", "condition_mask", "latent_source", "latent_noise", "latent_mask",
-                  "noisy_latents", "noise_level")
+                  "noisy_latents", "noise_level", "visible_patches")
 
 
 def condition_inputs(batch: dict) -> dict:
@@ -187,7 +195,7 @@ class Trainer:
         slots = model_config.condition_slots
         builder = SequenceBuilder(layout, config.tasks, config.text_dropout, slots,
                                   config.condition_noise, model_config.latent_dim, latent_table,
-                                  config.noise_beta)
+                                  config.noise_beta, config.mask_ratio)
         self.pipeline_loss = getattr(engine.module, "loss_fn", None) \
             if mpu.get_pipeline_model_parallel_world_size() > 1 else None
         self.trim = self.pipeline_loss is None  # the pipeline engine wants fixed shapes
@@ -214,11 +222,11 @@ class Trainer:
         batch over ranks and accumulation steps gives the same gradient."""
         gas = self.cfg.gradient_accumulation_steps
         self.objective.at_iteration(self.iteration)
+        self.train.builder.mask_ratio = self.mask_ratio(self.iteration)
         batches = [self.train.next() for _ in range(gas)]
         for b in batches:
             self.work[0] += b["tokens"].numel()
-            self.work[1] += model_flops_per_token(self.config, b["tokens"].shape[1]) \
-                * b["tokens"].numel()
+            self.work[1] += step_flops(self.config, b)
         total = _all_reduce_dp(torch.stack([self.objective.weight(b) for b in batches])
                                .sum().double())
         scale = gas * mpu.get_data_parallel_world_size() / total.clamp_min(1e-12).item()
@@ -238,6 +246,12 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         return _all_reduce_dp(objective), _all_reduce_dp(sums)
+
+    def mask_ratio(self, iteration: int) -> float:
+        """The share of patches hidden in the step after `iteration` steps: --mask-ratio, 0 in
+        the last --unmask-finetune-iters."""
+        unmasked = iteration >= self.cfg.train_iters - self.cfg.unmask_finetune_iters
+        return 0.0 if unmasked else self.cfg.mask_ratio
 
     def _pipeline_step(self, batches, scale: float):
         """DeepSpeed's pipeline engine runs the step's micro-batches through the stages; its

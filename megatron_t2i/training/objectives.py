@@ -39,7 +39,7 @@ class TokenCrossEntropy:
     metric_size = 6
 
     def __init__(self, layout, txt_loss_scale: float = 1.0, kl_weight: float = 1.0,
-                 kl_warmup: int = 0):
+                 kl_warmup: int = 0, **unused):
         self.layout, self.txt_loss_scale = layout, txt_loss_scale
         self.kl_weight, self.kl_warmup, self.beta = kl_weight, kl_warmup, kl_weight
 
@@ -89,33 +89,51 @@ class TokenCrossEntropy:
 class X0MeanSquaredError:
     """A denoiser's objective (model/diffusion.py): the mean squared error of its x0 prediction
     at every latent patch, per channel, each patch weighted 1 (TLD's loss). Reported also apart
-    for noise levels below and above 0.5, where the task is touch-up and invention."""
+    for noise levels below and above 0.5, where the task is touch-up and invention.
 
-    label_keys = ("tokens", "x0", "noise_level", "weights")
-    # [loss sum, patches, loss sum at sigma < 0.5, patches there]
-    metric_size = 4
+    Masked training (MaskDiT, model/masked.py; batches with visible_patches): the x0 error at
+    the patches the trunk read, plus mask_loss_weight times the error of the prediction at each
+    hidden patch against its noisy input x_t, the patch the model did not see (MaskDiT's MAE
+    term). Normalised by the visible patches, so with every patch visible it is the plain loss."""
 
-    def __init__(self, layout, txt_loss_scale: float = 1.0, **unused):
+    label_keys = ("tokens", "x0", "noise_level", "weights", "targets")
+    # [x0 loss sum, patches, the same at sigma < 0.5, patches there, hidden-patch loss sum, count]
+    metric_size = 6
+
+    def __init__(self, layout, txt_loss_scale: float = 1.0, mask_loss_weight: float = 0.1,
+                 **unused):
         self.latent_token = layout["[ENC]"]
+        self.mask_loss_weight = mask_loss_weight
 
     def at_iteration(self, iteration: int) -> None:
         pass
 
     def prepare(self, batch: dict) -> dict:
-        return {**batch, "weights": torch.ones(batch["x0"].shape[:2], device=batch["x0"].device)}
+        x0 = batch["x0"]
+        visible = batch.get("visible_patches")
+        if visible is None:
+            return {**batch, "weights": torch.ones(x0.shape[:2], device=x0.device),
+                    "targets": x0}
+        weights = torch.where(visible, 1.0, self.mask_loss_weight).to(x0.dtype)
+        targets = torch.where(visible[..., None], x0, batch["noisy_latents"])
+        return {**batch, "weights": weights, "targets": targets}
 
     def weight(self, batch: dict) -> torch.Tensor:
-        return batch["weights"].sum()
+        visible = batch.get("visible_patches")
+        return batch["weights"].sum() if visible is None else visible.sum().to(torch.float32)
 
     def loss(self, outputs, batch: dict, weights=None):
-        x0 = batch["x0"]                                                       # [B, N, d]
-        where = latent_positions(batch["tokens"], self.latent_token, x0.shape[1])
-        pred = outputs[where].view(x0.shape).float()
-        per_patch = (pred - x0.float()).pow(2).mean(-1)                         # [B, N]
+        targets = batch["targets"]                                              # [B, N, d]
+        where = latent_positions(batch["tokens"], self.latent_token, targets.shape[1])
+        pred = outputs[where].view(targets.shape).float()
+        per_patch = (pred - targets.float()).pow(2).mean(-1)                   # [B, N]
         with torch.no_grad():
-            low = (batch["noise_level"] < 0.5).to(per_patch.dtype)[:, None].expand_as(per_patch)
-            sums = torch.stack([per_patch.sum(), per_patch.new_tensor(per_patch.numel()),
-                                (per_patch * low).sum(), low.sum()]).double()
+            visible = batch.get("visible_patches")
+            seen = torch.ones_like(per_patch) if visible is None else visible.to(per_patch.dtype)
+            low = (batch["noise_level"] < 0.5).to(per_patch.dtype)[:, None] * seen
+            sums = torch.stack([(per_patch * seen).sum(), seen.sum(), (per_patch * low).sum(),
+                                low.sum(), (per_patch * (1 - seen)).sum(),
+                                (1 - seen).sum()]).double()
         weights = batch["weights"] if weights is None else weights
         return (per_patch * weights).sum(), sums
 
@@ -127,6 +145,8 @@ class X0MeanSquaredError:
             out["x0_loss_low_noise"] = s[2] / s[3]
         if s[1] > s[3]:
             out["x0_loss_high_noise"] = (s[0] - s[2]) / (s[1] - s[3])
+        if s[5]:
+            out["hidden_patch_loss"] = s[4] / s[5]
         return out
 
 

@@ -104,6 +104,25 @@ def denoiser_fields(cfg: TrainConfig, dataset, layout, train_idx) -> tuple[dict,
             (table * scale).astype("float32"))
 
 
+def check_masking(cfg: TrainConfig, config) -> None:
+    """--mask-ratio and --unmask-finetune-iters (MaskDiT, model/masked.py) in one line each."""
+    if not 0 <= cfg.unmask_finetune_iters <= cfg.train_iters:
+        raise ValueError(f"--unmask-finetune-iters {cfg.unmask_finetune_iters}: must be in "
+                         f"[0, --train-iters {cfg.train_iters}]")
+    if not (cfg.mask_ratio or cfg.unmask_finetune_iters):
+        return
+    if not config.latent_channels:
+        raise ValueError("--mask-ratio / --unmask-finetune-iters: masked-patch training is a "
+                         "denoiser's (--tasks diffusion or clip2latents)")
+    if not config.decoder_layers:
+        raise ValueError("--mask-ratio: the hidden patches are filled in by a mask decoder; add "
+                         "--decoder-layers N (e.g. 1 or 2), and the same to the unmasked run you "
+                         "compare with")
+    if cfg.mask_ratio >= 1:
+        raise ValueError(f"--mask-ratio {cfg.mask_ratio}: must be below 1 (the trunk reads at "
+                         f"least one patch)")
+
+
 def moving_average(cfg: TrainConfig, engine, state: dict, source: str | None):
     """The EMA of the weights (--ema-decay; None without), resumed from the checkpoint's state,
     else started from the weights as they are (fresh, fine-tuned, or a run that had none)."""
@@ -145,8 +164,10 @@ def prepare(cfg: TrainConfig) -> Trainer:
                           **cfg.model_overrides, **condition_fields(cfg, dataset, layout),
                           **latent_fields(cfg, dataset, layout), **denoiser)
     config.check_tensor_parallel(cfg.tensor_model_parallel_size)
+    check_masking(cfg, config)
     objective = build_objective(cfg.tasks, layout, cfg.txt_loss_scale,
-                                kl_weight=cfg.cvae_kl_weight, kl_warmup=cfg.cvae_kl_warmup)
+                                kl_weight=cfg.cvae_kl_weight, kl_warmup=cfg.cvae_kl_warmup,
+                                mask_loss_weight=cfg.mask_loss_weight)
     load_dir = resume_dir(cfg)
     tag = ckpt.choose_checkpoint(load_dir, cfg.resume_fallback) if load_dir else None
     if load_dir:

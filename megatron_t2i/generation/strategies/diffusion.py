@@ -106,10 +106,11 @@ def make_sampler(name: str, steps: int):
     raise ValueError(f"--sampler {name}: expected one of {', '.join(SAMPLERS)}")
 
 
-def predict_x0(model, tokens, positions, mask, x, sigma: float):
-    """The denoiser's x0 [B, N, d] of states x [B, N, d] at noise level sigma."""
+def predict_x0(model, tokens, positions, mask, x, sigma: float, **inputs):
+    """The denoiser's x0 [B, N, d] of states x [B, N, d] at noise level sigma (inputs: a
+    language-free denoiser's condition and condition_mask)."""
     out = model(tokens, positions, mask, noisy_latents=x,
-                noise_level=x.new_full((len(x),), sigma))
+                noise_level=x.new_full((len(x),), sigma), **inputs)
     where = tokens == model.config.latent_token
     return out[where].view(x.shape).float()
 
@@ -118,43 +119,53 @@ def predict_x0(model, tokens, positions, mask, x, sigma: float):
 def denoise(model, cond, uncond, sampler, noise, cfg_scale: float = 0.0, progress=False,
             denoiser=predict_x0):
     """noise [B, N, d] (scaled latent space) -> x0 [B, N, d] after the sampler's steps.
-    cond/uncond: (tokens, positions, mask) of the prompt and, for guidance (cfg_scale != 0), of
-    the unconditional prompt, each [B, S] ([1, 1, S, S] mask). denoiser(model, tokens, positions,
-    mask, x, sigma): predict_x0, or a stand-in (tests give the true x0)."""
+    cond/uncond: (tokens, positions, mask[, inputs]) of the prompt and, for guidance
+    (cfg_scale != 0), of the unconditional prompt, each [B, S] ([1, 1, S, S] mask; inputs: a
+    dict of [B, ...] model keywords, a CLIP condition). denoiser(model, tokens, positions, mask,
+    x, sigma, **inputs): predict_x0, or a stand-in (tests give the true x0)."""
     guided = bool(cfg_scale) and uncond is not None
     rows = len(noise)
+    cond = (*cond, {}) if len(cond) == 3 else cond
     if guided:  # one forward for both branches
+        uncond = (*uncond, {}) if len(uncond) == 3 else uncond
         tokens = torch.cat([cond[0], uncond[0]])
         positions = torch.cat([cond[1], uncond[1]])
         mask = torch.cat([cond[2].expand(rows, -1, -1, -1), uncond[2].expand(rows, -1, -1, -1)])
+        inputs = {k: torch.cat([v, uncond[3][k]]) for k, v in cond[3].items()}
     else:
-        tokens, positions, mask = cond
+        tokens, positions, mask, inputs = cond
     x = sampler.start(noise.float())
     desc = progress if isinstance(progress, str) else None
     for i in progress_bar(range(sampler.steps), desc=desc, unit="step", disable=not progress,
                           leave=False):
         state, sigma = sampler.model_input(i, x)
         if guided:
-            both = denoiser(model, tokens, positions, mask, torch.cat([state, state]), sigma)
+            both = denoiser(model, tokens, positions, mask, torch.cat([state, state]), sigma,
+                            **inputs)
             c, u = both[:rows], both[rows:]
             x0 = c + cfg_scale * (c - u)
         else:
-            x0 = denoiser(model, tokens, positions, mask, state, sigma)
+            x0 = denoiser(model, tokens, positions, mask, state, sigma, **inputs)
         x = sampler.step(i, x, x0)
     return x
 
 
 def sample_latent_codes(ctx, config, prompt, uncond, generators, progress=False) -> torch.Tensor:
-    """A denoiser's images for `prompt` (layout.text_to_latents) as image codes [B, grid^2]: one
-    noise draw per generator, `config.diffusion_steps` of `config.sampler`, guidance
-    config.cfg_scale, the final latents snapped to the nearest codebook vector."""
+    """A denoiser's images for `prompt` (layout.text_to_latents, or condition_to_latents with
+    its condition) as image codes [B, grid^2]: one noise draw per generator,
+    `config.diffusion_steps` of `config.sampler`, guidance config.cfg_scale, the final latents
+    snapped to the nearest codebook vector."""
     layout, model, device = ctx.layout, ctx.model, ctx.device
     rows, n, d = len(generators), layout.image_tokens, model.config.latent_channels
 
     def batch(seq):
         tokens, positions, mask = sequence_inputs(layout, seq)
+        inputs = {}
+        if seq.condition is not None:  # language-free: the CLIP text embedding, or the null one
+            inputs = {"condition": seq.condition.to(device, torch.float32).expand(rows, -1),
+                      "condition_mask": torch.full((rows,), seq.condition_present, device=device)}
         return (tokens.to(device).expand(rows, -1), positions.to(device).expand(rows, -1),
-                mask.to(device))
+                mask.to(device), inputs)
 
     noise = torch.stack([torch.randn(n, d, generator=g, device=device) for g in generators])
     sampler = make_sampler(config.sampler, config.diffusion_steps)

@@ -106,14 +106,13 @@ def prompts(ctx, text: str, guided: bool) -> tuple[Sequence, Sequence | None]:
     """The prompt of `text` and, for guidance, the unconditional one. A caption model reads the
     caption's ids; a CLIP-conditioned one (language-free) the CLIP's text embedding of it in its
     slots, and the null embedding unconditionally."""
-    layout = ctx.layout
-    if ctx.config.latent_channels:  # a denoiser: the caption before its latent placeholders
-        return (layout.text_to_latents(ctx.text_tokenizer.encode(text)),
-                layout.text_to_latents([]) if guided else None)
+    layout, denoiser = ctx.layout, bool(ctx.config.latent_channels)
     if not ctx.config.condition_slots:
-        return (layout.text_to_image(ctx.text_tokenizer.encode(text)),
-                layout.text_to_image([]) if guided else None)
-    prompt = layout.condition_to_image(ctx.config.condition_slots)
+        # a denoiser's caption comes before its latent placeholders
+        template = layout.text_to_latents if denoiser else layout.text_to_image
+        return (template(ctx.text_tokenizer.encode(text)), template([]) if guided else None)
+    slots = ctx.config.condition_slots
+    prompt = layout.condition_to_latents(slots) if denoiser else layout.condition_to_image(slots)
     prompt.condition = ctx.clip.encode_texts([text])[0]
     return prompt, dataclasses.replace(prompt, condition_present=False) if guided else None
 

@@ -151,6 +151,25 @@ def test_the_diffusion_quickstart_trains_a_denoiser_and_reranks_by_clip(tmp_path
     assert len(list((tmp_path / "out" / "text2image").rglob("*.png"))) == 2 * 2
 
 
+def test_the_fast_language_free_quickstart_trains_a_masked_denoiser_on_pictures_alone(tmp_path):
+    first = run({**tiny_recipe("fast-language-free", tmp_path), "TRAIN_ITERS": "10"})
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    names = [s.split()[2] for s in stage_lines(first.stdout)]
+    assert names == [f"{i}/6" for i in range(1, 7)] + ["done"], names
+    report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
+    assert report["source"]["decoding"] == "diffusion"
+    assert report["source"]["condition"].startswith("CLIP text embedding")
+    assert report["heldout_loss"]["patches"] > 0
+    assert re.search(r"colour alignment, best by clip score\s+[0-9.]+ +\(target 0.75",
+                     first.stdout), first.stdout[-2000:]
+    config = json.loads((tmp_path / "ckpt" / "iter_0000010" / "model_config.json").read_text())
+    assert config["decoder_layers"] == 1 and config["condition_slots"] > 0
+    logged = [json.loads(line) for line in
+              (tmp_path / "ckpt" / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/hidden_patch_loss" in r for r in logged)  # trained with hidden patches
+    assert len(list((tmp_path / "out" / "text2image").rglob("*.png"))) == 2 * 2
+
+
 def test_default_inputs_from_a_large_folder_reach_the_generator(tmp_path):
     """image2text.sh / super_resolution.sh / post_selection.sh pick the first images of a large
     synthetic folder: under pipefail a `| head` used to kill them silently (SIGPIPE, exit 141)."""

@@ -182,11 +182,14 @@ def pipeline_inputs(batch: dict, condition_dim: int = 0) -> tuple:
 class Trainer:
     def __init__(self, config, engine, model_config, layout, dataset, train_idx, eval_idx,
                  writer, reference, objective, start_iteration: int = 0, consumed: int = 0,
-                 latent_table=None, ema=None, best_eval=None):
+                 latent_table=None, ema=None, best_eval=None, progress=None):
         """config: TrainConfig; reference: the MFU denominator (flops.MatmulReference);
         latent_table: a denoiser's scaled codebook latents [K, d] (data/latents.py); ema: the
         moving average of the weights (training/ema.py), updated after every step; best_eval:
-        (iteration, held-out loss) of the best evaluation so far (resumed from the checkpoint)."""
+        (iteration, held-out loss) of the best evaluation so far (resumed from the checkpoint);
+        progress: the run's cumulative training-step seconds and model FLOPs (all replicas) so
+        far, logged with every line (a held-out loss against time or compute, e.g.
+        bench/masked_diffusion.py), resumed from the checkpoint."""
         self.cfg, self.engine, self.config, self.layout = config, engine, model_config, layout
         self.ema = ema
         self.writer, self.reference, self.objective = writer, reference, objective
@@ -212,6 +215,7 @@ class Trainer:
         self.last_eval = (-1, None)  # (iteration, held-out loss) of the latest evaluation
         self.best_eval = tuple(best_eval) if best_eval else None
         self.rise_explained = False  # the first warning of a rising held-out loss says why
+        self.progress = {"train_seconds": 0.0, "model_flops": 0.0, **(progress or {})}
 
     # ---- one optimiser step ------------------------------------------------------------------
     def train_step(self):
@@ -225,8 +229,10 @@ class Trainer:
         self.train.builder.mask_ratio = self.mask_ratio(self.iteration)
         batches = [self.train.next() for _ in range(gas)]
         for b in batches:
+            flops = step_flops(self.config, b)
             self.work[0] += b["tokens"].numel()
-            self.work[1] += step_flops(self.config, b)
+            self.work[1] += flops
+            self.progress["model_flops"] += flops * mpu.get_data_parallel_world_size()
         total = _all_reduce_dp(torch.stack([self.objective.weight(b) for b in batches])
                                .sum().double())
         scale = gas * mpu.get_data_parallel_world_size() / total.clamp_min(1e-12).item()
@@ -330,7 +336,8 @@ class Trainer:
 
     def save(self) -> None:
         loss = self.last_eval[1] if self.last_eval[0] == self.iteration else None
-        state = {"data": self.train.sampler.state_dict(), BEST_EVAL_KEY: self.best_eval}
+        state = {"data": self.train.sampler.state_dict(), BEST_EVAL_KEY: self.best_eval,
+                 PROGRESS_KEY: self.progress}
         if self.ema is not None:
             state[EMA_KEY] = self.ema.state_dict()
         save_checkpoint(self.engine, self.cfg.save, self.iteration, self.config, self.layout,
@@ -354,7 +361,11 @@ class Trainer:
             "train/skipped_steps": float(self.engine.skipped_steps),
             "speed/tokens_per_s": self.work[0] * mpu.get_data_parallel_world_size() / seconds,
             "speed/mfu": self.reference.mfu(self.work[1] * share / seconds),
+            **self.progress_values(),
         }
+
+    def progress_values(self) -> dict:
+        return {f"progress/{k}": v for k, v in self.progress.items()}
 
     def run(self) -> str:
         """Train to train_iters; returns 'done' or 'stopped' (signal)."""
@@ -362,19 +373,24 @@ class Trainer:
         size = self.objective.metric_size
 
         def new_window():
-            return {"loss": 0.0, "sums": torch.zeros(size, dtype=torch.float64), "n": 0}
+            return {"loss": 0.0, "sums": torch.zeros(size, dtype=torch.float64), "n": 0,
+                    "seconds": 0.0}
 
         window = new_window()
-        start_iter, t_start, t_window = self.iteration, time.time(), time.time()
+        start_iter, t_start = self.iteration, time.time()
         while self.iteration < cfg.train_iters:
             new_best = False
+            started = time.time()
             loss, sums = self.train_step()
-            window["loss"] += loss.item()
+            window["loss"] += loss.item()  # (a sync: the step's time is all in)
+            step_seconds = time.time() - started
+            window["seconds"] += step_seconds
+            self.progress["train_seconds"] += step_seconds
             window["sums"] += sums.cpu()
             window["n"] += 1
             if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
                 now = time.time()
-                values = self._window_values(window, now - t_window)
+                values = self._window_values(window, window["seconds"])
                 self.log(values)
                 if self.is_logger:
                     done = self.iteration - start_iter
@@ -389,15 +405,14 @@ class Trainer:
                         self.iteration, cfg.train_iters, values["train/loss"], parts,
                         values["train/lr"], values["train/loss_scale"], values["train/grad_norm"],
                         self.engine.skipped_steps, values["speed/tokens_per_s"],
-                        values["speed/mfu"], (now - t_window) / window["n"], _hms(eta))
+                        values["speed/mfu"], window["seconds"] / window["n"], _hms(eta))
                 window = new_window()
                 self.work = [0, 0.0]
-                t_window = time.time()
             if self.eval_idx.size and cfg.eval_iters and (
                     self.iteration % cfg.eval_interval == 0 or self.iteration == cfg.train_iters):
                 values = self.evaluate()
                 self.last_eval = (self.iteration, values["eval/loss"])
-                self.log(values)
+                self.log({**values, **self.progress_values()})
                 if self.is_logger:
                     logger.info("evaluation at iteration %d | %s", self.iteration,
                                 " | ".join(f"{k[5:]} {v:.6f}" for k, v in values.items()))
@@ -412,6 +427,7 @@ class Trainer:
 
 
 BEST_EVAL_KEY = "best_eval"  # client state: (iteration, held-out loss) of the best evaluation
+PROGRESS_KEY = "progress"    # client state: cumulative training-step seconds and model FLOPs
 RISE_WARNING = 0.005         # a held-out loss this far above its best is reported
 
 

@@ -20,8 +20,8 @@ from megatron_t2i.training.config import TrainConfig
 from megatron_t2i.training.ema import EMA, EMA_KEY
 from megatron_t2i.training.engine import build_engine, init_distributed, load_ds_config, precision
 from megatron_t2i.training.flops import MatmulReference
-from megatron_t2i.training.loop import (BEST_EVAL_KEY, METRICS_FILE, PipelineLoss, Trainer,
-                                        drop_replayed_metrics)
+from megatron_t2i.training.loop import (BEST_EVAL_KEY, METRICS_FILE, PROGRESS_KEY, PipelineLoss,
+                                        Trainer, drop_replayed_metrics)
 from megatron_t2i.training.objectives import build_objective
 
 logger = logging.getLogger("megatron_t2i.train")
@@ -207,7 +207,8 @@ def prepare(cfg: TrainConfig) -> Trainer:
         recommend_regularisation(cfg, config.hidden_dropout, len(train_idx))
     return Trainer(cfg, engine, config, layout, dataset, train_idx, eval_idx, writer, reference,
                    objective, iteration, consumed, latent_table, ema,
-                   None if cfg.finetune else state.get(BEST_EVAL_KEY))
+                   None if cfg.finetune else state.get(BEST_EVAL_KEY),
+                   None if cfg.finetune else state.get(PROGRESS_KEY))
 
 
 def recommend_regularisation(cfg: TrainConfig, hidden_dropout: float, train_records: int) -> None:

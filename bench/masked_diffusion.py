@@ -1,0 +1,214 @@
+"""Does masked-patch training (MaskDiT) save time here? Held-out denoising loss against wall-clock
+and against model FLOPs, masked and unmasked, same data, model and budget; optionally the
+alignment of each after the run, and the language-free denoiser beside the paired-caption one.
+
+Every run is `pretrain.py` (the production path) on the same LMDB, model (--model-size with
+--decoder-layers for every run, so the models are the same), batch, learning rate and held-out
+records; it logs each evaluation with the run's cumulative training-step seconds and model FLOPs
+(progress/*, evaluation time excluded). The masked run ends with --unmask-finetune-iters.
+
+    python bench/masked_diffusion.py --data-path data/tokens-clip.lmdb          # the README's
+    python bench/masked_diffusion.py --iters 20 --eval-interval 10 --quick      # a smoke run
+
+Outputs (--output-dir): masked_diffusion.json (curves and figures), masked_diffusion.md (the
+table), masked_diffusion.png (the two plots). The goal it checks: the masked run reaches the
+unmasked run's final held-out loss in <= 0.7x its wall-clock.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.common import print_json  # noqa: E402
+from megatron_t2i.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOAL = 0.7
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-path", default=os.path.join(ROOT, "data", "tokens-clip.lmdb"),
+                   help="an LMDB written by preprocess (with --clip for --language-free)")
+    p.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "masked_diffusion"))
+    p.add_argument("--model-size", default="demo")
+    p.add_argument("--decoder-layers", type=int, default=1)
+    p.add_argument("--mask-ratio", type=float, default=0.5)
+    p.add_argument("--iters", type=int, default=600, help="iterations of the unmasked run")
+    p.add_argument("--masked-iters", type=int,
+                   help="iterations of the masked runs (default: as many as fit the unmasked "
+                        "run's wall-clock, from each run's speed over its first iterations)")
+    p.add_argument("--unmask-finetune", type=float, default=0.1,
+                   help="share of the masked run trained unmasked at the end (default: 0.1)")
+    p.add_argument("--micro-batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-interval", type=int, default=50)
+    p.add_argument("--eval-iters", type=int, default=8)
+    p.add_argument("--language-free", action="store_true",
+                   help="also the language-free denoiser (--tasks clip-diffusion), masked")
+    p.add_argument("--alignment", type=int, default=0, metavar="PROMPTS",
+                   help="evaluate each run on this many held-out captions (evaluate.py, 8 "
+                        "samples each, best 1 by CLIP score); 0: losses only")
+    p.add_argument("--quick", action="store_true", help="a smoke run: the tiny model")
+    return p.parse_args(argv)
+
+
+def train(args, name: str, task: str, iters: int, mask_ratio: float) -> dict:
+    save = os.path.join(args.output_dir, name)
+    flags = ["--data-path", args.data_path, "--save", save, "--model-size",
+             "tiny" if args.quick else args.model_size, "--decoder-layers",
+             str(args.decoder_layers), "--tasks", f"{task}:1", "--train-iters", str(iters),
+             "--micro-batch-size", str(args.micro_batch_size), "--lr", str(args.lr),
+             "--hidden-dropout", "0", "--attention-dropout", "0", "--text-dropout", "0.1",
+             "--ema-decay", "0.999", "--eval-interval", str(args.eval_interval), "--eval-iters",
+             str(args.eval_iters), "--log-interval", str(args.eval_interval),
+             "--save-interval", str(10 ** 9), "--distributed-backend", "gloo"]
+    if mask_ratio:
+        flags += ["--mask-ratio", str(mask_ratio), "--unmask-finetune-iters",
+                  str(round(args.unmask_finetune * iters))]
+    if os.path.isdir(save):
+        raise SystemExit(f"bench: {save} exists; remove it or give another --output-dir")
+    print(f"== {name}: {task}, {iters} iterations, mask ratio {mask_ratio}", flush=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"), *flags], check=True,
+                   cwd=ROOT, env={**os.environ, "MASTER_PORT": str(free_port())})
+    rows = [json.loads(line) for line in open(os.path.join(save, "tensorboard",
+                                                           "metrics.jsonl"))]
+    curve = [{"iteration": r["iteration"], "loss": r["eval/x0_loss"],
+              "seconds": r["progress/train_seconds"], "flops": r["progress/model_flops"]}
+             for r in rows if "eval/x0_loss" in r]
+    return {"name": name, "task": task, "iters": iters, "mask_ratio": mask_ratio, "save": save,
+            "curve": curve, "seconds_per_iteration": curve[-1]["seconds"] / iters}
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reach(curve: list[dict], target: float, key: str) -> float | None:
+    """The first `key` (seconds or flops) at which the held-out loss is <= target, linearly
+    interpolated between evaluations; None if it never is."""
+    for before, after in zip([None] + curve[:-1], curve):
+        if after["loss"] <= target:
+            if before is None or before["loss"] == after["loss"]:
+                return after[key]
+            share = (before["loss"] - target) / (before["loss"] - after["loss"])
+            return before[key] + share * (after[key] - before[key])
+    return None
+
+
+def speed_probe(args, task: str, mask_ratio: float) -> float:
+    """Seconds per training step of a short run (its first 20 iterations, compile and warm-up
+    over after the first 5)."""
+    probe = train(args, f"probe-{task}-{mask_ratio}", task, 25, mask_ratio)
+    rows = probe["curve"]
+    return rows[-1]["seconds"] / 25 if len(rows) < 2 else \
+        (rows[-1]["seconds"] - rows[0]["seconds"]) / (rows[-1]["iteration"] - rows[0]["iteration"])
+
+
+def evaluate(args, run: dict) -> dict:
+    out = os.path.join(run["save"], "eval")
+    subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--load", run["save"],
+                    "--data-path", args.data_path, "--num-prompts", str(args.alignment),
+                    "--samples-per-prompt", "8", "--rerank-top", "1", "--cfg-scale", "2",
+                    "--output-path", out], check=True, cwd=ROOT)
+    report = json.load(open(os.path.join(out, "report.json")))
+    best = report.get("alignment_reranked") or report["alignment"]
+    return {"colour": best["colour"], "shape": best["kind"], "position": best["position"],
+            "images_per_s": report["speed"]["images_per_s"]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    runs = [train(args, "unmasked", "diffusion", args.iters, 0.0)]
+    iters = args.masked_iters
+    if iters is None:  # the same wall-clock budget, from the two speeds measured here
+        ratio = speed_probe(args, "diffusion", 0.0) / speed_probe(args, "diffusion",
+                                                                  args.mask_ratio)
+        iters = round(args.iters * ratio)
+    runs.append(train(args, "masked", "diffusion", iters, args.mask_ratio))
+    if args.language_free:
+        runs.append(train(args, "language-free-masked", "clip-diffusion", iters, args.mask_ratio))
+    unmasked, masked = runs[0], runs[1]
+    target = unmasked["curve"][-1]["loss"]
+    result = {
+        "data": args.data_path, "model_size": "tiny" if args.quick else args.model_size,
+        "decoder_layers": args.decoder_layers, "micro_batch": args.micro_batch_size,
+        "lr": args.lr, "eval": f"{args.eval_iters} micro-batches of held-out records",
+        "target_loss": target,
+        "runs": runs,
+    }
+    for run in runs:
+        final = run["curve"][-1]
+        run["final_loss"] = final["loss"]
+        run["train_seconds"] = final["seconds"]
+        run["model_flops"] = final["flops"]
+        if run["task"] == "diffusion":
+            for key in ("seconds", "flops"):
+                at = reach(run["curve"], target, key)
+                run[f"reaches_target_at_{key}"] = at
+                run[f"{key}_ratio_to_unmasked"] = None if at is None else \
+                    at / unmasked["curve"][-1][key]
+        if args.alignment:
+            run["alignment"] = evaluate(args, run)
+    ratio = masked.get("seconds_ratio_to_unmasked")
+    result["goal"] = {"wall_clock_ratio": ratio, "target": GOAL,
+                      "met": ratio is not None and ratio <= GOAL}
+    write_json_atomic(os.path.join(args.output_dir, "masked_diffusion.json"), result)
+    write_text_atomic(os.path.join(args.output_dir, "masked_diffusion.md"), table(result))
+    plot(result, os.path.join(args.output_dir, "masked_diffusion.png"))
+    print_json({k: v for k, v in result.items() if k != "runs"} | {
+        "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]})
+    return 0
+
+
+def table(result: dict) -> str:
+    lines = ["| run | iterations | s/iteration | training s | model PFLOP | final held-out x0 "
+             "loss | reaches the unmasked final loss at (s, x of unmasked) | colour | shape |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["runs"]:
+        at = r.get("reaches_target_at_seconds")
+        reach_s = "–" if r["task"] != "diffusion" else "never" if at is None else \
+            f"{at:.0f} s ({r['seconds_ratio_to_unmasked']:.2f}x)"
+        a = r.get("alignment") or {}
+        lines.append(f"| {r['name']} ({r['task']}, mask {r['mask_ratio']:g}) | {r['iters']} | "
+                     f"{r['seconds_per_iteration']:.3f} | {r['train_seconds']:.0f} | "
+                     f"{r['model_flops'] / 1e15:.2f} | {r['final_loss']:.4f} | {reach_s} | "
+                     f"{a.get('colour', float('nan')):.3f} | {a.get('shape', float('nan')):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for r in result["runs"]:
+        c = r["curve"]
+        label = f"{r['name']} (mask {r['mask_ratio']:g})"
+        axes[0].plot([p["seconds"] for p in c], [p["loss"] for p in c], marker=".", label=label)
+        axes[1].plot([p["flops"] / 1e15 for p in c], [p["loss"] for p in c], marker=".",
+                     label=label)
+    for ax, xlabel in zip(axes, ("training seconds (evaluation excluded)", "model PFLOP")):
+        ax.axhline(result["target_loss"], color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out x0 loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    tmp = path + ".partial.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

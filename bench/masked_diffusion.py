@@ -1,14 +1,18 @@
 """Does masked-patch training (MaskDiT) save time here? Held-out denoising loss against wall-clock
-and against model FLOPs, masked and unmasked, same data, model and budget; optionally the
-alignment of each after the run, and the language-free denoiser beside the paired-caption one.
+and against model FLOPs of the language-free denoiser (--tasks clip-diffusion), masked and
+unmasked, same data, model and wall-clock budget, with the alignment of each at the end; beside
+them the paired-caption denoiser (--tasks diffusion) on the same data and budget, so the cost of
+dropping captions is a number.
 
-Every run is `pretrain.py` (the production path) on the same LMDB, model (--model-size with
---decoder-layers for every run, so the models are the same), batch, learning rate and held-out
-records; it logs each evaluation with the run's cumulative training-step seconds and model FLOPs
-(progress/*, evaluation time excluded). The masked run ends with --unmask-finetune-iters.
+Every run is `pretrain.py` (the production path) on the same LMDB (written with --clip), model
+(--model-size with --decoder-layers for every run, so the models are the same), batch, learning
+rate and held-out records, for as many iterations as fit --budget-s at the speed a 25-iteration
+probe of that run measured here; it logs each evaluation with the run's cumulative training-step
+seconds and model FLOPs (progress/*, evaluation excluded). The masked run ends with
+--unmask-finetune-iters.
 
-    python bench/masked_diffusion.py --data-path data/tokens-clip.lmdb          # the README's
-    python bench/masked_diffusion.py --iters 20 --eval-interval 10 --quick      # a smoke run
+    python bench/masked_diffusion.py --alignment 32                  # the README's figures
+    python bench/masked_diffusion.py --quick --budget-s 20 --eval-interval 10   # a smoke run
 
 Outputs (--output-dir): masked_diffusion.json (curves and figures), masked_diffusion.md (the
 table), masked_diffusion.png (the two plots). The goal it checks: the masked run reaches the
@@ -39,21 +43,19 @@ def parse_args(argv=None):
     p.add_argument("--model-size", default="demo")
     p.add_argument("--decoder-layers", type=int, default=1)
     p.add_argument("--mask-ratio", type=float, default=0.5)
-    p.add_argument("--iters", type=int, default=600, help="iterations of the unmasked run")
-    p.add_argument("--masked-iters", type=int,
-                   help="iterations of the masked runs (default: as many as fit the unmasked "
-                        "run's wall-clock, from each run's speed over its first iterations)")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="training seconds of each run (default: %(default)s)")
     p.add_argument("--unmask-finetune", type=float, default=0.1,
                    help="share of the masked run trained unmasked at the end (default: 0.1)")
     p.add_argument("--micro-batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--eval-iters", type=int, default=8)
-    p.add_argument("--language-free", action="store_true",
-                   help="also the language-free denoiser (--tasks clip-diffusion), masked")
+    p.add_argument("--no-paired", dest="paired", action="store_false",
+                   help="leave out the paired-caption denoiser")
     p.add_argument("--alignment", type=int, default=0, metavar="PROMPTS",
                    help="evaluate each run on this many held-out captions (evaluate.py, 8 "
-                        "samples each, best 1 by CLIP score); 0: losses only")
+                        "samples each, guidance 2, best 1 by CLIP score); 0: losses only")
     p.add_argument("--quick", action="store_true", help="a smoke run: the tiny model")
     return p.parse_args(argv)
 
@@ -105,9 +107,8 @@ def reach(curve: list[dict], target: float, key: str) -> float | None:
 
 
 def speed_probe(args, task: str, mask_ratio: float) -> float:
-    """Seconds per training step of a short run (its first 20 iterations, compile and warm-up
-    over after the first 5)."""
-    probe = train(args, f"probe-{task}-{mask_ratio}", task, 25, mask_ratio)
+    """Seconds per training step of a 25-iteration run of this kind (after its first 5)."""
+    probe = train(args, f"probe-{task}-{mask_ratio:g}", task, 25, mask_ratio)
     rows = probe["curve"]
     return rows[-1]["seconds"] / 25 if len(rows) < 2 else \
         (rows[-1]["seconds"] - rows[0]["seconds"]) / (rows[-1]["iteration"] - rows[0]["iteration"])
@@ -125,25 +126,30 @@ def evaluate(args, run: dict) -> dict:
             "images_per_s": report["speed"]["images_per_s"]}
 
 
+RUNS = (("language-free unmasked", "clip-diffusion", False),
+        ("language-free masked", "clip-diffusion", True),
+        ("paired captions", "diffusion", False))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
-    runs = [train(args, "unmasked", "diffusion", args.iters, 0.0)]
-    iters = args.masked_iters
-    if iters is None:  # the same wall-clock budget, from the two speeds measured here
-        ratio = speed_probe(args, "diffusion", 0.0) / speed_probe(args, "diffusion",
-                                                                  args.mask_ratio)
-        iters = round(args.iters * ratio)
-    runs.append(train(args, "masked", "diffusion", iters, args.mask_ratio))
-    if args.language_free:
-        runs.append(train(args, "language-free-masked", "clip-diffusion", iters, args.mask_ratio))
+    kinds = RUNS if args.paired else RUNS[:2]
+    eval_interval = args.eval_interval
+    args.eval_interval = 5  # the probes: an evaluation's progress row every 5 iterations
+    speeds = {name: speed_probe(args, task, args.mask_ratio if masked else 0.0)
+              for name, task, masked in kinds}
+    args.eval_interval = eval_interval
+    runs = [train(args, name.replace(" ", "-"), task, max(10, round(args.budget_s / speeds[name])),
+                  args.mask_ratio if masked else 0.0) for name, task, masked in kinds]
     unmasked, masked = runs[0], runs[1]
     target = unmasked["curve"][-1]["loss"]
     result = {
         "data": args.data_path, "model_size": "tiny" if args.quick else args.model_size,
         "decoder_layers": args.decoder_layers, "micro_batch": args.micro_batch_size,
-        "lr": args.lr, "eval": f"{args.eval_iters} micro-batches of held-out records",
-        "target_loss": target,
+        "lr": args.lr, "budget_s": args.budget_s,
+        "eval": f"{args.eval_iters} micro-batches of held-out records",
+        "target_loss": target, "probe_seconds_per_iteration": speeds,
         "runs": runs,
     }
     for run in runs:
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
         run["final_loss"] = final["loss"]
         run["train_seconds"] = final["seconds"]
         run["model_flops"] = final["flops"]
-        if run["task"] == "diffusion":
+        if run["task"] == "clip-diffusion":
             for key in ("seconds", "flops"):
                 at = reach(run["curve"], target, key)
                 run[f"reaches_target_at_{key}"] = at
@@ -176,10 +182,10 @@ def table(result: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
         at = r.get("reaches_target_at_seconds")
-        reach_s = "–" if r["task"] != "diffusion" else "never" if at is None else \
+        reach_s = "–" if r["task"] != "clip-diffusion" else "never" if at is None else \
             f"{at:.0f} s ({r['seconds_ratio_to_unmasked']:.2f}x)"
         a = r.get("alignment") or {}
-        lines.append(f"| {r['name']} ({r['task']}, mask {r['mask_ratio']:g}) | {r['iters']} | "
+        lines.append(f"| {r['name']} | {r['iters']} | "
                      f"{r['seconds_per_iteration']:.3f} | {r['train_seconds']:.0f} | "
                      f"{r['model_flops'] / 1e15:.2f} | {r['final_loss']:.4f} | {reach_s} | "
                      f"{a.get('colour', float('nan')):.3f} | {a.get('shape', float('nan')):.3f} |")

@@ -97,7 +97,7 @@ case "$METHOD" in
     OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/fast-language-free}
     LMDB=$DATA_DIR/tokens-clip.lmdb
     CLIP=$DATA_DIR/clip.pt
-    export TASKS=clip-diffusion:1 LR=${LR:-1e-3} TRAIN_ITERS=${TRAIN_ITERS:-2000}
+    export TASKS=clip-diffusion:1 LR=${LR:-1e-3} TRAIN_ITERS=${TRAIN_ITERS:-3000}
     export MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-16}
     TRAIN_FLAGS=(--ema-decay 0.999 --clip-noise "${CLIP_NOISE:-0.2}" --decoder-layers 1
                  --mask-ratio "${MASK_RATIO:-0.5}" --unmask-finetune-iters $((TRAIN_ITERS / 10)))

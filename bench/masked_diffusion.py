@@ -57,6 +57,8 @@ def parse_args(argv=None):
                    help="evaluate each run on this many held-out captions (evaluate.py, 8 "
                         "samples each, guidance 2, best 1 by CLIP score); 0: losses only")
     p.add_argument("--quick", action="store_true", help="a smoke run: the tiny model")
+    p.add_argument("--summarise-only", action="store_true",
+                   help="recompute the figures, table and plot from --output-dir's JSON")
     return p.parse_args(argv)
 
 
@@ -133,6 +135,10 @@ RUNS = (("language-free unmasked", "clip-diffusion", False),
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summarise_only:
+        path = os.path.join(args.output_dir, "masked_diffusion.json")
+        with open(path) as f:
+            return report(json.load(f), args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     kinds = RUNS if args.paired else RUNS[:2]
     eval_interval = args.eval_interval
@@ -142,52 +148,67 @@ def main(argv=None) -> int:
     args.eval_interval = eval_interval
     runs = [train(args, name.replace(" ", "-"), task, max(10, round(args.budget_s / speeds[name])),
                   args.mask_ratio if masked else 0.0) for name, task, masked in kinds]
-    unmasked, masked = runs[0], runs[1]
-    target = unmasked["curve"][-1]["loss"]
     result = {
         "data": args.data_path, "model_size": "tiny" if args.quick else args.model_size,
         "decoder_layers": args.decoder_layers, "micro_batch": args.micro_batch_size,
         "lr": args.lr, "budget_s": args.budget_s,
         "eval": f"{args.eval_iters} micro-batches of held-out records",
-        "target_loss": target, "probe_seconds_per_iteration": speeds,
-        "runs": runs,
+        "probe_seconds_per_iteration": speeds, "runs": runs,
     }
+    if args.alignment:
+        for run in runs:
+            run["alignment"] = evaluate(args, run)
+    return report(result, args.output_dir)
+
+
+def summarise(result: dict) -> dict:
+    """The figures of the runs' curves: final losses, when each language-free run first reaches
+    the unmasked run's final held-out loss (seconds and FLOPs), the masked/unmasked ratios."""
+    runs = result["runs"]
+    target = runs[0]["curve"][-1]["loss"]
+    result["target_loss"] = target
     for run in runs:
         final = run["curve"][-1]
-        run["final_loss"] = final["loss"]
-        run["train_seconds"] = final["seconds"]
-        run["model_flops"] = final["flops"]
+        run.update(final_loss=final["loss"], train_seconds=final["seconds"],
+                   model_flops=final["flops"])
         if run["task"] == "clip-diffusion":
             for key in ("seconds", "flops"):
-                at = reach(run["curve"], target, key)
-                run[f"reaches_target_at_{key}"] = at
-                run[f"{key}_ratio_to_unmasked"] = None if at is None else \
-                    at / unmasked["curve"][-1][key]
-        if args.alignment:
-            run["alignment"] = evaluate(args, run)
-    ratio = masked.get("seconds_ratio_to_unmasked")
+                run[f"reaches_target_at_{key}"] = reach(run["curve"], target, key)
+    unmasked, masked = runs[0], runs[1]
+    for key in ("seconds", "flops"):
+        at, ref = masked[f"reaches_target_at_{key}"], unmasked[f"reaches_target_at_{key}"]
+        masked[f"{key}_ratio_to_unmasked"] = None if at is None else at / ref
+        unmasked[f"{key}_ratio_to_unmasked"] = 1.0
+    ratio = masked["seconds_ratio_to_unmasked"]
     result["goal"] = {"wall_clock_ratio": ratio, "target": GOAL,
                       "met": ratio is not None and ratio <= GOAL}
-    write_json_atomic(os.path.join(args.output_dir, "masked_diffusion.json"), result)
-    write_text_atomic(os.path.join(args.output_dir, "masked_diffusion.md"), table(result))
-    plot(result, os.path.join(args.output_dir, "masked_diffusion.png"))
+    return result
+
+
+def report(result: dict, output_dir: str) -> int:
+    result = summarise(result)
+    write_json_atomic(os.path.join(output_dir, "masked_diffusion.json"), result)
+    write_text_atomic(os.path.join(output_dir, "masked_diffusion.md"), table(result))
+    plot(result, os.path.join(output_dir, "masked_diffusion.png"))
     print_json({k: v for k, v in result.items() if k != "runs"} | {
-        "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]})
+        "runs": [{k: v for k, v in r.items() if k != "curve"} for r in result["runs"]]})
     return 0
 
 
 def table(result: dict) -> str:
-    lines = ["| run | iterations | s/iteration | training s | model PFLOP | final held-out x0 "
-             "loss | reaches the unmasked final loss at (s, x of unmasked) | colour | shape |",
+    lines = ["| run | iterations | s/iteration | training s | model TFLOP | final held-out x0 "
+             "loss | first reaches the unmasked final loss at (s, x unmasked's) | colour | "
+             "shape |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
         at = r.get("reaches_target_at_seconds")
+        ratio = r.get("seconds_ratio_to_unmasked")
         reach_s = "–" if r["task"] != "clip-diffusion" else "never" if at is None else \
-            f"{at:.0f} s ({r['seconds_ratio_to_unmasked']:.2f}x)"
+            f"{at:.0f} s" + (f" ({ratio:.2f}x)" if ratio is not None else "")
         a = r.get("alignment") or {}
         lines.append(f"| {r['name']} | {r['iters']} | "
                      f"{r['seconds_per_iteration']:.3f} | {r['train_seconds']:.0f} | "
-                     f"{r['model_flops'] / 1e15:.2f} | {r['final_loss']:.4f} | {reach_s} | "
+                     f"{r['model_flops'] / 1e12:.1f} | {r['final_loss']:.4f} | {reach_s} | "
                      f"{a.get('colour', float('nan')):.3f} | {a.get('shape', float('nan')):.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -201,9 +222,9 @@ def plot(result: dict, path: str) -> None:
         c = r["curve"]
         label = f"{r['name']} (mask {r['mask_ratio']:g})"
         axes[0].plot([p["seconds"] for p in c], [p["loss"] for p in c], marker=".", label=label)
-        axes[1].plot([p["flops"] / 1e15 for p in c], [p["loss"] for p in c], marker=".",
+        axes[1].plot([p["flops"] / 1e12 for p in c], [p["loss"] for p in c], marker=".",
                      label=label)
-    for ax, xlabel in zip(axes, ("training seconds (evaluation excluded)", "model PFLOP")):
+    for ax, xlabel in zip(axes, ("training seconds (evaluation excluded)", "model TFLOP")):
         ax.axhline(result["target_loss"], color="grey", lw=0.8, ls="--")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out x0 loss")

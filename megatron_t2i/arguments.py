@@ -106,6 +106,9 @@ def add_model_args(parser):
                    help="a denoiser's mask decoder (MaskDiT): N layers after the trunk that read "
                         "every patch, the hidden ones as a mask token; needed by --mask-ratio, "
                         "give the unmasked run you compare with the same (default: %(default)s)")
+    g.add_argument("--mlp-conv", action="store_true",
+                   help="a denoiser's MLPs convolve each channel over the 3x3 neighbourhood of "
+                        "its latent patch (TLD's depth-wise convolution against patchy images)")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute layer activations in the backward pass to save memory")
 
@@ -494,7 +497,8 @@ def model_overrides(args) -> dict:
     return {**overrides, "hidden_dropout": args.hidden_dropout,
             "attention_dropout": args.attention_dropout,
             "checkpoint_activations": args.checkpoint_activations,
-            **({"decoder_layers": args.decoder_layers} if args.decoder_layers else {})}
+            **({"decoder_layers": args.decoder_layers} if args.decoder_layers else {}),
+            **({"mlp_conv": True} if args.mlp_conv else {})}
 
 
 def train_config(args) -> TrainConfig:

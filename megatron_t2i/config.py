@@ -54,6 +54,8 @@ class ModelConfig:
     # MaskDiT (model/masked.py): layers of the decoder that reads every patch after the trunk,
     # the hidden ones as a learned mask token (0: none)
     decoder_layers: int = 0
+    # TLD's depth-wise 3x3 convolution over the latent grid in every MLP (model/layer.GridConv)
+    mlp_conv: bool = False
 
     def __post_init__(self):
         for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -89,8 +91,12 @@ class ModelConfig:
                              f"{self.head!r}, {self.latent_channels}, {self.latent_scale}, "
                              f"{self.latent_token}, {self.noise_token})")
         if self.decoder_layers < 0 or (self.decoder_layers and not self.latent_channels):
-            raise ValueError(f"model config: decoder_layers {self.decoder_layers} must be >= 0, "
-                             f"and is a denoiser's (masked-patch training)")
+            raise ValueError(f"model config: decoder_layers (--decoder-layers) "
+                             f"{self.decoder_layers} must be >= 0, and is a denoiser's "
+                             f"(masked-patch training, --tasks diffusion or clip-diffusion)")
+        if self.mlp_conv and not self.latent_channels:
+            raise ValueError("model config: mlp_conv (--mlp-conv) convolves a denoiser's latent "
+                             "grid; use it with --tasks diffusion or clip-diffusion")
 
     @property
     def head_dim(self) -> int:
@@ -98,7 +104,8 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         h, f, layers = self.hidden_size, self.ffn_hidden_size, self.num_layers
-        per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + (4 if self.sandwich_ln else 2) * 2 * h
+        per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + (4 if self.sandwich_ln else 2) * 2 * h \
+            + (10 * f if self.mlp_conv else 0)
         conditioning = (self.condition_dim + 2) * self.condition_slots * h
         d = self.latent_dim
         cvae = (h * d + d + self.latent_source_dim * 2 * d + 2 * d + d * h + h + h * h + h) if d \

@@ -24,11 +24,24 @@ TABLE = np.random.default_rng(0).standard_normal((32, D)).astype("float32")
 N = LAYOUT.image_tokens
 
 
-def masked_model(tp=1, seed=0, decoder_layers=1):
-    torch.manual_seed(seed)
+def masked_model(tp=1, seed=0, decoder_layers=1, mlp_conv=False):
+    """A masked denoiser; with mlp_conv, its grid convolutions drawn at random (the full
+    weight from one seed, this rank's channels of it: the same model at every TP size)."""
     from dataclasses import replace
-    model = GPT(replace(denoiser_config(tp=tp), decoder_layers=decoder_layers))
+
+    from megatron_t2i import mpu
+    torch.manual_seed(seed)
+    model = GPT(replace(denoiser_config(tp=tp), decoder_layers=decoder_layers,
+                        mlp_conv=mlp_conv))
     torch.nn.init.normal_(model.head.proj.weight, std=0.1)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if "grid_conv" in name:
+            full = torch.randn(p.shape[0] * mpu.get_tensor_model_parallel_world_size(),
+                               *p.shape[1:], generator=g) * 0.3
+            with torch.no_grad():
+                p.copy_(full.chunk(mpu.get_tensor_model_parallel_world_size())[
+                    mpu.get_tensor_model_parallel_rank()])
     return model
 
 
@@ -69,7 +82,8 @@ def test_ratio_zero_is_the_unmasked_objective_exactly():
         assert torch.equal(grads[0][name], grads[1][name]), name
 
 
-def test_the_split_covers_every_patch_once_and_hidden_inputs_reach_nothing():
+@pytest.mark.parametrize("mlp_conv", [False, True])
+def test_the_split_covers_every_patch_once_and_hidden_inputs_reach_nothing(mlp_conv):
     batch = batch_of(0.5)
     visible = batch["visible_patches"]
     assert visible.shape == (3, N) and (visible.sum(1) == N - 8).all()
@@ -80,7 +94,7 @@ def test_the_split_covers_every_patch_once_and_hidden_inputs_reach_nothing():
     assert not (kept & hidden).any() and torch.equal(kept | hidden, torch.ones_like(where))
     assert torch.equal(hidden[where].view(3, N), ~visible)  # hidden = the unseen patches, in order
     assert (index.diff(dim=1) > 0).all()                   # the trunk reads them in order
-    model = masked_model().eval()
+    model = masked_model(mlp_conv=mlp_conv).eval()
     out = forward(model, batch)
     changed = batch["noisy_latents"].clone()
     changed[~visible] += 5.0
@@ -122,7 +136,7 @@ def test_the_trunk_flops_count_the_visible_patches_only():
 def _tp_step(rank, world):
     from megatron_t2i import mpu
     mpu.initialize_model_parallel(world, 1)
-    model = masked_model(tp=2)
+    model = masked_model(tp=2, mlp_conv=True)
     objective = X0MeanSquaredError(LAYOUT)
     batch = objective.prepare(batch_of(0.5, dropout=0.5))
     out = forward(model, batch)
@@ -131,7 +145,9 @@ def _tp_step(rank, world):
     grads = {n: p.grad.numpy() for n, p in model.named_parameters()
              if n.startswith(("latent_inputs", "head", "transformer.position", "mask_decoder."
                               "mask_token", "mask_decoder.final"))}
-    return out.detach().numpy(), total.item(), grads
+    # the grid convolutions are tensor-parallel: each rank holds its channels' gradient
+    conv = {n: p.grad.numpy() for n, p in model.named_parameters() if "grid_conv" in n}
+    return out.detach().numpy(), total.item(), grads, conv
 
 
 @pytest.mark.slow
@@ -139,6 +155,7 @@ def test_masked_training_at_tp2_equals_tp1():
     one = run_distributed(_tp_step, 1)[0]
     two = run_distributed(_tp_step, 2)
     assert "mask_decoder.mask_token" in one[2]
+    assert "transformer.layers.0.mlp.grid_conv.weight" in one[3]
     for rank in range(2):
         torch.testing.assert_close(torch.from_numpy(two[rank][0]), torch.from_numpy(one[0]),
                                    rtol=1e-5, atol=1e-5)
@@ -147,6 +164,53 @@ def test_masked_training_at_tp2_equals_tp1():
             torch.testing.assert_close(torch.from_numpy(two[rank][2][name]),
                                        torch.from_numpy(grad), rtol=1e-4,
                                        atol=1e-6 * float(np.abs(grad).max()), msg=name)
+    for name, grad in one[3].items():
+        merged = np.concatenate([two[0][3][name], two[1][3][name]])
+        torch.testing.assert_close(torch.from_numpy(merged), torch.from_numpy(grad), rtol=1e-4,
+                                   atol=1e-6 * float(np.abs(grad).max()), msg=name)
+
+
+def test_the_grid_convolution_mixes_each_patch_with_its_neighbours():
+    """GridConv against a loop over the cells: patches anywhere in the sequence, some absent."""
+    from megatron_t2i.model.layer import GridConv
+    g = torch.Generator().manual_seed(0)
+    conv = GridConv(5)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(5, 1, 3, 3, generator=g))
+        conv.bias.copy_(torch.randn(5, generator=g))
+    u = torch.randn(2, 14, 5, generator=g)
+    grid = torch.stack([torch.randperm(14, generator=g)[:9] for _ in range(2)])  # 3 x 3 cells
+    grid[1, 4] = -1                                                   # row 1: its centre is gone
+    out = conv(u, grid)
+    expected = u.clone()
+    for b in range(2):
+        for cell in range(9):
+            if grid[b, cell] < 0:
+                continue
+            r, c = divmod(cell, 3)
+            total = conv.bias.detach().clone()
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < 3 and 0 <= cc < 3 and grid[b, rr * 3 + cc] >= 0:
+                        total += conv.weight[:, 0, dr + 1, dc + 1].detach() * \
+                            u[b, grid[b, rr * 3 + cc]]
+            expected[b, grid[b, cell]] += total
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_zero_grid_convolution_is_the_model_without_one():
+    plain = masked_model()
+    with_conv = masked_model(mlp_conv=True)
+    with torch.no_grad():
+        for name, p in with_conv.named_parameters():
+            if "grid_conv" in name:
+                p.zero_()
+    missing = with_conv.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all("grid_conv" in k for k in missing)
+    for ratio in (0.0, 0.5):
+        batch = batch_of(ratio)
+        assert torch.equal(forward(with_conv, batch), forward(plain, batch))
 
 
 @pytest.mark.slow

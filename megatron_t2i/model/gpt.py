@@ -21,8 +21,8 @@ from megatron_t2i.model.conditioning import ConditionProjector, slot_inputs
 from megatron_t2i.model.cvae import CVAE
 from megatron_t2i.model.diffusion import LatentInputs
 from megatron_t2i.model.heads import build_head
-from megatron_t2i.model.masked import (MaskDecoder, gather_mask, gather_positions, kept_positions,
-                                       scatter_positions)
+from megatron_t2i.model.masked import (MaskDecoder, gather_mask, gather_positions, kept_grid,
+                                       kept_positions, scatter_positions)
 from megatron_t2i.model.trunk import Transformer, check_inputs, seed_component
 
 
@@ -123,8 +123,12 @@ class GPT(nn.Module):
     def _hidden(self, tokens, embeds, position_ids, attention_mask, kv_cache, visible_patches):
         """The trunk (on the visible patches only, given visible_patches [B, N]) and a
         denoiser's mask decoder (model/masked.py) -> [B, S, h]."""
+        grid = None
+        if self.config.mlp_conv:  # the sequence position of every latent patch, in grid order
+            where = tokens == self.config.latent_token
+            grid = where.nonzero()[:, 1].view(len(tokens), -1)                      # [B, N]
         if visible_patches is None:
-            hidden = self.transformer(embeds, position_ids, attention_mask, kv_cache)
+            hidden = self.transformer(embeds, position_ids, attention_mask, kv_cache, grid)
             where = hidden_patches = None
         else:
             if not self.config.decoder_layers:
@@ -134,11 +138,13 @@ class GPT(nn.Module):
                                                    visible_patches)
             kept = self.transformer(gather_positions(embeds, index),
                                     gather_positions(position_ids, index),
-                                    gather_mask(attention_mask, index))
+                                    gather_mask(attention_mask, index), None,
+                                    None if grid is None else kept_grid(grid, index,
+                                                                        tokens.shape[1]))
             hidden = scatter_positions(kept, index, tokens.shape[1])
             where = tokens == self.config.latent_token
         if self.config.decoder_layers:
-            hidden = self.mask_decoder(hidden, attention_mask, where, hidden_patches)
+            hidden = self.mask_decoder(hidden, attention_mask, where, hidden_patches, grid)
         return hidden
 
     def forward(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,

@@ -8,6 +8,8 @@ had it (inside attention / MLP, before the sandwich LayerNorm). Activations are 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,8 +40,39 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x)
 
 
+class GridConv(nn.Module):
+    """TLD's depth-wise 3x3 convolution over a denoiser's latent grid, inside the MLP: each of
+    this rank's MLP channels at a patch mixes with the same channel at its 8 neighbours (TLD's fix
+    for patchy outputs: neighbouring patches agree from the first layer). Residual and zero-
+    initialised, so a model with it starts as the one without; tensor-parallel along the MLP's
+    channels (dim 0), so every size splits it like dense_h_to_4h's output."""
+
+    def __init__(self, channels: int, device=None, dtype=torch.float32):
+        super().__init__()
+        tp = mpu.get_tensor_model_parallel_world_size()
+        self.weight = nn.Parameter(torch.zeros(channels // tp, 1, 3, 3, device=device,
+                                               dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(channels // tp, device=device, dtype=dtype))
+        for p in (self.weight, self.bias):
+            mpu.set_tensor_model_parallel_attributes(p, True, 0, 1)
+
+    def forward(self, u, grid):
+        """u [B, S, c]; grid [B, N]: the sequence position of each latent patch in raster order,
+        -1 where the patch is not in this sequence (masked training) -> u with the convolution
+        added at the patches."""
+        b, n = grid.shape
+        side, c = math.isqrt(n), u.shape[-1]
+        present = (grid >= 0)[..., None].to(u.dtype)                          # [B, N, 1]
+        index = grid.clamp_min(0)[..., None].expand(b, n, c)
+        cells = (u.gather(1, index) * present).view(b, side, side, c).permute(0, 3, 1, 2)
+        mixed = F.conv2d(cells, self.weight, self.bias, padding=1, groups=c)  # [B, c, n, n]
+        mixed = mixed.permute(0, 2, 3, 1).reshape(b, n, c) * present
+        return u.scatter_add(1, index, mixed.to(u.dtype))
+
+
 class MLP(nn.Module):
-    """h -> 4h (column-parallel), tanh-GELU, 4h -> h (row-parallel): one all-reduce in forward."""
+    """h -> 4h (column-parallel), tanh-GELU, 4h -> h (row-parallel): one all-reduce in forward.
+    With config.mlp_conv (a denoiser's), GridConv between the projections."""
 
     def __init__(self, config, device=None, params_dtype=torch.float32):
         super().__init__()
@@ -50,9 +83,15 @@ class MLP(nn.Module):
         self.dense_4h_to_h = mpu.RowParallelLinear(
             f, h, input_is_parallel=True, init_method=normal_init(output_init_std(config)),
             params_dtype=params_dtype, device=device)
+        self.grid_conv = GridConv(f, device, params_dtype) if config.mlp_conv else None
 
-    def forward(self, x):  # [B, S, h] -> [B, S, h]
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+    def forward(self, x, grid=None):  # [B, S, h] -> [B, S, h]
+        u = self.dense_h_to_4h(x)
+        if self.grid_conv is not None:
+            if grid is None:
+                raise ValueError("MLP: a model with mlp_conv needs the latent grid's positions")
+            u = self.grid_conv(u, grid)
+        return self.dense_4h_to_h(F.gelu(u, approximate="tanh"))
 
 
 class TransformerLayer(nn.Module):
@@ -77,14 +116,15 @@ class TransformerLayer(nn.Module):
         # (and a TP=1 run with the same seed) must drop the same elements
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, x, attention_mask=None, kv_cache: KVCache | None = None):
-        """x [B, S, h] -> [B, S, h]; attention_mask and kv_cache as in SelfAttention."""
+    def forward(self, x, attention_mask=None, kv_cache: KVCache | None = None, grid=None):
+        """x [B, S, h] -> [B, S, h]; attention_mask and kv_cache as in SelfAttention; grid: a
+        denoiser's patch positions for the MLP's GridConv."""
         a = F.dropout(self.attention(self.input_layernorm(x), attention_mask, kv_cache),
                       self.hidden_dropout, self.training)
         if self.sandwich_ln:
             a = self.third_layernorm(a)
         h = x + a
-        m = F.dropout(self.mlp(self.post_attention_layernorm(h)), self.hidden_dropout,
+        m = F.dropout(self.mlp(self.post_attention_layernorm(h), grid), self.hidden_dropout,
                       self.training)
         if self.sandwich_ln:
             m = self.fourth_layernorm(m)

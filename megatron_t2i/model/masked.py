@@ -55,6 +55,14 @@ def gather_mask(mask: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor 
     return rows.gather(3, index[:, None, None, :].expand(b, 1, k, k))
 
 
+def kept_grid(grid: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+    """A latent grid's positions grid [B, N] in a sequence of `length` -> their positions among
+    the kept ones (index [B, K]), -1 for the patches not kept."""
+    rank = torch.full((len(index), length), -1, dtype=torch.long, device=grid.device)
+    rank.scatter_(1, index, torch.arange(index.shape[1], device=grid.device).expand_as(index))
+    return rank.gather(1, grid)
+
+
 def scatter_positions(kept: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
     """kept [B, K, h] back to [B, length, h] at index [B, K], zeros elsewhere."""
     out = kept.new_zeros(len(kept), length, kept.shape[-1])
@@ -74,10 +82,10 @@ class MaskDecoder(nn.Module):
         self.final_layernorm = LayerNorm(h, config.layernorm_epsilon, config.pb_relax,
                                          device=device, dtype=dtype)
 
-    def forward(self, hidden, attention_mask=None, where=None, hidden_patches=None):
+    def forward(self, hidden, attention_mask=None, where=None, hidden_patches=None, grid=None):
         """hidden [B, S, h] (the trunk's output) -> [B, S, h]. where [B, S]: the latent
         placeholders; hidden_patches [B, S]: those the trunk did not read, which read the mask
-        token plus their cell's grid position."""
+        token plus their cell's grid position; grid: the patches' positions (layer.GridConv)."""
         x = hidden
         if hidden_patches is not None:
             cells = grid_positions(int(where[0].sum()), x.shape[-1]).to(x)    # [N, h]
@@ -86,5 +94,5 @@ class MaskDecoder(nn.Module):
             fill = self.mask_token.to(x.dtype) + dense
             x = torch.where(hidden_patches[..., None], fill, x)
         for layer in self.layers:
-            x = layer(x, attention_mask)
+            x = layer(x, attention_mask, None, grid)
         return self.final_layernorm(x)

@@ -62,16 +62,17 @@ class Transformer(nn.Module):
         return self.embedding_dropout(input_embeds + self.position_embeddings(position_ids))
 
     def forward(self, input_embeds, position_ids, attention_mask=None,
-                kv_cache: KVCache | None = None):
+                kv_cache: KVCache | None = None, grid=None):
         """-> final hidden states [B, S, h]. attention_mask: bool [B or 1, 1, S, T] (True = may
-        attend), None for causal; with kv_cache the S inputs follow the cached ones."""
+        attend), None for causal; with kv_cache the S inputs follow the cached ones; grid [B, N]:
+        a denoiser's latent patch positions (layer.GridConv)."""
         x = self.embed(input_embeds, position_ids)
         recompute = self.checkpoint_activations and kv_cache is None and torch.is_grad_enabled()
         for layer in self.layers:
             # checkpointing keeps only each layer's input; mpu.checkpoint replays the RNG states
             # so the recomputed dropout masks are the ones of the first pass
-            x = mpu.checkpoint(layer, x, attention_mask) if recompute \
-                else layer(x, attention_mask, kv_cache)
+            x = mpu.checkpoint(layer, x, attention_mask, None, grid) if recompute \
+                else layer(x, attention_mask, kv_cache, grid)
         if kv_cache is not None:
             kv_cache.advance(x.shape[1])
         return self.final_layernorm(x)

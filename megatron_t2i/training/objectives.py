@@ -96,7 +96,7 @@ class X0MeanSquaredError:
     hidden patch against its noisy input x_t, the patch the model did not see (MaskDiT's MAE
     term). Normalised by the visible patches, so with every patch visible it is the plain loss."""
 
-    label_keys = ("tokens", "x0", "noise_level", "weights", "targets")
+    label_keys = ("tokens", "targets", "noise_level", "weights")
     # [x0 loss sum, patches, the same at sigma < 0.5, patches there, hidden-patch loss sum, count]
     metric_size = 6
 

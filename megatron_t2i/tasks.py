@@ -72,6 +72,9 @@ REGISTRY: dict[str, Task] = {t.name: t for t in (
          condition="clip_image", latents=True,
          summary="language-free latent diffusion: a denoiser trained on CLIP image embeddings "
                  "of pictures alone, prompted with the CLIP text embedding of a caption"),
+    Task("interpolation", "text_to_image", f"{_GEN}.interpolation:main_interpolation",
+         trainable=False, summary="two prompts -> a strip of images between them from one "
+                                  "noise (a denoiser)"),
     Task("completion", "text_to_image", f"{_GEN}.text2image:main_completion", trainable=False,
          summary="a caption and the top rows of an image -> the rest (a text2image model)"),
     Task("post-selection", "image_to_text", f"{_GEN}.post_selection:main_post_selection",

@@ -254,6 +254,45 @@ def test_samples_do_not_depend_on_their_batch(checkpoints, tmp_path, capsys):
     assert "--task image2text needs an autoregressive model" in capsys.readouterr().err
 
 
+def test_slerp_stays_on_the_sphere_between_its_ends():
+    from megatron_t2i.generation.tasks.interpolation import slerp
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 12, generator=g).double()
+    a, b = a / a.norm(), b / b.norm()
+    path = slerp(a, b, torch.linspace(0, 1, 5))
+    torch.testing.assert_close(path[0], a)
+    torch.testing.assert_close(path[-1], b)
+    torch.testing.assert_close(path.norm(dim=1), torch.ones(5, dtype=torch.float64))
+    angles = torch.arccos((path[:-1] * path[1:]).sum(1).clamp(-1, 1))
+    torch.testing.assert_close(angles, angles[:1].expand(4))  # equal steps along the arc
+
+
+def test_an_interpolation_starts_at_prompt_a_and_moves_to_b(checkpoints, tmp_path, capsys):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("a red circle\ta blue square\n", encoding="utf-8")
+    flags = ["--load", checkpoints[1], "--batch-size", "4", "--cfg-scale", "1.0",
+             "--diffusion-steps", "4"]
+    assert generate_samples.main(flags + ["--task", "interpolation", "--input-source",
+                                          str(pairs), "--output-path", str(tmp_path / "i")]) == 0
+    folder = tmp_path / "i" / "a_red_circle_to_a_blue_square"
+    frames = read_images(folder)
+    assert len(frames) == 5 and "strip.png" in os.listdir(folder)  # 4 frames and the strip
+    assert not np.array_equal(frames[0], frames[3])
+    single = tmp_path / "a.txt"
+    single.write_text("a red circle\n", encoding="utf-8")
+    assert generate_samples.main(flags + ["--input-source", str(single), "--output-path",
+                                          str(tmp_path / "t")]) == 0
+    first = np.asarray(Image.open(tmp_path / "t" / "a_red_circle" / "000.png"))
+    assert np.array_equal(frames[0], first)  # frame 0: text2image's first image of A
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("no tab here\n", encoding="utf-8")
+    capsys.readouterr()
+    generate_samples.main(flags + ["--task", "interpolation", "--input-source", str(bad),
+                                   "--output-path", str(tmp_path / "b")])
+    said = capsys.readouterr()
+    assert "expected prompt A<TAB>prompt B" in said.err + said.out
+
+
 @pytest.mark.slow
 def test_sampling_at_tp2_equals_tp1(checkpoints, tmp_path):
     import subprocess

@@ -5,6 +5,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,15 @@ def test_the_fast_language_free_quickstart_trains_a_masked_denoiser_on_pictures_
               (tmp_path / "ckpt" / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/hidden_patch_loss" in r for r in logged)  # trained with hidden patches
     assert len(list((tmp_path / "out" / "text2image").rglob("*.png"))) == 2 * 2
+    pairs = tmp_path / "pairs.tsv"  # the CLIP condition interpolated along the sphere
+    pairs.write_text("a red circle\ta blue square\n", encoding="utf-8")
+    strip = subprocess.run([sys.executable, "generate_samples.py", "--task", "interpolation",
+                            "--load", str(tmp_path / "ckpt"), "--input-source", str(pairs),
+                            "--batch-size", "3", "--diffusion-steps", "3", "--output-path",
+                            str(tmp_path / "strip")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert strip.returncode == 0, strip.stderr[-2000:]
+    assert len(list((tmp_path / "strip").rglob("*.png"))) == 3 + 1
 
 
 def test_default_inputs_from_a_large_folder_reach_the_generator(tmp_path):

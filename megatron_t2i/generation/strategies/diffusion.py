@@ -171,6 +171,13 @@ def sample_latent_codes(ctx, config, prompt, uncond, generators, progress=False)
     sampler = make_sampler(config.sampler, config.diffusion_steps)
     x0 = denoise(model, batch(prompt), batch(uncond) if uncond is not None else None, sampler,
                  noise, config.cfg_scale, progress)
-    latents = (x0 / model.config.latent_scale).reshape(-1, d)                # [B N, d]
-    quantize = ctx.image_tokenizer.model.quantize_t                      # the VQ-VAE's own search
-    return quantize.nearest(latents.to(quantize.embed.device)).view(rows, n).to(device)
+    return latents_to_codes(ctx, x0)
+
+
+def latents_to_codes(ctx, x0) -> torch.Tensor:
+    """Final latents x0 [B, N, d] (scaled) -> the nearest codebook entries [B, N], on ctx.device:
+    the VQ-VAE's own search, so the codes decode like any."""
+    rows, n, d = x0.shape
+    latents = (x0 / ctx.model.config.latent_scale).reshape(-1, d)           # [B N, d]
+    quantize = ctx.image_tokenizer.model.quantize_t
+    return quantize.nearest(latents.to(quantize.embed.device)).view(rows, n).to(ctx.device)

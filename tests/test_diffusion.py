@@ -267,7 +267,8 @@ def test_slerp_stays_on_the_sphere_between_its_ends():
     torch.testing.assert_close(angles, angles[:1].expand(4))  # equal steps along the arc
 
 
-def test_an_interpolation_starts_at_prompt_a_and_moves_to_b(checkpoints, tmp_path, capsys):
+def test_an_interpolation_starts_at_prompt_a_and_moves_to_b(checkpoints, tmp_path, capsys,
+                                                           toy_tokenizers):
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("a red circle\ta blue square\n", encoding="utf-8")
     flags = ["--load", checkpoints[1], "--batch-size", "4", "--cfg-scale", "1.0",
@@ -291,6 +292,11 @@ def test_an_interpolation_starts_at_prompt_a_and_moves_to_b(checkpoints, tmp_pat
                                    "--output-path", str(tmp_path / "b")])
     said = capsys.readouterr()
     assert "expected prompt A<TAB>prompt B" in said.err + said.out
+    autoregressive = make_checkpoint(str(tmp_path / "ar"), toy_tokenizers)
+    assert generate_samples.main(["--load", autoregressive, "--task", "interpolation",
+                                  "--input-source", str(pairs), "--output-path",
+                                  str(tmp_path / "ar-out")]) == 2
+    assert "--task interpolation needs a denoiser" in capsys.readouterr().err
 
 
 @pytest.mark.slow

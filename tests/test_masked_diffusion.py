@@ -252,3 +252,13 @@ def test_a_language_free_denoiser_reads_its_condition():
     dropped = {**batch, "condition_mask": torch.zeros(3, dtype=torch.bool)}
     assert torch.equal(forward(model, dropped), forward(model, {**dropped, **{
         "condition": torch.zeros_like(batch["condition"])}}))  # the null embedding
+
+
+def test_denoiser_options_elsewhere_are_one_line_errors():
+    from megatron_t2i.config import model_config
+    with pytest.raises(ValueError, match="--decoder-layers"):
+        model_config("tiny", LAYOUT, decoder_layers=1)
+    with pytest.raises(ValueError, match="--mlp-conv"):
+        model_config("tiny", LAYOUT, mlp_conv=True)
+    with pytest.raises(ValueError, match=r"--mask-ratio 1.0: must be in \[0, 1\)"):
+        SequenceBuilder(LAYOUT, {"diffusion": 1.0}, latent_table=TABLE, mask_ratio=1.0)

@@ -37,6 +37,11 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the trainer's own signal handler is in place
+        print("pretrain.py: interrupted while starting up; nothing new was trained (the same "
+              "command starts again, or resumes from --save's newest checkpoint)",
+              file=sys.stderr)
+        return 130
     finally:
         if "trainer" in locals() and trainer.writer:
             trainer.writer.close()

@@ -14,7 +14,8 @@ seconds and model FLOPs (progress/*, evaluation excluded). The masked run ends w
     python bench/masked_diffusion.py --alignment 32                  # the README's figures
     python bench/masked_diffusion.py --quick --budget-s 20 --eval-interval 10   # a smoke run
 
-Outputs (--output-dir): masked_diffusion.json (curves and figures), masked_diffusion.md (the
+Interrupted, the same command goes on: every run resumes from its newest checkpoint (finished ones
+are read back). Outputs (--output-dir): masked_diffusion.json (curves and figures), masked_diffusion.md (the
 table), masked_diffusion.png (the two plots). The goal it checks: the masked run reaches the
 unmasked run's final held-out loss in <= 0.7x its wall-clock.
 """
@@ -75,8 +76,8 @@ def train(args, name: str, task: str, iters: int, mask_ratio: float) -> dict:
     if mask_ratio:
         flags += ["--mask-ratio", str(mask_ratio), "--unmask-finetune-iters",
                   str(round(args.unmask_finetune * iters))]
-    if os.path.isdir(save):
-        raise SystemExit(f"bench: {save} exists; remove it or give another --output-dir")
+    # an existing run (of an interrupted bench) is resumed from its newest checkpoint by
+    # pretrain.py, or found finished
     print(f"== {name}: {task}, {iters} iterations, mask ratio {mask_ratio}", flush=True)
     subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"), *flags], check=True,
                    cwd=ROOT, env={**os.environ, "MASTER_PORT": str(free_port())})
@@ -85,6 +86,9 @@ def train(args, name: str, task: str, iters: int, mask_ratio: float) -> dict:
     curve = [{"iteration": r["iteration"], "loss": r["eval/x0_loss"],
               "seconds": r["progress/train_seconds"], "flops": r["progress/model_flops"]}
              for r in rows if "eval/x0_loss" in r]
+    if not curve or curve[-1]["iteration"] != iters:
+        raise SystemExit(f"bench: {name} stopped before its {iters} iterations; the same "
+                         f"command resumes it")
     return {"name": name, "task": task, "iters": iters, "mask_ratio": mask_ratio, "save": save,
             "curve": curve, "seconds_per_iteration": curve[-1]["seconds"] / iters}
 
@@ -137,8 +141,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.summarise_only:
         path = os.path.join(args.output_dir, "masked_diffusion.json")
-        with open(path) as f:
-            return report(json.load(f), args.output_dir)
+        try:
+            with open(path, encoding="utf-8") as f:
+                result = json.load(f)
+            return report(result, args.output_dir)
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise SystemExit(f"bench: {path}: not a report of this bench ({e})") from None
     os.makedirs(args.output_dir, exist_ok=True)
     kinds = RUNS if args.paired else RUNS[:2]
     eval_interval = args.eval_interval
@@ -209,7 +217,7 @@ def table(result: dict) -> str:
         lines.append(f"| {r['name']} | {r['iters']} | "
                      f"{r['seconds_per_iteration']:.3f} | {r['train_seconds']:.0f} | "
                      f"{r['model_flops'] / 1e12:.1f} | {r['final_loss']:.4f} | {reach_s} | "
-                     f"{a.get('colour', float('nan')):.3f} | {a.get('shape', float('nan')):.3f} |")
+                     + (f"{a['colour']:.3f} | {a['shape']:.3f} |" if a else "– | – |"))
     return "\n".join(lines) + "\n"
 
 
@@ -238,4 +246,10 @@ def plot(result: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit("bench: interrupted; the same command goes on from the runs already trained "
+                 "(each resumes from its newest checkpoint)")
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"bench: {e.cmd[1]} failed (exit {e.returncode}); see its output above")

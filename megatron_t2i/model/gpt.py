@@ -123,13 +123,12 @@ class GPT(nn.Module):
     def _hidden(self, tokens, embeds, position_ids, attention_mask, kv_cache, visible_patches):
         """The trunk (on the visible patches only, given visible_patches [B, N]) and a
         denoiser's mask decoder (model/masked.py) -> [B, S, h]."""
-        grid = None
-        if self.config.mlp_conv:  # the sequence position of every latent patch, in grid order
-            where = tokens == self.config.latent_token
-            grid = where.nonzero()[:, 1].view(len(tokens), -1)                      # [B, N]
+        where = tokens == self.config.latent_token if self.config.latent_channels else None
+        # a denoiser's grid convolution: the sequence position of every latent patch, in order
+        grid = where.nonzero()[:, 1].view(len(tokens), -1) if self.config.mlp_conv else None
         if visible_patches is None:
             hidden = self.transformer(embeds, position_ids, attention_mask, kv_cache, grid)
-            where = hidden_patches = None
+            hidden_patches = None
         else:
             if not self.config.decoder_layers:
                 raise ValueError("GPT: visible_patches (masked training) need a denoiser with a "
@@ -142,7 +141,6 @@ class GPT(nn.Module):
                                     None if grid is None else kept_grid(grid, index,
                                                                         tokens.shape[1]))
             hidden = scatter_positions(kept, index, tokens.shape[1])
-            where = tokens == self.config.latent_token
         if self.config.decoder_layers:
             hidden = self.mask_decoder(hidden, attention_mask, where, hidden_patches, grid)
         return hidden

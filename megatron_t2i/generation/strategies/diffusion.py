@@ -157,21 +157,25 @@ def sample_latent_codes(ctx, config, prompt, uncond, generators, progress=False)
     snapped to the nearest codebook vector."""
     layout, model, device = ctx.layout, ctx.model, ctx.device
     rows, n, d = len(generators), layout.image_tokens, model.config.latent_channels
-
-    def batch(seq):
-        tokens, positions, mask = sequence_inputs(layout, seq)
-        inputs = {}
-        if seq.condition is not None:  # language-free: the CLIP text embedding, or the null one
-            inputs = {"condition": seq.condition.to(device, torch.float32).expand(rows, -1),
-                      "condition_mask": torch.full((rows,), seq.condition_present, device=device)}
-        return (tokens.to(device).expand(rows, -1), positions.to(device).expand(rows, -1),
-                mask.to(device), inputs)
-
     noise = torch.stack([torch.randn(n, d, generator=g, device=device) for g in generators])
     sampler = make_sampler(config.sampler, config.diffusion_steps)
-    x0 = denoise(model, batch(prompt), batch(uncond) if uncond is not None else None, sampler,
+    x0 = denoise(model, branch(layout, prompt, rows, device),
+                 branch(layout, uncond, rows, device) if uncond is not None else None, sampler,
                  noise, config.cfg_scale, progress)
     return latents_to_codes(ctx, x0)
+
+
+def branch(layout, seq, rows: int, device, inputs: dict | None = None) -> tuple:
+    """A denoiser's Sequence as `denoise` reads a branch, repeated for `rows` samples: (tokens,
+    positions [rows, S], mask, inputs). inputs: [rows, ...] model keywords; by default a
+    language-free prompt's condition (the CLIP text embedding, or the null one), else none."""
+    tokens, positions, mask = sequence_inputs(layout, seq)
+    if inputs is None:
+        inputs = {} if seq.condition is None else {
+            "condition": seq.condition.to(device, torch.float32).expand(rows, -1),
+            "condition_mask": torch.full((rows,), seq.condition_present, device=device)}
+    return (tokens.to(device).expand(rows, -1), positions.to(device).expand(rows, -1),
+            mask.to(device), inputs)
 
 
 def latents_to_codes(ctx, x0) -> torch.Tensor:

@@ -20,9 +20,8 @@ import torch
 
 from megatron_t2i.generation import io
 from megatron_t2i.generation.batching import sample_seed
-from megatron_t2i.generation.strategies.diffusion import (denoise, latents_to_codes,
-                                                          make_sampler, predict_x0,
-                                                          sequence_inputs)
+from megatron_t2i.generation.strategies.diffusion import (branch, denoise, latents_to_codes,
+                                                          make_sampler, predict_x0)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -63,9 +62,7 @@ def interpolate(ctx, config, text_a: str, text_b: str, query_index: int) -> torc
     guided = bool(config.cfg_scale)
 
     def rows(seq, inputs=None):
-        tokens, positions, mask = sequence_inputs(layout, seq)
-        return (tokens.to(device).expand(k, -1), positions.to(device).expand(k, -1),
-                mask.to(device), inputs or {})
+        return branch(layout, seq, k, device, inputs)
 
     if ctx.config.condition_slots:  # language-free: the condition itself, along the sphere
         seq = layout.condition_to_latents(ctx.config.condition_slots)

@@ -288,7 +288,7 @@ def _conditioned_pipeline(rank, world_size):
                                                  "torch_adam": True}},
         "gradient_clipping": 0.5, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9})
     batch = conditioned_batch()
-    data = (pipeline_inputs(batch, CFG.condition_dim), (batch["labels"], batch["loss_mask"]))
+    data = (pipeline_inputs(batch, CFG), (batch["labels"], batch["loss_mask"]))
     losses = [engine.train_batch(iter([data])).item() for _ in range(STEPS_PP)]
     final = gpt_state_dict(model, CFG)
     mpu.destroy_model_parallel()

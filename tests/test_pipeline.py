@@ -11,7 +11,8 @@ import torch.distributed as dist
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
 from megatron_t2i.model import GPT, language_model_loss
-from megatron_t2i.model.pipeline import (build_pipeline_model, check_ds_config, gpt_key,
+from megatron_t2i.model.pipeline import (build_pipeline_model, check_ds_config,
+                                         check_pipeline_model, gpt_key,
                                          gpt_state_dict, gpt_state_dict_from_layer_files,
                                          layer_prefixes, load_gpt_state_dict, pipeline_key)
 from tests.distributed import run_distributed
@@ -178,6 +179,19 @@ def test_key_mapping_round_trip():
     assert pipeline_key("transformer.layers.0.mlp.dense_4h_to_h.bias", conditioned) == \
         "3.mlp.dense_4h_to_h.bias"
     assert pipeline_key("transformer.final_layernorm.weight", conditioned) == "7.weight"
+    # a language-free denoiser: LatentPipe after ConditionPipe, and a head with weights at the end
+    denoiser = replace(conditioned, head="denoise", latent_channels=6, latent_scale=1.0,
+                       latent_token=4, noise_token=5)
+    keys = GPT(denoiser).state_dict().keys()
+    assert {gpt_key(pipeline_key(k, denoiser), denoiser) for k in keys} == set(keys)
+    assert pipeline_key("latent_inputs.patch_in.weight", denoiser) == "2.patch_in.weight"
+    assert pipeline_key("transformer.layers.0.mlp.dense_4h_to_h.bias", denoiser) == \
+        "4.mlp.dense_4h_to_h.bias"
+    assert pipeline_key("head.proj.weight", denoiser) == "9.proj.weight"
+    assert layer_prefixes(denoiser)[-1] == "head." and layer_prefixes(CFG)[-1] is None
+    with pytest.raises(ValueError, match="--mlp-conv: a denoiser's grid convolution trains "
+                                         "without pipeline parallelism"):
+        check_pipeline_model(replace(denoiser, mlp_conv=True))
 
 
 def test_ds_config_check():

@@ -31,9 +31,13 @@ from megatron_t2i.training.ema import module_weights
 
 def _shard_files(config: ModelConfig, meta: dict, rank: int) -> list[str]:
     """The files of the checkpoint folder that hold TP rank `rank`'s weights."""
-    if int(meta.get("pipeline_model_parallel_size", 1)) > 1:
+    pp = int(meta.get("pipeline_model_parallel_size", 1))
+    if pp > 1:
+        from megatron_t2i.model.pipeline import layer_prefixes
+        tp = int(meta.get("tensor_model_parallel_size", 1))
         return [f"layer_{index:02d}-model_{rank:02d}-model_states.pt"
-                for index in range(config.num_layers + 3)]  # the head has no file
+                for index, prefix in enumerate(layer_prefixes(config)) if prefix] + \
+            [model_file(stage * tp + rank) for stage in range(pp)]  # the stages' EMA
     return [model_file(rank)]
 
 
@@ -41,12 +45,15 @@ def _read_shard(folder: str, config: ModelConfig, meta: dict, rank: int,
                 trust: bool = False, ema: bool = True) -> dict:
     """This TP rank's GPT state dict (CPU tensors, as stored); with `ema`, the moving average of
     the weights where the checkpoint holds one (training/ema.py)."""
-    if int(meta.get("pipeline_model_parallel_size", 1)) > 1:
-        from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files
+    pp = int(meta.get("pipeline_model_parallel_size", 1))
+    if pp > 1:
+        from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files, with_stage_ema
         try:
-            return gpt_state_dict_from_layer_files(folder, config, rank, trust)
+            state = gpt_state_dict_from_layer_files(folder, config, rank, trust)
         except FileNotFoundError as e:
             raise CheckpointError(str(e)) from None
+        tp = int(meta.get("tensor_model_parallel_size", 1))
+        return with_stage_ema(state, folder, config, rank, tp, pp, trust) if ema else state
     path = os.path.join(folder, model_file(rank))
     return module_weights(load_torch_file(path, trust, deepspeed_safe_globals()), path, ema)
 

@@ -10,7 +10,12 @@ Pipeline layer indices (L = config.num_layers), and the GPT keys they hold:
 
 A conditioned model (config.condition_slots: clip2image) has one more layer, ConditionPipe
 (conditioning.*, the projected condition in place of its slot placeholders' embeddings), at index
-1; every later index is one higher (FIRST_LAYER_INDEX + 1 is transformer.layers.0).
+1; every later index is one higher (FIRST_LAYER_INDEX + 1 is transformer.layers.0). A denoiser
+(config.latent_channels, model/diffusion.py) has LatentPipe (latent_inputs.*: the noisy patches
+and the noise level at their placeholders) next, after ConditionPipe if any, and its head is
+DenoiseHead (head.*), a layer with weights of its own in place of the tied LM head. Its mask
+decoder (MaskDiT) and grid convolution read every patch's place in the sequence, which does not
+travel between stages: they are refused with pipeline parallelism.
 
 Stages are cut between transformer layers only ("type:TransformerLayerPipe": the embeddings go
 with the first stage, the final LayerNorm and head with the last). Layer 0 and the head are one
@@ -22,8 +27,11 @@ What travels between stages (DeepSpeed sends tensors only; floating ones get gra
     (word embeddings [B, S, h], position_ids[, block_ids])    -> layer 1 (int ids: no gradient)
     conditioned: inputs (tokens, position_ids, condition [B, D], condition_mask [B][, block_ids]);
       layer 0 hands the tokens on to ConditionPipe, which hands on what layer 1 reads above
+    denoiser: inputs (tokens, position_ids[, condition, condition_mask], noisy latents [B, N, d],
+      noise level [B], block_ids); the tokens travel on to LatentPipe, which hands on
+      (embeddings, position_ids, block_ids)
     hidden [B, S, h] or (hidden, block_ids)                   -> layers 2..L+2
-    logits [B, S, V/tp]                                       -> loss_fn(logits, labels)
+    logits [B, S, V/tp] (a denoiser: x0 [B, S, d])           -> loss_fn(logits, labels)
 The data iterator yields (inputs, labels): inputs as above, labels what loss_fn reads (the
 training objective's label_keys; for the default pipeline_loss, (labels, loss_mask)). Without
 block ids attention is causal (CogView's training mask); with them, each layer attends by
@@ -67,10 +75,11 @@ from torch import nn
 from megatron_t2i import mpu
 from megatron_t2i.model.attention import block_causal_mask, normal_init
 from megatron_t2i.model.conditioning import ConditionProjector, slot_inputs
+from megatron_t2i.model.diffusion import DenoiseHead, LatentInputs
 from megatron_t2i.model.heads import language_model_loss, lm_logits
 from megatron_t2i.model.layer import LayerNorm, TransformerLayer
 from megatron_t2i.model.trunk import check_inputs, seed_component
-from megatron_t2i.safe_load import load_torch_file
+from megatron_t2i.safe_load import deepspeed_safe_globals, load_torch_file
 
 TIED_KEY = "word_embeddings"
 FIRST_LAYER_INDEX = 2  # pipeline index of transformer.layers.0 (GPT component index of it)
@@ -78,43 +87,71 @@ FIRST_LAYER_INDEX = 2  # pipeline index of transformer.layers.0 (GPT component i
 
 def first_layer_index(config) -> int:
     """Pipeline index of transformer.layers.0."""
-    return FIRST_LAYER_INDEX + bool(config.condition_slots)
+    return FIRST_LAYER_INDEX + bool(config.condition_slots) + bool(config.latent_channels)
+
+
+def check_pipeline_model(config) -> None:
+    """What the pipeline stages cannot hold, in one line (see the module docstring)."""
+    for value, flag, what in ((config.decoder_layers, "--decoder-layers",
+                               "a denoiser's mask decoder (MaskDiT)"),
+                              (config.mlp_conv, "--mlp-conv", "a denoiser's grid convolution")):
+        if value:
+            raise ValueError(f"{flag}: {what} trains without pipeline parallelism (it reads every "
+                             f"latent patch's place in the sequence, which does not travel "
+                             f"between stages); use --pipeline-model-parallel-size 1 with TP or DP")
 
 
 class WordEmbeddingPipe(mpu.VocabParallelEmbedding):
     """Layer 0: (tokens, position_ids, ...) -> (word embeddings [B, S, h], position_ids, ...);
-    of a conditioned model, (embeddings, position_ids, tokens, ...) for ConditionPipe."""
+    of a conditioned model or a denoiser, (embeddings, position_ids, tokens, ...) for
+    ConditionPipe or LatentPipe."""
 
     def __init__(self, config):
         super().__init__(config.vocab_size, config.hidden_size,
                          init_method=normal_init(config.init_std))
         self.max_positions = config.max_position_embeddings
         self.num_tokens = config.num_tokens
-        self.conditioned = bool(config.condition_slots)
+        self.pass_tokens = bool(config.condition_slots or config.latent_channels)
 
     def forward(self, inputs):
         tokens, position_ids, *rest = inputs
         check_inputs(tokens, position_ids, self.max_positions, what="pipeline model")
         embeds = super().forward(tokens)
-        return (embeds, position_ids, tokens, *rest) if self.conditioned else \
+        return (embeds, position_ids, tokens, *rest) if self.pass_tokens else \
             (embeds, position_ids, *rest)
 
 
 class ConditionPipe(ConditionProjector):
     """Layer 1 of a conditioned model: (embeddings, position_ids, tokens, condition,
-    condition_mask[, block_ids]) -> (embeddings with the condition's slots, position_ids[,
-    block_ids]), as GPT.embed(tokens, GPT.condition_slots(...))."""
+    condition_mask, ...) -> (embeddings with the condition's slots, position_ids, ...), as
+    GPT.embed(tokens, GPT.condition_slots(...)); a denoiser's keep the tokens for LatentPipe."""
 
     def __init__(self, config, seed: int):
         seed_component(seed, config.num_layers + 3)  # the GPT's index: the same weights
         super().__init__(config)
         self.slot_token = config.slot_token
+        self.pass_tokens = bool(config.latent_channels)
 
     def forward(self, inputs):
-        embeds, position_ids, tokens, condition, condition_mask, *block_ids = inputs
+        embeds, position_ids, tokens, condition, condition_mask, *rest = inputs
         values, where = slot_inputs(self, self.slot_token, tokens, condition, condition_mask)
         embeds = torch.where(where[..., None], values.to(embeds.dtype), embeds)
-        return (embeds, position_ids, *block_ids)
+        return (embeds, position_ids, tokens, *rest) if self.pass_tokens else \
+            (embeds, position_ids, *rest)
+
+
+class LatentPipe(LatentInputs):
+    """A denoiser's layer after the embeddings: (embeddings, position_ids, tokens, noisy latents,
+    noise level, block_ids) -> (embeddings with the noisy patches and the noise level,
+    position_ids, block_ids), as GPT.inputs(..., noisy_latents, noise_level)."""
+
+    def __init__(self, config, seed: int):
+        seed_component(seed, config.num_layers + 5)  # the GPT's index: the same weights
+        super().__init__(config)
+
+    def forward(self, inputs):
+        embeds, position_ids, tokens, noisy, sigma, *block_ids = inputs
+        return (super().forward(tokens, embeds, noisy, sigma), position_ids, *block_ids)
 
 
 def lm_head(word_embeddings: WordEmbeddingPipe, hidden):
@@ -179,12 +216,15 @@ def layer_specs(config, seed: int) -> list:
     """The layer list of the table in the module docstring, built from `seed`."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+    check_pipeline_model(config)
     condition = [LayerSpec(ConditionPipe, config, seed)] if config.condition_slots else []
-    return ([TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, config)] + condition
+    latent = [LayerSpec(LatentPipe, config, seed)] if config.latent_channels else []
+    head = LayerSpec(DenoiseHead, config) if config.latent_channels else \
+        TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, config, forward_fn=lm_head)
+    return ([TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, config)] + condition + latent
             + [LayerSpec(PositionEmbeddingPipe, config, seed)]
             + [LayerSpec(TransformerLayerPipe, config, i, seed) for i in range(config.num_layers)]
-            + [LayerSpec(FinalLayerNormPipe, config, seed),
-               TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, config, forward_fn=lm_head)])
+            + [LayerSpec(FinalLayerNormPipe, config, seed), head])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,10 +325,11 @@ def check_ds_config(ds_config: dict, pipeline_model_parallel_size: int) -> None:
 # GPT keys <-> pipeline keys
 
 def layer_prefixes(config) -> list[str | None]:
-    """GPT key prefix of every pipeline layer index (None: the head, no parameters)."""
+    """GPT key prefix of every pipeline layer index (None: the tied LM head, no parameters)."""
     return (["word_embeddings."] + ["conditioning."] * bool(config.condition_slots)
+            + ["latent_inputs."] * bool(config.latent_channels)
             + ["transformer."] + [f"transformer.layers.{i}." for i in range(config.num_layers)]
-            + ["transformer.final_layernorm.", None])
+            + ["transformer.final_layernorm.", "head." if config.latent_channels else None])
 
 
 def gpt_key(pipeline_key: str, config) -> str:
@@ -298,8 +339,8 @@ def gpt_key(pipeline_key: str, config) -> str:
     prefixes = layer_prefixes(config)
     if head == "tied_modules" and rest.startswith(TIED_KEY + "."):
         return prefixes[0] + rest[len(TIED_KEY) + 1:]
-    if head.isdigit() and 0 < int(head) < len(prefixes) - 1:  # 0 and the head: tied_modules
-        return prefixes[int(head)] + rest
+    if head.isdigit() and 0 < int(head) < len(prefixes) and prefixes[int(head)]:
+        return prefixes[int(head)] + rest  # 0 and the LM head: tied_modules
     raise ValueError(f"pipeline model: no GPT key for pipeline key {pipeline_key!r} "
                      f"({config.num_layers} layers)")
 
@@ -314,11 +355,13 @@ def pipeline_key(gpt_key_: str, config) -> str:
     if layer and int(layer[1]) < config.num_layers:
         return f"{int(layer[1]) + first}.{layer[2]}"
     conditioning = [("conditioning.", "1.")] if config.condition_slots else []
+    latent = [("latent_inputs.", f"{first - 2}."),
+              ("head.", f"{config.num_layers + first + 1}.")] if config.latent_channels else []
     for prefix, pipe_prefix in [("word_embeddings.", f"tied_modules.{TIED_KEY}."),
                                 ("transformer.position_embeddings.",
                                  f"{first - 1}.position_embeddings."),
                                 ("transformer.final_layernorm.", f"{config.num_layers + first}.")
-                                ] + conditioning:
+                                ] + conditioning + latent:
         if gpt_key_.startswith(prefix):
             return pipe_prefix + gpt_key_[len(prefix):]
     raise ValueError(f"pipeline model: GPT key {gpt_key_!r} has no pipeline layer "
@@ -359,4 +402,25 @@ def gpt_state_dict_from_layer_files(directory: str, config, tp_rank: int = 0,
                                     f"of {len(layer_prefixes(config))}, tensor-parallel rank {tp_rank})")
         layer = load_torch_file(path, trust)
         state.update({prefix + k: v for k, v in layer.items()})
+    return state
+
+
+def with_stage_ema(state: dict, directory: str, config, tp_rank: int, tp: int, pp: int,
+                   trust: bool = False) -> dict:
+    """A GPT state dict of TP rank `tp_rank` read from the layer files, with the moving average of
+    the weights (training/ema.py) in place of the averaged ones where the checkpoint holds one:
+    each stage keeps its own, under pipeline keys, in its engine file mp_rank_{stage x TP + TP
+    rank} (DeepSpeed's rank in the TP x PP model-parallel group)."""
+    from megatron_t2i.training.convert import model_file
+    from megatron_t2i.training.ema import EMA_KEY
+
+    state = dict(state)
+    for stage in range(pp):
+        path = os.path.join(directory, model_file(stage * tp + tp_rank))
+        shadow = (load_torch_file(path, trust, deepspeed_safe_globals()).get(EMA_KEY) or {}) \
+            .get("shadow") or {}
+        for key, value in shadow.items():
+            name = gpt_key(key, config)
+            if name in state:
+                state[name] = value.to(state[name].dtype)
     return state

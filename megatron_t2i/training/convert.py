@@ -224,9 +224,10 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None, ema: bool = True
     shards, sources = [], []
     for rank in progress_bar(range(tp), desc="reading tensor-parallel ranks", disable=tp == 1):
         if pp > 1:
-            from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files
+            from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files, with_stage_ema
             try:
-                shards.append(gpt_state_dict_from_layer_files(folder, config, rank))
+                shard = gpt_state_dict_from_layer_files(folder, config, rank)
+                shards.append(with_stage_ema(shard, folder, config, rank, tp, pp) if ema else shard)
             except Exception as e:  # noqa: BLE001 -- a missing or unreadable layer file
                 raise CheckpointError(f"{folder}: {str(e).strip().splitlines()[0]}") from None
             sources.append(f"{folder} (pipeline layer files of tensor rank {rank})")

@@ -165,18 +165,21 @@ class PipelineLoss:
         return sums / mpu.get_tensor_model_parallel_world_size()
 
 
-def pipeline_inputs(batch: dict, condition_dim: int = 0) -> tuple:
-    """What the pipeline's first stage reads: (tokens, position_ids[, block_ids]); of a
-    conditioned model (condition_dim > 0), (tokens, position_ids, condition, condition_mask[,
-    block_ids]), a batch without conditioned rows reading none."""
+def pipeline_inputs(batch: dict, config) -> tuple:
+    """What the pipeline's first stage of a model of `config` (ModelConfig) reads: (tokens,
+    position_ids[, block_ids]); of a conditioned model, (tokens, position_ids, condition,
+    condition_mask, ...), a batch without conditioned rows reading none; of a denoiser, the noisy
+    latents and noise level before the block ids (model/pipeline.py)."""
     tokens = batch["tokens"]
-    condition = ()
-    if condition_dim:
+    condition = latents = ()
+    if config.condition_dim:
         condition = (batch["condition"], batch["condition_mask"]) if "condition" in batch else \
-            (tokens.new_zeros(len(tokens), condition_dim, dtype=torch.float),
+            (tokens.new_zeros(len(tokens), config.condition_dim, dtype=torch.float),
              tokens.new_zeros(len(tokens), dtype=torch.bool))
+    if config.latent_channels:
+        latents = (batch["noisy_latents"], batch["noise_level"])
     extra = (batch["block_ids"],) if "block_ids" in batch else ()
-    return (tokens, batch["position_ids"]) + condition + extra
+    return (tokens, batch["position_ids"]) + condition + latents + extra
 
 
 class Trainer:
@@ -262,12 +265,13 @@ class Trainer:
     def _pipeline_step(self, batches, scale: float):
         """DeepSpeed's pipeline engine runs the step's micro-batches through the stages; its
         returned loss is already the global objective (averaged over accumulation and DP)."""
-        dim = self.config.condition_dim
-        data = iter([(pipeline_inputs(b, dim), self._labels(b, b["weights"] * scale))
+        data = iter([(pipeline_inputs(b, self.config), self._labels(b, b["weights"] * scale))
                      for b in batches])
         loss = self.engine.train_batch(data_iter=data)
         self._check_finite(loss, before_step=False)
         self.iteration += 1
+        if self.ema is not None:
+            self.ema.update()
         return loss.detach().double(), self.pipeline_loss.take(self.device)
 
     def _labels(self, batch, weights) -> tuple:
@@ -295,8 +299,8 @@ class Trainer:
         sums = torch.zeros(self.objective.metric_size, dtype=torch.float64, device=self.device)
         if self.pipeline_loss is not None:
             data = [batches.next() for _ in range(self.cfg.eval_iters)]
-            dim = self.config.condition_dim
-            self.engine.eval_batch(iter([(pipeline_inputs(b, dim), self._labels(b, b["weights"]))
+            self.engine.eval_batch(iter([(pipeline_inputs(b, self.config),
+                                          self._labels(b, b["weights"]))
                                          for b in data]), num_micro_batches=len(data))
             sums = self.pipeline_loss.take(self.device)
         else:

@@ -85,10 +85,6 @@ def denoiser_fields(cfg: TrainConfig, dataset, layout, train_idx) -> tuple[dict,
     see data/latents.py); ({}, None) when no task of the run denoises."""
     if not any(registry.get(n).latents for n in cfg.tasks):
         return {}, None
-    if cfg.pipeline_model_parallel_size > 1:
-        raise ValueError("--tasks diffusion: the denoiser trains without pipeline parallelism (its "
-                         "patch projections sit beside the first and last stage); use "
-                         "--pipeline-model-parallel-size 1 with TP or DP")
     if layout.image_order != "raster":
         raise ValueError(f"--tasks diffusion: the data set's codes are laid out in "
                          f"{layout.image_order} order; a denoiser reads raster data (preprocess "
@@ -128,9 +124,6 @@ def moving_average(cfg: TrainConfig, engine, state: dict, source: str | None):
     else started from the weights as they are (fresh, fine-tuned, or a run that had none)."""
     if not cfg.ema_decay:
         return None
-    if cfg.pipeline_model_parallel_size > 1:
-        raise ValueError("--ema-decay: the moving average is kept without pipeline parallelism; "
-                         "use --pipeline-model-parallel-size 1")
     ema = EMA(engine.module, cfg.ema_decay)
     if state.get(EMA_KEY):
         ema.load_state_dict(state[EMA_KEY], source)
@@ -165,6 +158,9 @@ def prepare(cfg: TrainConfig) -> Trainer:
                           **latent_fields(cfg, dataset, layout), **denoiser)
     config.check_tensor_parallel(cfg.tensor_model_parallel_size)
     check_masking(cfg, config)
+    if cfg.pipeline_model_parallel_size > 1:
+        from megatron_t2i.model.pipeline import check_pipeline_model
+        check_pipeline_model(config)
     objective = build_objective(cfg.tasks, layout, cfg.txt_loss_scale,
                                 kl_weight=cfg.cvae_kl_weight, kl_warmup=cfg.cvae_kl_warmup,
                                 mask_loss_weight=cfg.mask_loss_weight)

@@ -89,10 +89,11 @@ def main(argv=None) -> int:
             ctx = build_context(load_config(args))
             config = resolve_guidance(ctx, config)
             if ctx.config.latent_channels and registry.get(args.task).name not in (
-                    "text2image", "interpolation"):
+                    "text2image", "interpolation", "completion"):
                 raise ValueError(f"--task {args.task} needs an autoregressive model; this "
                                  f"checkpoint is a denoiser (--tasks diffusion), which draws "
-                                 f"images from captions: --task text2image or interpolation")
+                                 f"images from captions: --task text2image, interpolation or "
+                                 f"completion")
             run(ctx, config)
     except (ValueError, OSError) as e:
         where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""

@@ -80,6 +80,17 @@ def _beta_pair(text):
     return a, b
 
 
+def _box(text):
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        raise argparse.ArgumentTypeError(f"expected X0,Y0,X1,Y1, fractions of the image's width "
+                                         f"and height with X0 < X1 and Y0 < Y1, got {text!r}")
+    return box
+
+
 def _task_weights(text):
     try:
         return registry.parse_weights(text)
@@ -301,6 +312,12 @@ def add_training_args(parser):
     g.add_argument("--unmask-finetune-iters", type=int, default=0, metavar="ITERS",
                    help="the last ITERS iterations of --train-iters train with every patch "
                         "visible (MaskDiT's unmasked fine-tune; default: %(default)s)")
+    g.add_argument("--inpaint-masks", type=_fraction, default=0.0, metavar="SHARE",
+                   help="in/outpainting (TLD's mask channel): each patch of a denoiser also "
+                        "reads its known latent and a 0/1 mask through new zero-initialised "
+                        "weights, and this share of the samples is given a random part of "
+                        "its patches (a box to repaint, or the box kept), e.g. 0.75; fine-tune "
+                        "a trained denoiser with it (--load DIR --finetune) (default: off)")
     g.add_argument("--ema-decay", type=_fraction, default=0.0,
                    help="keep an exponential moving average of the weights with this decay "
                         "(e.g. 0.999; 0: none); saved with every checkpoint, and what generation "
@@ -375,6 +392,12 @@ def add_generation_args(parser):
     g.add_argument("--keep-rows", type=_positive_int,
                    help="completion: rows of the input image's codes kept (default: half); of "
                         "an L-shape model, its first K blocks (the top-left K x K square)")
+    g.add_argument("--mask-box", type=_box, metavar="X0,Y0,X1,Y1",
+                   help="completion by a denoiser: repaint this box (fractions of the width and "
+                        "height, e.g. 0.25,0.25,0.75,0.75) and keep the rest (inpainting); "
+                        "without it the top --keep-rows rows are kept")
+    g.add_argument("--mask-outside", action="store_true",
+                   help="with --mask-box: keep the box and repaint the rest (outpainting)")
     g.add_argument("--rerank-top", type=int, default=0, metavar="K",
                    help="keep the K of --batch-size samples whose image best explains the text "
                         "(post-selection scores; 0: keep all)")
@@ -521,7 +544,8 @@ def generation_config(args, **changes) -> GenerationConfig:
         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
         cfg_scale=args.cfg_scale, seed=args.seed, use_cache=not args.no_kv_cache,
         rerank_top=args.rerank_top, rerank_by=args.rerank, beam_size=args.beam_size,
-        keep_rows=args.keep_rows, decoding_order=args.decoding, method=args.method,
+        keep_rows=args.keep_rows, mask_box=args.mask_box, mask_outside=args.mask_outside,
+        decoding_order=args.decoding, method=args.method,
         diffusion_steps=args.diffusion_steps, sampler=args.sampler,
         top=args.top, clip_model=args.clip_model, clip_checkpoint=args.clip_checkpoint,
         input_source=args.input_source, with_id=args.with_id, output_path=args.output_path,

@@ -56,6 +56,8 @@ class ModelConfig:
     decoder_layers: int = 0
     # TLD's depth-wise 3x3 convolution over the latent grid in every MLP (model/layer.GridConv)
     mlp_conv: bool = False
+    # in/outpainting (model/diffusion.py): each patch also reads its known latent and a 0/1 mask
+    inpaint_channel: bool = False
 
     def __post_init__(self):
         for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -94,6 +96,9 @@ class ModelConfig:
             raise ValueError(f"model config: decoder_layers (--decoder-layers) "
                              f"{self.decoder_layers} must be >= 0, and is a denoiser's "
                              f"(masked-patch training, --tasks diffusion or clip-diffusion)")
+        if self.inpaint_channel and not self.latent_channels:
+            raise ValueError("model config: inpaint_channel (--inpaint-masks) is a denoiser's; "
+                             "use it with --tasks diffusion or clip-diffusion")
         if self.mlp_conv and not self.latent_channels:
             raise ValueError("model config: mlp_conv (--mlp-conv) convolves a denoiser's latent "
                              "grid; use it with --tasks diffusion or clip-diffusion")
@@ -111,7 +116,8 @@ class ModelConfig:
         cvae = (h * d + d + self.latent_source_dim * 2 * d + 2 * d + d * h + h + h * h + h) if d \
             else 0
         c = self.latent_channels
-        denoiser = (c * h + h + 128 * h + h + h * h + h + h * c + c) if c else 0
+        denoiser = (c * h + h + 128 * h + h + h * h + h + h * c + c
+                    + ((c + 1) * h + h if self.inpaint_channel else 0)) if c else 0
         decoder = self.decoder_layers * per_layer + 3 * h if self.decoder_layers else 0
         return ((self.vocab_size + self.max_position_embeddings) * h + layers * per_layer + 2 * h
                 + conditioning + cvae + denoiser + decoder)

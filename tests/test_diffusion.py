@@ -346,8 +346,9 @@ def test_diffusion_training_at_tp2_resumes_bitwise_with_its_ema(tmp_path, toy_to
 @pytest.mark.slow
 def test_a_language_free_denoiser_in_two_pipeline_stages_trains_and_resumes_like_one_process(
         tmp_path, toy_tokenizers):
-    """pretrain.py --tasks clip-diffusion (ConditionPipe and LatentPipe on the first stage, the
-    denoising head on the last) at PP=2 gives one process's losses, weights and moving average;
+    """pretrain.py --tasks clip-diffusion with an inpainting channel (ConditionPipe and LatentPipe
+    on the first stage, the denoising head on the last) at PP=2 gives one process's losses,
+    weights and moving average;
     killed and resumed, it ends where the uninterrupted run does, EMA included."""
     text, image, layout = toy_tokenizers
     data = write_toy_dataset(str(tmp_path / "toy.lmdb"), count=48, layout=layout, clip_dim=12,
@@ -355,7 +356,7 @@ def test_a_language_free_denoiser_in_two_pipeline_stages_trains_and_resumes_like
     flags = BASE + ["--data-path", data, "--train-iters", "6", "--save-interval", "3",
                     "--tasks", "clip-diffusion", "--text-dropout", "0.3", "--ema-decay", "0.9",
                     "--zero-stage", "1", "--gradient-accumulation-steps", "2",
-                    "--hidden-dropout", "0", "--attention-dropout", "0"]
+                    "--hidden-dropout", "0", "--attention-dropout", "0", "--inpaint-masks", "0.5"]
     one, two, resumed = (str(tmp_path / name) for name in ("one", "two", "resumed"))
     run(flags + ["--save", one], nproc=1)
     pipelined = flags + ["--pipeline-model-parallel-size", "2"]

@@ -46,3 +46,26 @@ def latent_scale(table: np.ndarray, dataset, indices, limit: int = 2000) -> floa
     second_moment = float(counts / counts.sum() @ (table.astype(np.float64) ** 2).mean(1))
     return float(1.0 / max(np.sqrt(second_moment), 1e-8))
 
+
+
+def random_known_mask(grid: int, rng: np.random.Generator) -> np.ndarray:
+    """A training sample's given patches for in/outpainting, [grid^2] bool: a random rectangle of
+    the grid (each side 1 to grid - 1 cells), either the part to repaint (inpainting: the rest is
+    given) or the part given (outpainting), with even odds. Never all or nothing."""
+    h, w = (int(rng.integers(1, grid)) for _ in range(2))
+    top, left = int(rng.integers(0, grid - h + 1)), int(rng.integers(0, grid - w + 1))
+    box = np.zeros((grid, grid), dtype=bool)
+    box[top:top + h, left:left + w] = True
+    return (~box if rng.random() < 0.5 else box).reshape(-1)
+
+
+def box_known_mask(grid: int, box: tuple[float, float, float, float],
+                   outside: bool = False) -> np.ndarray:
+    """The patches given when repainting `box` (x0, y0, x1, y1 as fractions of the image's width
+    and height): [grid^2] bool, True where a cell's centre lies outside the box (inside it with
+    `outside`: outpainting keeps the box and repaints the rest)."""
+    centres = (np.arange(grid) + 0.5) / grid
+    x0, y0, x1, y1 = box
+    inside = ((centres[:, None] >= y0) & (centres[:, None] < y1)
+              & (centres[None, :] >= x0) & (centres[None, :] < x1))
+    return (inside if outside else ~inside).reshape(-1)

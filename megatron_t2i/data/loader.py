@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from megatron_t2i import tasks as registry
+from megatron_t2i.data.latents import random_known_mask
 from megatron_t2i.model.diffusion import noised
 from megatron_t2i.tokenizers.layout import TokenLayout, block_ids, real_length
 
@@ -83,7 +84,8 @@ class SequenceBuilder:
     def __init__(self, layout: TokenLayout, tasks: dict[str, float] | None = None,
                  text_dropout: float = 0.0, condition_slots: int = 0,
                  condition_noise: float = 0.0, latent_dim: int = 0, latent_table=None,
-                 noise_beta: tuple[float, float] = (0.75, 0.75), mask_ratio: float = 0.0):
+                 noise_beta: tuple[float, float] = (0.75, 0.75), mask_ratio: float = 0.0,
+                 inpaint_share: float | None = None):
         """condition_slots: the [MASK] slots of a conditioned task's template (the model's);
         condition_noise: LAFITE's xi, see perturb; latent_dim: of a CVAE model, the size of the
         noise each text->image sample draws for its latent (its posterior reads the record's
@@ -91,10 +93,14 @@ class SequenceBuilder:
         image code; noise_beta: the Beta(a, b) its noise levels are drawn from (TLD's 0.75,
         0.75: most mass near 0 and 1); mask_ratio: the share of its patches hidden from the
         trunk (MaskDiT, model/masked.py; 0: none), an attribute the trainer sets to 0 for the
-        unmasked fine-tune."""
+        unmasked fine-tune; inpaint_share: of a denoiser with an inpainting channel (None:
+        without), the share of samples given some of their patches (data/latents.py,
+        random_known_mask), the others none."""
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"--mask-ratio {mask_ratio}: must be in [0, 1)")
-        self.mask_ratio = mask_ratio
+        if inpaint_share is not None and not 0 <= inpaint_share <= 1:
+            raise ValueError(f"--inpaint-masks {inpaint_share}: must be in [0, 1]")
+        self.mask_ratio, self.inpaint_share = mask_ratio, inpaint_share
         self.layout, self.latent_dim = layout, latent_dim
         self.latent_table, self.noise_beta = latent_table, noise_beta
         self.condition_slots, self.condition_noise = condition_slots, condition_noise
@@ -184,6 +190,11 @@ class SequenceBuilder:
             seq.visible = torch.zeros(n, dtype=torch.bool)
             keep = max(1, n - round(self.mask_ratio * n))
             seq.visible[torch.from_numpy(rng.permutation(n)[:keep])] = True
+        if self.inpaint_share is not None:  # a model with an inpainting channel
+            known = np.zeros(len(x0), dtype=bool)
+            if self.inpaint_share and rng.random() < self.inpaint_share:
+                known = random_known_mask(self.layout.image_grid, rng)
+            seq.known_mask = torch.from_numpy(known)
 
 
 def perturb(f: np.ndarray, xi: float, rng: np.random.Generator) -> np.ndarray:
@@ -235,6 +246,9 @@ def collate(sequences) -> dict[str, torch.Tensor]:
         batch["noise_level"] = torch.tensor([s.noise_level for s in sequences])
         if sequences[0].visible is not None:
             batch["visible_patches"] = torch.stack([s.visible for s in sequences])
+        if sequences[0].known_mask is not None:
+            batch["known_mask"] = torch.stack([s.known_mask for s in sequences])
+            batch["known_latents"] = batch["x0"] * batch["known_mask"][..., None]
     return batch
 
 

@@ -47,6 +47,9 @@ class GenerationConfig:
     sampler: str = "dpm-solver++"          # dpm-solver++ | ddim
     keep_rows: int | None = None           # completion: rows of codes kept (default: half); of
     #                                        an L-shape model, blocks (a top-left square)
+    mask_box: tuple | None = None          # completion by a denoiser: the box (x0, y0, x1, y1
+    #                                        fractions) repainted, or kept with mask_outside
+    mask_outside: bool = False
     top: int = 0                           # post-selection: copy the best K images
     clip_model: str | None = None          # post-selection: an open_clip score too
     clip_checkpoint: str | None = None

@@ -25,7 +25,7 @@ from megatron_t2i.safe_load import check_state_dict, deepspeed_safe_globals, loa
 from megatron_t2i.tokenizers.layout import TokenLayout
 from megatron_t2i.training.checkpoint import TOKENIZER_FILES, CheckpointError, checkpoint_folder
 from megatron_t2i.training.convert import (check_finite, model_file, read_info,
-                                           read_verified_info)
+                                           read_verified_info, with_stage_ema)
 from megatron_t2i.training.ema import module_weights
 
 
@@ -47,7 +47,7 @@ def _read_shard(folder: str, config: ModelConfig, meta: dict, rank: int,
     the weights where the checkpoint holds one (training/ema.py)."""
     pp = int(meta.get("pipeline_model_parallel_size", 1))
     if pp > 1:
-        from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files, with_stage_ema
+        from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files
         try:
             state = gpt_state_dict_from_layer_files(folder, config, rank, trust)
         except FileNotFoundError as e:

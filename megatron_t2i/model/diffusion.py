@@ -7,6 +7,11 @@ and the denoising head reads the x0 prediction of every position (the objective 
 ones). Time and condition as tokens of one bidirectional sequence is U-ViT's design; the noising
 x_t = (1 - sigma) x0 + sigma e and x0 prediction are TLD's.
 
+In/outpainting (ModelConfig.inpaint_channel, TLD's mask channel): each patch also reads its
+known latent and a 0/1 mask beside it through `known_in`, zero-initialised, so a denoiser
+fine-tuned with it starts as the one it was trained from; the known patches are then given at
+every step (generation/tasks/text2image.py, completion).
+
 A latent patch is one cell of the image tokenizer's grid: its codebook vector (the VQ-VAE's
 continuous latent space, which its decoder decodes), times ModelConfig.latent_scale so the data
 have unit variance. Sampling snaps the final x0 to the nearest codebook vector.
@@ -50,14 +55,27 @@ class LatentInputs(nn.Module):
             nn.init.normal_(layer.weight, mean=0.0, std=config.init_std)
         for layer in (self.patch_in, self.noise_mlp[0], self.noise_mlp[2]):
             nn.init.zeros_(layer.bias)
+        if config.inpaint_channel:  # [known latent * mask, mask] per patch, zero at the start
+            self.known_in = nn.Linear(d + 1, h, device=device, dtype=dtype)
+            nn.init.zeros_(self.known_in.weight)
+            nn.init.zeros_(self.known_in.bias)
 
-    def forward(self, tokens, embeds, noisy, sigma):
+    def forward(self, tokens, embeds, noisy, sigma, known=None, known_mask=None):
         """tokens [B, S], embeds [B, S, h], noisy [B, N, d] (N = placeholders per row), sigma [B]
         -> embeds with patch_in(noisy) at the [ENC] placeholders and the noise embedding added at
-        [BOI1]."""
+        [BOI1]. known [B, N, d] and known_mask [B, N] (bool; None: nothing known): the patches
+        given (in/outpainting), read by a model with an inpainting channel."""
         where = latent_positions(tokens, self.latent_token, noisy.shape[1])  # [B, S]
         patches = self.patch_in(noisy.to(self.patch_in.weight.dtype))        # [B, N, h]
         patches = patches + grid_positions(noisy.shape[1], patches.shape[-1]).to(patches)
+        if hasattr(self, "known_in"):
+            m = (torch.zeros(noisy.shape[:2], device=noisy.device) if known_mask is None
+                 else known_mask.to(noisy.device)).to(patches.dtype)[..., None]  # [B, N, 1]
+            given = torch.zeros_like(noisy) if known is None else known
+            patches = patches + self.known_in(torch.cat([given.to(patches.dtype) * m, m], -1))
+        elif known_mask is not None:
+            raise ValueError("denoiser: known patches were given to a model without an "
+                             "inpainting channel (train or fine-tune it with --inpaint-masks)")
         dense = embeds.new_zeros(embeds.shape)
         dense[where] = patches.reshape(-1, patches.shape[-1]).to(embeds.dtype)
         embeds = torch.where(where[..., None], dense, embeds)

@@ -87,7 +87,7 @@ class GPT(nn.Module):
 
     def inputs(self, tokens, slots: Slots | None = None, condition=None, condition_mask=None,
                latent=None, latent_source=None, latent_noise=None, latent_mask=None,
-               noisy_latents=None, noise_level=None):
+               noisy_latents=None, noise_level=None, known_latents=None, known_mask=None):
         """tokens [B, S] -> the trunk's input embeddings [B, S, h] (with the condition's slots,
         the CVAE's context or a denoiser's noisy patches, see forward), and the KL [B] of a CVAE
         trained on latent_source (else None)."""
@@ -97,7 +97,7 @@ class GPT(nn.Module):
             if not self.config.latent_channels:
                 raise ValueError("GPT: noisy latents were given to a model without a denoiser")
             return self.latent_inputs(tokens, self.embed(tokens, slots), noisy_latents,
-                                      noise_level), None
+                                      noise_level, known_latents, known_mask), None
         if latent_source is None and latent is None:
             return self.embed(tokens, slots), None
         if not self.config.latent_dim:
@@ -148,7 +148,8 @@ class GPT(nn.Module):
     def forward(self, tokens, position_ids, attention_mask=None, kv_cache: KVCache | None = None,
                 gather_logits: bool = False, slots: Slots | None = None, condition=None,
                 condition_mask=None, latent=None, latent_source=None, latent_noise=None,
-                latent_mask=None, noisy_latents=None, noise_level=None, visible_patches=None):
+                latent_mask=None, noisy_latents=None, noise_level=None, visible_patches=None,
+                known_latents=None, known_mask=None):
         """-> the head's output: logits [B, S, V/tp] (all V with gather_logits) for the LM head;
         (logits, KL [B]) when a CVAE model is given latent_source; x0 predictions [B, S, d] of a
         denoiser given noisy_latents [B, N, d] and noise_level [B] (model/diffusion.py).
@@ -160,12 +161,14 @@ class GPT(nn.Module):
         model (model/cvae.py), in rows where latent_mask [B] (None: all): latent z [B, d] (sampling,
         from prior_latent), or latent_source [B, D] and latent_noise [B, d] (training: z from the
         posterior, and its KL returned). visible_patches [B, N] bool: a denoiser's trunk reads
-        only these patches (masked training, model/masked.py).
+        only these patches (masked training, model/masked.py). known_latents [B, N, d] and
+        known_mask [B, N] bool: the patches given to a denoiser with an inpainting channel.
         """
         check_inputs(tokens, position_ids, self.config.max_position_embeddings,
                      cached=kv_cache is not None)
         embeds, kl = self.inputs(tokens, slots, condition, condition_mask, latent, latent_source,
-                                 latent_noise, latent_mask, noisy_latents, noise_level)
+                                 latent_noise, latent_mask, noisy_latents, noise_level,
+                                 known_latents, known_mask)
         hidden = self._hidden(tokens, embeds, position_ids, attention_mask, kv_cache,
                               visible_patches)
         out = self.head(hidden, self.word_embeddings.weight, gather_logits)

@@ -28,8 +28,9 @@ What travels between stages (DeepSpeed sends tensors only; floating ones get gra
     conditioned: inputs (tokens, position_ids, condition [B, D], condition_mask [B][, block_ids]);
       layer 0 hands the tokens on to ConditionPipe, which hands on what layer 1 reads above
     denoiser: inputs (tokens, position_ids[, condition, condition_mask], noisy latents [B, N, d],
-      noise level [B], block_ids); the tokens travel on to LatentPipe, which hands on
-      (embeddings, position_ids, block_ids)
+      noise level [B][, known latents [B, N, d], known mask [B, N]: with an inpainting channel],
+      block_ids); the tokens travel on to LatentPipe, which hands on (embeddings, position_ids,
+      block_ids)
     hidden [B, S, h] or (hidden, block_ids)                   -> layers 2..L+2
     logits [B, S, V/tp] (a denoiser: x0 [B, S, d])           -> loss_fn(logits, labels)
 The data iterator yields (inputs, labels): inputs as above, labels what loss_fn reads (the
@@ -79,7 +80,7 @@ from megatron_t2i.model.diffusion import DenoiseHead, LatentInputs
 from megatron_t2i.model.heads import language_model_loss, lm_logits
 from megatron_t2i.model.layer import LayerNorm, TransformerLayer
 from megatron_t2i.model.trunk import check_inputs, seed_component
-from megatron_t2i.safe_load import deepspeed_safe_globals, load_torch_file
+from megatron_t2i.safe_load import load_torch_file
 
 TIED_KEY = "word_embeddings"
 FIRST_LAYER_INDEX = 2  # pipeline index of transformer.layers.0 (GPT component index of it)
@@ -142,16 +143,19 @@ class ConditionPipe(ConditionProjector):
 
 class LatentPipe(LatentInputs):
     """A denoiser's layer after the embeddings: (embeddings, position_ids, tokens, noisy latents,
-    noise level, block_ids) -> (embeddings with the noisy patches and the noise level,
-    position_ids, block_ids), as GPT.inputs(..., noisy_latents, noise_level)."""
+    noise level[, known latents, known mask], block_ids) -> (embeddings with the noisy patches
+    and the noise level, position_ids, block_ids), as GPT.inputs(..., noisy_latents,
+    noise_level[, known_latents, known_mask])."""
 
     def __init__(self, config, seed: int):
         seed_component(seed, config.num_layers + 5)  # the GPT's index: the same weights
         super().__init__(config)
+        self.known = 2 if config.inpaint_channel else 0
 
     def forward(self, inputs):
-        embeds, position_ids, tokens, noisy, sigma, *block_ids = inputs
-        return (super().forward(tokens, embeds, noisy, sigma), position_ids, *block_ids)
+        embeds, position_ids, tokens, noisy, sigma, *rest = inputs
+        known, block_ids = rest[:self.known], rest[self.known:]
+        return (super().forward(tokens, embeds, noisy, sigma, *known), position_ids, *block_ids)
 
 
 def lm_head(word_embeddings: WordEmbeddingPipe, hidden):
@@ -404,23 +408,3 @@ def gpt_state_dict_from_layer_files(directory: str, config, tp_rank: int = 0,
         state.update({prefix + k: v for k, v in layer.items()})
     return state
 
-
-def with_stage_ema(state: dict, directory: str, config, tp_rank: int, tp: int, pp: int,
-                   trust: bool = False) -> dict:
-    """A GPT state dict of TP rank `tp_rank` read from the layer files, with the moving average of
-    the weights (training/ema.py) in place of the averaged ones where the checkpoint holds one:
-    each stage keeps its own, under pipeline keys, in its engine file mp_rank_{stage x TP + TP
-    rank} (DeepSpeed's rank in the TP x PP model-parallel group)."""
-    from megatron_t2i.training.convert import model_file
-    from megatron_t2i.training.ema import EMA_KEY
-
-    state = dict(state)
-    for stage in range(pp):
-        path = os.path.join(directory, model_file(stage * tp + tp_rank))
-        shadow = (load_torch_file(path, trust, deepspeed_safe_globals()).get(EMA_KEY) or {}) \
-            .get("shadow") or {}
-        for key, value in shadow.items():
-            name = gpt_key(key, config)
-            if name in state:
-                state[name] = value.to(state[name].dtype)
-    return state

@@ -137,6 +137,8 @@ class Sequence:
     noise_level: float = 0.0
     # of masked training (model/masked.py): [N] bool, the patches the trunk reads
     visible: torch.Tensor | None = None
+    # of a denoiser with an inpainting channel: [N] bool, the patches given (their x0)
+    known_mask: torch.Tensor | None = None
 
 
 @dataclass

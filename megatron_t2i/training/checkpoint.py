@@ -252,8 +252,10 @@ def read_checkpoint_info(load_dir: str, tag: str | None = None):
     return tag, config, layout, meta
 
 
-def check_compatible(load_dir: str, config: ModelConfig, layout: TokenLayout, tag=None) -> str:
-    """Refuse a checkpoint of another vocabulary, layout or model shape with one clear line."""
+def check_compatible(load_dir: str, config: ModelConfig, layout: TokenLayout, tag=None,
+                     finetune: bool = False) -> str:
+    """Refuse a checkpoint of another vocabulary, layout or model shape with one clear line. A
+    fine-tune may add a denoiser's inpainting channel (zero-initialised weights of its own)."""
     tag, saved_config, saved_layout, meta = read_checkpoint_info(load_dir, tag)
     where = os.path.join(load_dir, tag)
     tp = mpu.get_tensor_model_parallel_world_size()
@@ -268,10 +270,14 @@ def check_compatible(load_dir: str, config: ModelConfig, layout: TokenLayout, ta
         raise CheckpointError(str(e)) from None
     for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                   "vocab_size", "max_position_embeddings", "sandwich_ln", "condition_dim",
-                  "condition_slots"):
+                  "condition_slots", "latent_channels", "decoder_layers", "mlp_conv",
+                  "inpaint_channel"):
         ours, theirs = getattr(config, field), getattr(saved_config, field)
-        if ours != theirs:
-            raise CheckpointError(f"{where}: model {field} is {theirs}, this run's is {ours}")
+        if ours != theirs and not (field == "inpaint_channel" and ours and finetune):
+            hint = " (fine-tune with --inpaint-masks to keep it)" \
+                if field == "inpaint_channel" else ""
+            raise CheckpointError(f"{where}: model {field} is {theirs}, this run's is "
+                                  f"{ours}{hint}")
     return tag
 
 
@@ -281,14 +287,17 @@ def load_checkpoint(engine, load_dir: str, config: ModelConfig, layout: TokenLay
     (default: latest; verify it first with choose_checkpoint). Every file DeepSpeed reads goes
     through the safe loader (trust=True: full unpickling, --trust-checkpoint). Returns the client
     state ({} for finetune). On every rank (collective)."""
-    tag = check_compatible(load_dir, config, layout, tag)
+    tag = check_compatible(load_dir, config, layout, tag, finetune)
+    saved_config = read_checkpoint_info(load_dir, tag)[1]
+    # the only weights a fine-tune may add: the inpainting channel's (zero-initialised)
+    strict = not (config.inpaint_channel and not saved_config.inpaint_channel)
     if not finetune and read_checkpoint_info(load_dir, tag)[3].get("weights_only"):
         raise CheckpointError(f"{os.path.join(load_dir, tag)}: holds weights only (written by "
                               f"tools/convert_checkpoint.py); start from it with --finetune")
     with guarded_torch_load(trust, deepspeed_safe_globals()):
         path, client_state = engine.load_checkpoint(
-            load_dir, tag=tag, load_module_only=finetune, load_optimizer_states=not finetune,
-            load_lr_scheduler_states=not finetune)
+            load_dir, tag=tag, load_module_strict=strict, load_module_only=finetune,
+            load_optimizer_states=not finetune, load_lr_scheduler_states=not finetune)
     if path is None:
         raise CheckpointError(f"{os.path.join(load_dir, tag)}: DeepSpeed found no checkpoint "
                               f"files for this parallel layout")

@@ -42,7 +42,7 @@ from megatron_t2i.progress import progress_bar
 from megatron_t2i.safe_load import check_state_dict, deepspeed_safe_globals, load_torch_file
 from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
 from megatron_t2i.training import manifest
-from megatron_t2i.training.ema import module_weights
+from megatron_t2i.training.ema import EMA_KEY, module_weights
 from megatron_t2i.training.checkpoint import (LATEST, CheckpointError, publish_checkpoint,
                                               read_checkpoint_info, tag_for)
 
@@ -224,7 +224,7 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None, ema: bool = True
     shards, sources = [], []
     for rank in progress_bar(range(tp), desc="reading tensor-parallel ranks", disable=tp == 1):
         if pp > 1:
-            from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files, with_stage_ema
+            from megatron_t2i.model.pipeline import gpt_state_dict_from_layer_files
             try:
                 shard = gpt_state_dict_from_layer_files(folder, config, rank)
                 shards.append(with_stage_ema(shard, folder, config, rank, tp, pp) if ema else shard)
@@ -240,6 +240,26 @@ def load_full_state_dict(ckpt_dir: str, tag: str | None = None, ema: bool = True
     full = merge_shards(shards, specs, sources)
     meta = {**meta, "weights_dtype": str(shards[0][WORD_EMBEDDINGS].dtype).replace("torch.", "")}
     return full, config, layout, meta
+
+
+def with_stage_ema(state: dict, directory: str, config, tp_rank: int, tp: int, pp: int,
+                   trust: bool = False) -> dict:
+    """A GPT state dict of TP rank `tp_rank` read from the layer files, with the moving average of
+    the weights (training/ema.py) in place of the averaged ones where the checkpoint holds one:
+    each stage keeps its own, under pipeline keys, in its engine file mp_rank_{stage x TP + TP
+    rank} (DeepSpeed's rank in the TP x PP model-parallel group)."""
+    from megatron_t2i.model.pipeline import gpt_key
+
+    state = dict(state)
+    for stage in range(pp):
+        path = os.path.join(directory, model_file(stage * tp + tp_rank))
+        shadow = (load_torch_file(path, trust, deepspeed_safe_globals()).get(EMA_KEY) or {}) \
+            .get("shadow") or {}
+        for key, value in shadow.items():
+            name = gpt_key(key, config)
+            if name in state:
+                state[name] = value.to(state[name].dtype)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------

@@ -124,7 +124,8 @@ class Batches:
 
 
 CONDITION_KEYS = ("condition", "condition_mask", "latent_source", "latent_noise", "latent_mask",
-                  "noisy_latents", "noise_level", "visible_patches")
+                  "noisy_latents", "noise_level", "visible_patches", "known_latents",
+                  "known_mask")
 
 
 def condition_inputs(batch: dict) -> dict:
@@ -165,6 +166,12 @@ class PipelineLoss:
         return sums / mpu.get_tensor_model_parallel_world_size()
 
 
+def inpaint_share(model_config, share: float) -> float | None:
+    """The SequenceBuilder's inpaint_share: None for a model without an inpainting channel; its
+    held-out batches are given nothing (0.0), so their loss compares with any denoiser's."""
+    return share if model_config.inpaint_channel else None
+
+
 def pipeline_inputs(batch: dict, config) -> tuple:
     """What the pipeline's first stage of a model of `config` (ModelConfig) reads: (tokens,
     position_ids[, block_ids]); of a conditioned model, (tokens, position_ids, condition,
@@ -178,6 +185,8 @@ def pipeline_inputs(batch: dict, config) -> tuple:
              tokens.new_zeros(len(tokens), dtype=torch.bool))
     if config.latent_channels:
         latents = (batch["noisy_latents"], batch["noise_level"])
+        if config.inpaint_channel:
+            latents += (batch["known_latents"], batch["known_mask"])
     extra = (batch["block_ids"],) if "block_ids" in batch else ()
     return (tokens, batch["position_ids"]) + condition + latents + extra
 
@@ -201,7 +210,8 @@ class Trainer:
         slots = model_config.condition_slots
         builder = SequenceBuilder(layout, config.tasks, config.text_dropout, slots,
                                   config.condition_noise, model_config.latent_dim, latent_table,
-                                  config.noise_beta, config.mask_ratio)
+                                  config.noise_beta, config.mask_ratio,
+                                  inpaint_share(model_config, config.inpaint_masks))
         self.pipeline_loss = getattr(engine.module, "loss_fn", None) \
             if mpu.get_pipeline_model_parallel_world_size() > 1 else None
         self.trim = self.pipeline_loss is None  # the pipeline engine wants fixed shapes
@@ -211,7 +221,8 @@ class Trainer:
         self.eval_builder = SequenceBuilder(layout, config.tasks, 0.0, slots,
                                             latent_dim=model_config.latent_dim,
                                             latent_table=latent_table,
-                                            noise_beta=config.noise_beta)
+                                            noise_beta=config.noise_beta,
+                                            inpaint_share=inpaint_share(model_config, 0.0))
         self.stop = StopSignal()
         self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
         self.work = [0, 0.0]  # tokens fed and their model FLOPs on this replica, since the last log

@@ -84,6 +84,9 @@ def denoiser_fields(cfg: TrainConfig, dataset, layout, train_idx) -> tuple[dict,
     """The ModelConfig fields of a denoising task (diffusion) and its latent table [K, d] (scaled,
     see data/latents.py); ({}, None) when no task of the run denoises."""
     if not any(registry.get(n).latents for n in cfg.tasks):
+        if cfg.inpaint_masks:
+            raise ValueError("--inpaint-masks: in/outpainting is a denoiser's (--tasks diffusion "
+                             "or clip-diffusion)")
         return {}, None
     if layout.image_order != "raster":
         raise ValueError(f"--tasks diffusion: the data set's codes are laid out in "
@@ -96,7 +99,8 @@ def denoiser_fields(cfg: TrainConfig, dataset, layout, train_idx) -> tuple[dict,
     table = codebook(image_tokenizer_of(dataset.meta, f"--data-path {cfg.data_path[0]}"))
     scale = latent_scale(table, dataset, train_idx)
     return ({"head": "denoise", "latent_channels": int(table.shape[1]), "latent_scale": scale,
-             "latent_token": layout["[ENC]"], "noise_token": layout["[BOI1]"]},
+             "latent_token": layout["[ENC]"], "noise_token": layout["[BOI1]"],
+             "inpaint_channel": cfg.inpaint_masks > 0},
             (table * scale).astype("float32"))
 
 
@@ -167,7 +171,7 @@ def prepare(cfg: TrainConfig) -> Trainer:
     load_dir = resume_dir(cfg)
     tag = ckpt.choose_checkpoint(load_dir, cfg.resume_fallback) if load_dir else None
     if load_dir:
-        ckpt.check_compatible(load_dir, config, layout, tag)
+        ckpt.check_compatible(load_dir, config, layout, tag, cfg.finetune)
     mpu.model_parallel_seed(cfg.seed)
     ds_config = load_ds_config(cfg)
     model = build_model(cfg, config, objective, ds_config)

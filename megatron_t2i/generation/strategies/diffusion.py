@@ -11,7 +11,9 @@ The model was trained on x_t = (1 - sigma) x0 + sigma e and predicts x0. Two sam
                   sigma = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a)); the model reads it divided so.
 
 Both end at sigma = 0, where a model that always returns the true x0 gives back x0 exactly (the
-samplers' test). Guidance: x0 = x0_c + s (x0_c - x0_u), the same convention as the
+samplers' test). In/outpainting (`known`): the given patches' x0 is their known latent at every
+step, so the path ends on them exactly (any denoiser; one with an inpainting channel also reads
+them beside its noisy input, model/diffusion.py). Guidance: x0 = x0_c + s (x0_c - x0_u), the same convention as the
 autoregressive models' logits (s = 0: the conditional model; TLD's class_guidance w is s + 1).
 The starting noise of each sample comes from its own generator, and every row is denoised on its
 own (bidirectional attention inside a row only), so a sample does not depend on its batch.
@@ -150,32 +152,56 @@ def denoise(model, cond, uncond, sampler, noise, cfg_scale: float = 0.0, progres
     return x
 
 
-def sample_latent_codes(ctx, config, prompt, uncond, generators, progress=False) -> torch.Tensor:
+def keeping(given: torch.Tensor, known: torch.Tensor, denoiser=predict_x0):
+    """A denoiser (for `denoise`) whose x0 at the known patches (known [N] bool) is `given`
+    [N, d], the latents kept: each step moves them towards their values, the last lands on them."""
+    def predict(model, tokens, positions, mask, x, sigma, **inputs):
+        x0 = denoiser(model, tokens, positions, mask, x, sigma, **inputs)
+        return torch.where(known[None, :, None], given.to(x0), x0)
+    return predict
+
+
+def sample_latent_codes(ctx, config, prompt, uncond, generators, progress=False,
+                        known=None) -> torch.Tensor:
     """A denoiser's images for `prompt` (layout.text_to_latents, or condition_to_latents with
     its condition) as image codes [B, grid^2]: one noise draw per generator,
     `config.diffusion_steps` of `config.sampler`, guidance config.cfg_scale, the final latents
-    snapped to the nearest codebook vector."""
+    snapped to the nearest codebook vector. known: (codes [grid^2], mask [grid^2] bool) of
+    in/outpainting, the codes kept where mask."""
     layout, model, device = ctx.layout, ctx.model, ctx.device
     rows, n, d = len(generators), layout.image_tokens, model.config.latent_channels
     noise = torch.stack([torch.randn(n, d, generator=g, device=device) for g in generators])
     sampler = make_sampler(config.sampler, config.diffusion_steps)
-    x0 = denoise(model, branch(layout, prompt, rows, device),
-                 branch(layout, uncond, rows, device) if uncond is not None else None, sampler,
-                 noise, config.cfg_scale, progress)
-    return latents_to_codes(ctx, x0)
+    denoiser, extra = predict_x0, {}
+    if known is not None:
+        codes, mask = (t.to(device) for t in known)
+        quantize = ctx.image_tokenizer.model.quantize_t
+        given = quantize.embed.t()[codes.to(quantize.embed.device)].to(device, torch.float32) \
+            * model.config.latent_scale                                          # [N, d]
+        denoiser = keeping(given, mask)
+        if model.config.inpaint_channel:
+            extra = {"known_latents": given.expand(rows, -1, -1),
+                     "known_mask": mask.expand(rows, -1)}
+    x0 = denoise(model, branch(layout, prompt, rows, device, extra=extra),
+                 branch(layout, uncond, rows, device, extra=extra) if uncond is not None
+                 else None, sampler, noise, config.cfg_scale, progress, denoiser)
+    out = latents_to_codes(ctx, x0)
+    return out if known is None else torch.where(mask, codes, out)
 
 
-def branch(layout, seq, rows: int, device, inputs: dict | None = None) -> tuple:
+def branch(layout, seq, rows: int, device, inputs: dict | None = None,
+           extra: dict | None = None) -> tuple:
     """A denoiser's Sequence as `denoise` reads a branch, repeated for `rows` samples: (tokens,
     positions [rows, S], mask, inputs). inputs: [rows, ...] model keywords; by default a
-    language-free prompt's condition (the CLIP text embedding, or the null one), else none."""
+    language-free prompt's condition (the CLIP text embedding, or the null one), else none;
+    extra: more of them (the known patches of in/outpainting)."""
     tokens, positions, mask = sequence_inputs(layout, seq)
     if inputs is None:
         inputs = {} if seq.condition is None else {
             "condition": seq.condition.to(device, torch.float32).expand(rows, -1),
             "condition_mask": torch.full((rows,), seq.condition_present, device=device)}
     return (tokens.to(device).expand(rows, -1), positions.to(device).expand(rows, -1),
-            mask.to(device), inputs)
+            mask.to(device), {**inputs, **(extra or {})})
 
 
 def latents_to_codes(ctx, x0) -> torch.Tensor:

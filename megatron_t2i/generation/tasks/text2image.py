@@ -13,6 +13,8 @@ with --text-dropout sees when it drops the caption).
 completion: input lines `text<TAB>image_path`; the image is encoded with the VQ-VAE, its first
 `keep_rows` rows of codes are kept unchanged and the rest is generated; of an L-shape model, its
 first `keep_rows` blocks (the top-left square of that side: Lformer's regeneration from a block).
+A denoiser keeps any part: the rows, or all but `mask_box` (inpainting), or only the box
+(`mask_outside`: outpainting), denoising the rest around the kept patches.
 
 `rerank_top` K keeps the K samples whose image best explains the text (generation/scoring.py).
 Without reranking or a --debug grid, each round's images are written as soon as it is drawn.
@@ -25,6 +27,7 @@ import time
 
 import torch
 
+from megatron_t2i.data.latents import box_known_mask
 from megatron_t2i.generation import io
 from megatron_t2i.generation.batching import in_rounds, query_seeds
 from megatron_t2i.generation.scoring import rerank, rerank_kind
@@ -70,12 +73,13 @@ def with_latent(model, prompt: Prompt, uncond: Prompt | None, generators):
 
 def sample_codes(ctx, config, prompt: Sequence, uncond: Sequence | None, num_tokens: int,
                  seeds: list[int], desc: str = "", on_round=None,
-                 token_progress: bool | None = None, given=None) -> torch.Tensor:
+                 token_progress: bool | None = None, given=None, known=None) -> torch.Tensor:
     """Image codes after `prompt`, one row per seed -> LongTensor [len(seeds), num_tokens] (CPU).
     `uncond` is CFG's prompt (None: no CFG); on_round as in batching.in_rounds; token_progress:
     a bar over the tokens (L-shape: blocks) of each round (None: on the writer, in a terminal).
     L-shape: the whole image [len(seeds), grid^2] in raster order; given: raster codes [k^2] of
-    its top-left k x k square (the first k blocks), kept."""
+    its top-left k x k square (the first k blocks), kept. known: a denoiser's (codes [grid^2],
+    mask [grid^2]) kept where mask (strategies/diffusion.py)."""
     diffusion = generation_method(ctx.config, config.method) == "diffusion"
     allowed = image_vocab_mask(ctx.layout, ctx.config.vocab_size).to(ctx.device)
     decoding = config.decoding(ctx.layout.vocab_size)
@@ -91,7 +95,7 @@ def sample_codes(ctx, config, prompt: Sequence, uncond: Sequence | None, num_tok
             first, second = with_latent(ctx.model, first, second, generators)
         progress = (label or True) if token_progress else False
         if diffusion:
-            return sample_latent_codes(ctx, config, prompt, uncond, generators, progress)
+            return sample_latent_codes(ctx, config, prompt, uncond, generators, progress, known)
         if lshape:
             square = given.to(ctx.device).expand(rows, -1) if given is not None else None
             return generate_lshape(ctx.model, first, ctx.layout.image_grid, ctx.layout["[PAD]"],
@@ -132,6 +136,13 @@ def complete(ctx, config, text: str, codes, query_index: int, keep_rows: int,
     """-> codes [samples, grid^2]: the first keep_rows rows of `codes` [grid^2] unchanged, the
     rest generated after `text` and them; of an L-shape model, the first keep_rows blocks."""
     layout = ctx.layout
+    if ctx.config.latent_channels:
+        codes = layout.image_codes(codes, layout.image_tokens)
+        prompt, uncond = prompts(ctx, text, bool(config.cfg_scale))
+        return sample_codes(ctx, config, prompt, uncond, layout.image_tokens,
+                            query_seeds(config.seed, query_index, config.samples),
+                            f"[{query_index}]", on_round,
+                            known=(codes, known_patches(layout.image_grid, config, keep_rows)))
     if decoding_order(layout, config.decoding_order) == "lshape":
         grid = layout.image_grid
         square = layout.image_codes(codes, layout.image_tokens).view(grid, grid)
@@ -151,6 +162,14 @@ def complete(ctx, config, text: str, codes, query_index: int, keep_rows: int,
                         query_seeds(config.seed, query_index, config.samples), f"[{query_index}]",
                         on_round and (lambda rows, first: on_round(whole(rows), first)))
     return whole(rest)
+
+
+def known_patches(grid: int, config, keep_rows: int) -> torch.Tensor:
+    """A denoiser's kept patches [grid^2] bool: outside --mask-box (inside with --mask-outside),
+    or the first keep_rows rows."""
+    if config.mask_box is not None:
+        return torch.from_numpy(box_known_mask(grid, config.mask_box, config.mask_outside))
+    return torch.arange(grid * grid) < keep_rows * grid
 
 
 def round_writer(ctx, config, query, text: str):
@@ -200,10 +219,22 @@ def main_text2image(ctx, config) -> None:
 
 
 def main_completion(ctx, config) -> None:
-    if ctx.config.condition_slots:
+    denoiser = bool(ctx.config.latent_channels)
+    if ctx.config.condition_slots and not denoiser:
         raise ValueError("--task completion needs a model trained on captions; this checkpoint "
                          "is CLIP-conditioned (language-free)")
+    if (config.mask_box is not None or config.mask_outside) and not denoiser:
+        raise ValueError("--mask-box / --mask-outside: in/outpainting is a denoiser's; an "
+                         "autoregressive model completes the top rows (--keep-rows)")
+    if config.mask_outside and config.mask_box is None:
+        raise ValueError("--mask-outside: give the box to keep with --mask-box X0,Y0,X1,Y1")
     grid = ctx.layout.image_grid
+    if config.mask_box is not None:
+        kept = int(known_patches(grid, config, 0).sum())
+        if kept in (0, grid * grid):
+            raise ValueError(f"--mask-box {','.join(map(str, config.mask_box))}: nothing would be "
+                             f"{'kept' if kept == 0 else 'repainted'} (a cell of the {grid} x "
+                             f"{grid} grid is repainted when its centre lies in the box)")
     keep_rows = grid // 2 if config.keep_rows is None else config.keep_rows
     if not 0 < keep_rows < grid:
         raise ValueError(f"--keep-rows {keep_rows}: must be between 1 and {grid - 1} (the image "

@@ -4,6 +4,8 @@ codes exactly and the sampler lands on the given latents; through generate_sampl
 a trained denoiser adds the channel, starting from its very losses."""
 import dataclasses
 import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -20,7 +22,7 @@ from megatron_t2i.generation.strategies.diffusion import (branch, denoise, keepi
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.tokenizers.vqvae import ImageTokenizer
 from test_diffusion import LAYOUT, denoiser_config, random_denoiser, read_images
-from test_training import BASE, metrics, run
+from test_training import BASE, ROOT, environment, metrics, run
 from toy_data import write_toy_dataset
 
 torch.set_num_threads(1)
@@ -171,7 +173,7 @@ def test_finetuning_a_denoiser_adds_the_channel_from_its_very_losses(tmp_path, t
     is the plain fine-tune's to the bit (the new weights start at zero), the channel then learns,
     and the checkpoint resumed without --inpaint-masks is refused in one line."""
     text, image, layout = toy_tokenizers
-    data = write_toy_dataset(str(tmp_path / "toy.lmdb"), count=48, layout=layout,
+    data = write_toy_dataset(str(tmp_path / "toy.lmdb"), count=100, layout=layout,
                              image_tokenizer=image)
     # no dropout: building the new weights draws from the generator dropout reads afterwards
     common = BASE + ["--data-path", data, "--tasks", "diffusion", "--ema-decay", "0.9",
@@ -189,3 +191,13 @@ def test_finetuning_a_denoiser_adds_the_channel_from_its_very_losses(tmp_path, t
     again = run(common + ["--train-iters", "4", "--save", channel], nproc=1, check=False)
     assert again.returncode != 0 and "model inpaint_channel is True, this run's is False" in \
         again.stdout + again.stderr
+    # the bench through the same code paths, a smoke run
+    bench = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "inpainting.py"),
+                            "--load", base, "--data-path", data, "--model-size", "tiny",
+                            "--iters", "2", "--records", "2", "--samples", "2",
+                            "--text-tokenizer", text, "--image-tokenizer", image,
+                            "--output-dir", str(tmp_path / "bench")], cwd=ROOT,
+                           env=environment(), capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    table = (tmp_path / "bench" / "inpainting.md").read_text()
+    assert table.count("\n") == 5 and "with --inpaint-masks 0.75" in table

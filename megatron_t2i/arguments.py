@@ -269,6 +269,12 @@ def add_training_args(parser):
                    help="ZeRO stage (default: the DeepSpeed JSON's, else 0; at most 1 with PP)")
     g.add_argument("--finetune", action="store_true",
                    help="with --load: take the weights only (fresh optimiser, schedule, data)")
+    g.add_argument("--init-trunk", metavar="DIR",
+                   help="start the shared trunk (word and position embeddings, transformer "
+                        "layers, final LayerNorm) from another checkpoint of the same size and "
+                        "vocabulary, e.g. an autoregressive model's, and the task's own parts "
+                        "(a denoiser's patch inputs and head) from scratch; a fresh run only "
+                        "(re-running resumes from --save as usual)")
     g.add_argument("--resume-fallback", action="store_true",
                    help="when the newest checkpoint is damaged (its files differ from its "
                         "manifest), resume from the newest intact one before it")

@@ -404,3 +404,35 @@ def ema_state(save_dir):
     tag = open(os.path.join(save_dir, "latest")).read().strip()
     return torch.load(os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"),
                       weights_only=True)["ema"]
+
+
+@pytest.mark.slow
+def test_a_denoiser_starts_its_trunk_from_an_autoregressive_checkpoint(tmp_path, toy_tokenizers):
+    """--init-trunk: a TP=2 denoiser's word and position embeddings, layers and final LayerNorm
+    start as a TP=1 autoregressive model's (its vocabulary padded to TP=2's), its patch inputs and
+    head from scratch; another trunk shape, or with --load, is one line."""
+    text, image, layout = toy_tokenizers
+    data = write_toy_dataset(str(tmp_path / "toy.lmdb"), count=48, layout=layout,
+                             image_tokenizer=image)
+    ar = str(tmp_path / "ar")
+    run(BASE + ["--data-path", data, "--train-iters", "2", "--tasks", "text2image",
+                "--save", ar], nproc=1)
+    trunk = convert.load_full_state_dict(ar)[0]
+    denoiser = str(tmp_path / "denoiser")
+    flags = BASE + ["--data-path", data, "--tasks", "diffusion", "--train-iters", "1",
+                    "--lr", "1e-9", "--init-trunk", ar]
+    out = run(flags + ["--save", denoiser, "--tensor-model-parallel-size", "2"])
+    assert "trunk initialised from" in out.stdout
+    started = convert.load_full_state_dict(denoiser)[0]
+    for key, value in trunk.items():
+        rows = value.shape[0]  # the word embeddings: TP=2 pads the vocabulary further
+        torch.testing.assert_close(started[key][:rows], value, atol=1e-6, rtol=0, msg=key)
+    assert started["word_embeddings.weight"].shape[0] >= trunk["word_embeddings.weight"].shape[0]
+    assert "head.proj.weight" not in trunk and "latent_inputs.patch_in.weight" in started
+    deeper = run(flags + ["--save", str(tmp_path / "deeper"), "--num-layers", "3"], nproc=1,
+                 check=False)
+    assert deeper.returncode != 0 and "its model num_layers is 2, this run's is 3" in \
+        deeper.stdout + deeper.stderr
+    both = run(flags + ["--save", str(tmp_path / "both"), "--load", ar, "--finetune"], nproc=1,
+               check=False)
+    assert both.returncode != 0 and "--init-trunk and --load" in both.stdout + both.stderr

@@ -25,6 +25,7 @@ class TrainConfig:
     mask_ratio: float = 0.0                         # MaskDiT: patches hidden from the trunk
     mask_loss_weight: float = 0.1                   # MaskDiT: the hidden patches' loss weight
     unmask_finetune_iters: int = 0                  # the last iterations train unmasked
+    init_trunk: str | None = None                   # start the trunk from this checkpoint's
     inpaint_masks: float = 0.0                      # in/outpainting: share of samples given
                                                     # patches (> 0: the model's mask channel)
     holdout_fraction: float = 0.02

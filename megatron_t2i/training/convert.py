@@ -262,6 +262,32 @@ def with_stage_ema(state: dict, directory: str, config, tp_rank: int, tp: int, p
     return state
 
 
+TRUNK_PREFIXES = ("word_embeddings.", "transformer.")
+TRUNK_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                "max_position_embeddings", "sandwich_ln", "pb_relax")
+
+
+def trunk_shard(src_dir: str, config: ModelConfig, layout: TokenLayout, tp: int,
+                rank: int) -> dict:
+    """The shared trunk of another checkpoint (word and position embeddings, transformer layers,
+    final LayerNorm; its EMA where it keeps one) as TP rank `rank` of a `config` model holds it,
+    for --init-trunk: e.g. an autoregressive model's, to start a denoiser of the same size and
+    vocabulary from. Another vocabulary, layout or trunk shape is one CheckpointError line."""
+    where = f"--init-trunk {src_dir}"
+    full, saved, saved_layout, _ = load_full_state_dict(src_dir)
+    try:
+        layout.check_compatible(saved_layout, where)
+    except LayoutMismatchError as e:
+        raise CheckpointError(str(e)) from None
+    for field in TRUNK_FIELDS:
+        if getattr(saved, field) != getattr(config, field):
+            raise CheckpointError(f"{where}: its model {field} is {getattr(saved, field)}, this "
+                                  f"run's is {getattr(config, field)}; the trunks must match")
+    full = resize_vocabulary(full, layout, config.vocab_size, where)
+    specs = {k: s for k, s in parameter_specs(config).items() if k.startswith(TRUNK_PREFIXES)}
+    return split_state_dict({k: full[k] for k in specs}, specs, tp)[rank]
+
+
 # ----------------------------------------------------------------------------------------------
 # ZeRO optimiser shards -> fp32 master weights
 

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 
 from megatron_t2i import mpu
@@ -137,6 +138,24 @@ def moving_average(cfg: TrainConfig, engine, state: dict, source: str | None):
     return ema
 
 
+@torch.no_grad()
+def init_trunk(model, cfg: TrainConfig, config, layout) -> None:
+    """--init-trunk: copy the shared trunk of another checkpoint into this rank's model (a GPT or
+    a pipeline stage) before the optimiser sees it; the task's own parts keep their
+    initialisation."""
+    from megatron_t2i.training.convert import trunk_shard
+    shard = trunk_shard(cfg.init_trunk, config, layout, mpu.get_tensor_model_parallel_world_size(),
+                        mpu.get_tensor_model_parallel_rank())
+    from megatron_t2i.model.pipeline import gpt_key
+    copied = 0
+    for key, tensor in model.state_dict().items():
+        name = key if cfg.pipeline_model_parallel_size == 1 else gpt_key(key, config)
+        if name in shard:
+            tensor.copy_(shard[name])
+            copied += 1
+    logger.info("trunk initialised from %s (%d tensors on this rank)", cfg.init_trunk, copied)
+
+
 def resume_dir(cfg: TrainConfig) -> str | None:
     """load, else save when it already holds a checkpoint (re-running resumes)."""
     if cfg.load:
@@ -169,12 +188,17 @@ def prepare(cfg: TrainConfig) -> Trainer:
                                 kl_weight=cfg.cvae_kl_weight, kl_warmup=cfg.cvae_kl_warmup,
                                 mask_loss_weight=cfg.mask_loss_weight)
     load_dir = resume_dir(cfg)
+    if cfg.init_trunk and cfg.load:
+        raise ValueError("--init-trunk and --load: a run starts from one checkpoint; --load "
+                         "(with --finetune) takes a whole model, --init-trunk only its trunk")
     tag = ckpt.choose_checkpoint(load_dir, cfg.resume_fallback) if load_dir else None
     if load_dir:
         ckpt.check_compatible(load_dir, config, layout, tag, cfg.finetune)
     mpu.model_parallel_seed(cfg.seed)
     ds_config = load_ds_config(cfg)
     model = build_model(cfg, config, objective, ds_config)
+    if cfg.init_trunk and not load_dir:  # a fresh start; resuming reads its own checkpoint
+        init_trunk(model, cfg, config, layout)
     engine = build_engine(cfg, model, ds_config)
     iteration, consumed, state = 0, 0, {}
     if load_dir:

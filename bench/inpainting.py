@@ -79,6 +79,7 @@ def score(args, checkpoint: str) -> dict:
     from megatron_t2i.data.loader import split_indices
     from megatron_t2i.generation.loading import build_context
     from megatron_t2i.generation.tasks.text2image import complete
+    from megatron_t2i.progress import progress_bar
 
     argv = ["--load", checkpoint, "--task", "completion", "--batch-size", str(args.samples),
             "--cfg-scale", str(args.cfg_scale), "--mask-box", args.box]
@@ -97,7 +98,8 @@ def score(args, checkpoint: str) -> dict:
         repaint = ~torch.from_numpy(box_known_mask(grid, tuple(map(float, args.box.split(",")))))
         table = ctx.image_tokenizer.model.quantize_t.embed.t().float() * ctx.config.latent_scale
         errors, pixels = [], []
-        for i, index in enumerate(held):
+        for i, index in enumerate(progress_bar(held, desc=f"repainting ({checkpoint})",
+                                               unit="picture")):
             record = dataset[int(index)]
             text = ctx.text_tokenizer.decode(record.text_ids.tolist())
             codes = torch.as_tensor(record.image_codes, dtype=torch.long).view(-1)

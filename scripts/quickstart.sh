@@ -13,8 +13,10 @@
 # CVAE=D with it: Lformer's CVAE global latent of D dimensions, whose posterior reads each
 # picture's CLIP embedding (so a CLIP is trained first, as for clip-gen).
 # METHOD=diffusion: transformer latent diffusion (TLD) on the same trunk and data: a denoiser of
-# the VQ-VAE's continuous latents (x0 prediction, EMA of the weights), sampled in 15 DPM-Solver++
-# steps with guidance and reranked by the CLIP trained first, as for clip-gen.
+# the VQ-VAE's continuous latents (x0 prediction, EMA of the weights), its trunk started from a
+# short autoregressive text->image run on the same data (--init-trunk: where a caption puts a
+# shape is what a denoiser from scratch does not learn in this budget), sampled in 15
+# DPM-Solver++ steps with guidance and reranked by the CLIP trained first, as for clip-gen.
 # METHOD=fast-language-free: both savings together: a denoiser trained on the pictures alone,
 # conditioned on their CLIP image embeddings (LAFITE's noise xi), with MaskDiT's masked patches
 # (half of them hidden from the trunk, a one-layer mask decoder, the last 10 % unmasked), prompted
@@ -47,6 +49,8 @@ Environment variables (defaults in brackets); the data and training defaults are
   CLIP_NOISE       clip-gen, fast-language-free: LAFITE's noise xi on the CLIP image embedding
                    in training [0.2]
   MASK_RATIO       fast-language-free: the share of latent patches hidden from the trunk [0.5]
+  TRUNK_ITERS      diffusion: iterations of the autoregressive run its trunk starts from, 0 for
+                   none (a denoiser from scratch) [2000; its checkpoints: $SAVE-trunk]
   CVAE             lformer: the CVAE latent's dimension, 0 for none [0]; its checkpoints and
                    samples go to ./checkpoints/lformer-cvae and ./samples/lformer-cvae
 EOF
@@ -91,7 +95,9 @@ case "$METHOD" in
     export TASKS=diffusion:1 LR=${LR:-1e-3} TRAIN_ITERS=${TRAIN_ITERS:-1500}
     export MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-16}
     TRAIN_FLAGS=(--ema-decay 0.999)
-    STAGES=6 ;;
+    TRUNK_ITERS=${TRUNK_ITERS:-2000} TRUNK=$SAVE-trunk
+    ((TRUNK_ITERS > 0)) && TRAIN_FLAGS+=(--init-trunk "$TRUNK")
+    STAGES=$((TRUNK_ITERS > 0 ? 7 : 6)) ;;
   fast-language-free)
     export SAVE=${SAVE:-$ROOT/checkpoints/fast-language-free}
     OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/fast-language-free}
@@ -154,16 +160,30 @@ if [[ "$METHOD" == lformer ]]; then
 fi
 
 # pretrain -----------------------------------------------------------------------------------------
-# Finished when the newest checkpoint reached the --train-iters of its run (or $TRAIN_ITERS).
-train_s=""  # wall seconds of this run's training stage (empty when skipped)
-reached=$("$PY" - "$SAVE" "${TRAIN_ITERS:-}" <<'EOF' 2>/dev/null || true
+# trained DIR [ITERS]: the iteration of DIR's newest checkpoint when it reached ITERS (or the
+# --train-iters of its run), else nothing.
+trained() {
+  "$PY" - "$1" "${2:-}" <<'EOF' 2>/dev/null || true
 import sys
 from megatron_t2i.training.convert import read_info
 meta = read_info(sys.argv[1])[3]  # meta.json of the newest checkpoint
 if meta["iteration"] >= int(sys.argv[2] or meta["train_iters"]):
     print(meta["iteration"])
 EOF
-)
+}
+train_s=""  # wall seconds of this run's training stages (empty when skipped)
+if [[ "$METHOD" == diffusion ]] && ((TRUNK_ITERS > 0)); then
+  if [[ -n "$(trained "$TRUNK" "$TRUNK_ITERS")" ]]; then
+    stage "trunk: $TRUNK is trained, skipped"
+  else
+    stage "trunk: demo model, autoregressive text->image on the same data -> $TRUNK"
+    t0=$(date +%s)
+    DATA_PATH=$LMDB SAVE=$TRUNK TASKS=text2image:1 TRAIN_ITERS=$TRUNK_ITERS MICRO_BATCH_SIZE=8 \
+      LR=2e-3 "$ROOT/scripts/pretrain_single_node.sh"
+    train_s=$(( $(date +%s) - t0 ))
+  fi
+fi
+reached=$(trained "$SAVE" "${TRAIN_ITERS:-}")
 if [[ -n "$reached" ]]; then
   stage "pretrain: $SAVE is trained (iteration $reached), skipped"
 elif [[ "$METHOD" == clip-gen ]]; then
@@ -171,22 +191,22 @@ elif [[ "$METHOD" == clip-gen ]]; then
   t0=$(date +%s)
   DATA_PATH=$LMDB TASKS=clip2image:1 "$ROOT/scripts/pretrain_single_node.sh" \
     --clip-noise "${CLIP_NOISE:-0.2}"
-  train_s=$(( $(date +%s) - t0 ))
+  train_s=$(( ${train_s:-0} + $(date +%s) - t0 ))
 elif [[ "$METHOD" == fast-language-free ]]; then
   stage "pretrain: demo-size denoiser on the pictures alone (CLIP image embeddings), half its patches masked -> $SAVE"
   t0=$(date +%s)
   DATA_PATH=$LMDB "$ROOT/scripts/pretrain_single_node.sh" "${TRAIN_FLAGS[@]}"
-  train_s=$(( $(date +%s) - t0 ))
+  train_s=$(( ${train_s:-0} + $(date +%s) - t0 ))
 elif [[ "$METHOD" == diffusion ]]; then
   stage "pretrain: demo-size denoiser of the VQ-VAE latents, EMA of its weights -> $SAVE"
   t0=$(date +%s)
   DATA_PATH=$LMDB "$ROOT/scripts/pretrain_single_node.sh" "${TRAIN_FLAGS[@]}"
-  train_s=$(( $(date +%s) - t0 ))
+  train_s=$(( ${train_s:-0} + $(date +%s) - t0 ))
 else
   stage "pretrain: demo model, text->image and image->text -> $SAVE (resumes from its newest checkpoint)"
   t0=$(date +%s)
   DATA_PATH=$LMDB "$ROOT/scripts/pretrain_single_node.sh" "${TRAIN_FLAGS[@]}"
-  train_s=$(( $(date +%s) - t0 ))
+  train_s=$(( ${train_s:-0} + $(date +%s) - t0 ))
 fi
 
 # evaluate -----------------------------------------------------------------------------------------

@@ -133,10 +133,12 @@ def test_the_lformer_quickstart_decodes_in_l_shapes_with_and_without_the_cvae(tm
 
 
 def test_the_diffusion_quickstart_trains_a_denoiser_and_reranks_by_clip(tmp_path):
-    first = run(tiny_recipe("diffusion", tmp_path))
+    first = run({**tiny_recipe("diffusion", tmp_path), "TRUNK_ITERS": "2"})
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    names = [s.split()[2] for s in stage_lines(first.stdout)]
-    assert names == [f"{i}/6" for i in range(1, 7)] + ["done"], names
+    stages = stage_lines(first.stdout)
+    assert [s.split()[2] for s in stages] == [f"{i}/7" for i in range(1, 8)] + ["done"], stages
+    assert "trunk: demo model, autoregressive text->image" in stages[3]
+    assert f"trunk initialised from {tmp_path / 'ckpt'}-trunk" in first.stdout
     report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
     assert report["source"]["decoding"] == "diffusion"
     assert report["source"]["reranked"] == "best 1 of 2 by clip score"

@@ -134,7 +134,8 @@ def text2image(ctx, config, text: str, query_index: int, on_round=None,
 def complete(ctx, config, text: str, codes, query_index: int, keep_rows: int,
              on_round=None) -> torch.Tensor:
     """-> codes [samples, grid^2]: the first keep_rows rows of `codes` [grid^2] unchanged, the
-    rest generated after `text` and them; of an L-shape model, the first keep_rows blocks."""
+    rest generated after `text` and them; of an L-shape model, the first keep_rows blocks; of a
+    denoiser, the patches known_patches keeps (a box's inside or outside, or the rows)."""
     layout = ctx.layout
     if ctx.config.latent_channels:
         codes = layout.image_codes(codes, layout.image_tokens)

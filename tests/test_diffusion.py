@@ -429,6 +429,15 @@ def test_a_denoiser_starts_its_trunk_from_an_autoregressive_checkpoint(tmp_path,
         torch.testing.assert_close(started[key][:rows], value, atol=1e-6, rtol=0, msg=key)
     assert started["word_embeddings.weight"].shape[0] >= trunk["word_embeddings.weight"].shape[0]
     assert "head.proj.weight" not in trunk and "latent_inputs.patch_in.weight" in started
+    staged = str(tmp_path / "staged")  # a pipeline's stages map the trunk's keys to their own
+    run(flags + ["--save", staged, "--pipeline-model-parallel-size", "2", "--zero-stage", "1"])
+    for key, value in convert.load_full_state_dict(staged)[0].items():
+        if key in trunk:
+            torch.testing.assert_close(value, trunk[key], atol=1e-6, rtol=0, msg=key)
+    missing = run(flags + ["--save", str(tmp_path / "none"), "--init-trunk",
+                           str(tmp_path / "nothing")], nproc=1, check=False)
+    assert missing.returncode != 0 and f"--init-trunk: {tmp_path / 'nothing'}: no such folder" \
+        in missing.stdout + missing.stderr
     deeper = run(flags + ["--save", str(tmp_path / "deeper"), "--num-layers", "3"], nproc=1,
                  check=False)
     assert deeper.returncode != 0 and "its model num_layers is 2, this run's is 3" in \

@@ -274,7 +274,10 @@ def trunk_shard(src_dir: str, config: ModelConfig, layout: TokenLayout, tp: int,
     for --init-trunk: e.g. an autoregressive model's, to start a denoiser of the same size and
     vocabulary from. Another vocabulary, layout or trunk shape is one CheckpointError line."""
     where = f"--init-trunk {src_dir}"
-    full, saved, saved_layout, _ = load_full_state_dict(src_dir)
+    try:
+        full, saved, saved_layout, _ = load_full_state_dict(src_dir)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise CheckpointError(f"--init-trunk: {str(e).strip().splitlines()[0]}") from None
     try:
         layout.check_compatible(saved_layout, where)
     except LayoutMismatchError as e:

@@ -247,12 +247,15 @@ def with_stage_ema(state: dict, directory: str, config, tp_rank: int, tp: int, p
     """A GPT state dict of TP rank `tp_rank` read from the layer files, with the moving average of
     the weights (training/ema.py) in place of the averaged ones where the checkpoint holds one:
     each stage keeps its own, under pipeline keys, in its engine file mp_rank_{stage x TP + TP
-    rank} (DeepSpeed's rank in the TP x PP model-parallel group)."""
+    rank} (DeepSpeed's rank in the TP x PP model-parallel group). A folder of layer files alone
+    (no engine files) has no average to read."""
     from megatron_t2i.model.pipeline import gpt_key
 
     state = dict(state)
     for stage in range(pp):
         path = os.path.join(directory, model_file(stage * tp + tp_rank))
+        if not os.path.isfile(path):
+            continue
         shadow = (load_torch_file(path, trust, deepspeed_safe_globals()).get(EMA_KEY) or {}) \
             .get("shadow") or {}
         for key, value in shadow.items():

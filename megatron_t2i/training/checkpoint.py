@@ -288,10 +288,10 @@ def load_checkpoint(engine, load_dir: str, config: ModelConfig, layout: TokenLay
     through the safe loader (trust=True: full unpickling, --trust-checkpoint). Returns the client
     state ({} for finetune). On every rank (collective)."""
     tag = check_compatible(load_dir, config, layout, tag, finetune)
-    saved_config = read_checkpoint_info(load_dir, tag)[1]
+    _, saved_config, _, meta = read_checkpoint_info(load_dir, tag)
     # the only weights a fine-tune may add: the inpainting channel's (zero-initialised)
     strict = not (config.inpaint_channel and not saved_config.inpaint_channel)
-    if not finetune and read_checkpoint_info(load_dir, tag)[3].get("weights_only"):
+    if not finetune and meta.get("weights_only"):
         raise CheckpointError(f"{os.path.join(load_dir, tag)}: holds weights only (written by "
                               f"tools/convert_checkpoint.py); start from it with --finetune")
     with guarded_torch_load(trust, deepspeed_safe_globals()):

@@ -78,6 +78,7 @@ def score(args, checkpoint: str) -> dict:
     from megatron_t2i.data.lmdb_store import TokenDataset
     from megatron_t2i.data.loader import split_indices
     from megatron_t2i.generation.loading import build_context
+    from megatron_t2i.generation.strategies.diffusion import codes_to_latents
     from megatron_t2i.generation.tasks.text2image import complete
     from megatron_t2i.progress import progress_bar
 
@@ -96,7 +97,6 @@ def score(args, checkpoint: str) -> dict:
             raise SystemExit(f"bench/inpainting.py: {args.data_path} has no held-out records")
         grid = ctx.layout.image_grid
         repaint = ~torch.from_numpy(box_known_mask(grid, tuple(map(float, args.box.split(",")))))
-        table = ctx.image_tokenizer.model.quantize_t.embed.t().float() * ctx.config.latent_scale
         errors, pixels = [], []
         for i, index in enumerate(progress_bar(held, desc=f"repainting ({checkpoint})",
                                                unit="picture")):
@@ -104,7 +104,8 @@ def score(args, checkpoint: str) -> dict:
             text = ctx.text_tokenizer.decode(record.text_ids.tolist())
             codes = torch.as_tensor(record.image_codes, dtype=torch.long).view(-1)
             out = complete(ctx, config, text, codes.tolist(), i, 0)             # [samples, N]
-            errors.append(float((table[out[:, repaint]] - table[codes[repaint]]).pow(2).mean()))
+            errors.append(float((codes_to_latents(ctx, out[:, repaint])
+                                 - codes_to_latents(ctx, codes[repaint])).pow(2).mean()))
             decoded = [np.asarray(im, dtype=np.float64) / 255 for im in
                        ctx.image_tokenizer.decode_codes(torch.cat([codes[None], out]))]
             side = decoded[0].shape[0] // grid

@@ -13,9 +13,9 @@ The model was trained on x_t = (1 - sigma) x0 + sigma e and predicts x0. Two sam
 Both end at sigma = 0, where a model that always returns the true x0 gives back x0 exactly (the
 samplers' test). In/outpainting (`known`): the given patches' x0 is their known latent at every
 step, so the path ends on them exactly (any denoiser; one with an inpainting channel also reads
-them beside its noisy input, model/diffusion.py). Guidance: x0 = x0_c + s (x0_c - x0_u), the same convention as the
-autoregressive models' logits (s = 0: the conditional model; TLD's class_guidance w is s + 1).
-The starting noise of each sample comes from its own generator, and every row is denoised on its
+them beside its noisy input, model/diffusion.py). Guidance: x0 = x0_c + s (x0_c - x0_u), the
+same convention as the autoregressive models' logits (s = 0: the conditional model; TLD's
+class_guidance w is s + 1). The starting noise of each sample comes from its own generator, and every row is denoised on its
 own (bidirectional attention inside a row only), so a sample does not depend on its batch.
 """
 from __future__ import annotations
@@ -175,9 +175,7 @@ def sample_latent_codes(ctx, config, prompt, uncond, generators, progress=False,
     denoiser, extra = predict_x0, {}
     if known is not None:
         codes, mask = (t.to(device) for t in known)
-        quantize = ctx.image_tokenizer.model.quantize_t
-        given = quantize.embed.t()[codes.to(quantize.embed.device)].to(device, torch.float32) \
-            * model.config.latent_scale                                          # [N, d]
+        given = codes_to_latents(ctx, codes)                                     # [N, d]
         denoiser = keeping(given, mask)
         if model.config.inpaint_channel:
             extra = {"known_latents": given.expand(rows, -1, -1),
@@ -202,6 +200,14 @@ def branch(layout, seq, rows: int, device, inputs: dict | None = None,
             "condition_mask": torch.full((rows,), seq.condition_present, device=device)}
     return (tokens.to(device).expand(rows, -1), positions.to(device).expand(rows, -1),
             mask.to(device), {**inputs, **(extra or {})})
+
+
+def codes_to_latents(ctx, codes) -> torch.Tensor:
+    """Image codes [...] -> their latents [..., d] (codebook vectors times latent_scale: the
+    space the denoiser works in), on ctx.device; latents_to_codes' inverse on codebook vectors."""
+    embed = ctx.image_tokenizer.model.quantize_t.embed                       # [d, K]
+    return embed.t()[codes.to(embed.device)].to(ctx.device, torch.float32) \
+        * ctx.model.config.latent_scale
 
 
 def latents_to_codes(ctx, x0) -> torch.Tensor:

@@ -445,3 +445,31 @@ def test_a_denoiser_starts_its_trunk_from_an_autoregressive_checkpoint(tmp_path,
     both = run(flags + ["--save", str(tmp_path / "both"), "--load", ar, "--finetune"], nproc=1,
                check=False)
     assert both.returncode != 0 and "--init-trunk and --load" in both.stdout + both.stderr
+
+
+@pytest.mark.slow
+def test_a_language_free_denoiser_takes_the_condition_projector_of_a_language_free_trunk(
+        tmp_path, toy_tokenizers):
+    """--init-trunk from a clip2image GPT into a clip-diffusion denoiser: the condition projector
+    and null embedding come with the trunk where both read the same slots, not otherwise."""
+    text, image, layout = toy_tokenizers
+    data = write_toy_dataset(str(tmp_path / "toy.lmdb"), count=48, layout=layout, clip_dim=12,
+                             image_tokenizer=image)
+    ar = str(tmp_path / "ar")
+    run(BASE + ["--data-path", data, "--train-iters", "2", "--tasks", "clip2image",
+                "--save", ar], nproc=1)
+    trunk = convert.load_full_state_dict(ar)[0]
+    flags = BASE + ["--data-path", data, "--tasks", "clip-diffusion", "--train-iters", "1",
+                    "--lr", "1e-9", "--init-trunk", ar]
+    out = run(flags + ["--save", str(tmp_path / "same")], nproc=1)
+    assert "the condition projector too" in out.stdout
+    started = convert.load_full_state_dict(str(tmp_path / "same"))[0]
+    for key in ("conditioning.proj.weight", "conditioning.proj.bias", "conditioning.null",
+                "transformer.layers.0.attention.query_key_value.weight"):
+        torch.testing.assert_close(started[key], trunk[key], atol=1e-6, rtol=0, msg=key)
+    out = run(flags + ["--save", str(tmp_path / "other"), "--condition-slots", "2"], nproc=1)
+    assert "trunk initialised from" in out.stdout and "projector" not in out.stdout
+    other = convert.load_full_state_dict(str(tmp_path / "other"))[0]
+    assert other["conditioning.null"].shape[0] == 2
+    torch.testing.assert_close(other["transformer.final_layernorm.weight"],
+                               trunk["transformer.final_layernorm.weight"], atol=1e-6, rtol=0)

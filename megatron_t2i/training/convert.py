@@ -266,6 +266,14 @@ def with_stage_ema(state: dict, directory: str, config, tp_rank: int, tp: int, p
 
 
 TRUNK_PREFIXES = ("word_embeddings.", "transformer.")
+
+
+def same_condition(a: ModelConfig, b: ModelConfig) -> bool:
+    """Both read a condition vector of one size into as many slots (one projector shape)."""
+    return bool(a.condition_slots) and (a.condition_slots, a.condition_dim) == \
+        (b.condition_slots, b.condition_dim)
+
+
 TRUNK_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                 "max_position_embeddings", "sandwich_ln", "pb_relax")
 
@@ -275,7 +283,9 @@ def trunk_shard(src_dir: str, config: ModelConfig, layout: TokenLayout, tp: int,
     """The shared trunk of another checkpoint (word and position embeddings, transformer layers,
     final LayerNorm; its EMA where it keeps one) as TP rank `rank` of a `config` model holds it,
     for --init-trunk: e.g. an autoregressive model's, to start a denoiser of the same size and
-    vocabulary from. Another vocabulary, layout or trunk shape is one CheckpointError line."""
+    vocabulary from. Where both models read a condition vector into the same slots (a clip2image
+    GPT and a clip-diffusion denoiser), its projector and null embedding come too. Another
+    vocabulary, layout or trunk shape is one CheckpointError line."""
     where = f"--init-trunk {src_dir}"
     try:
         full, saved, saved_layout, _ = load_full_state_dict(src_dir)
@@ -290,7 +300,8 @@ def trunk_shard(src_dir: str, config: ModelConfig, layout: TokenLayout, tp: int,
             raise CheckpointError(f"{where}: its model {field} is {getattr(saved, field)}, this "
                                   f"run's is {getattr(config, field)}; the trunks must match")
     full = resize_vocabulary(full, layout, config.vocab_size, where)
-    specs = {k: s for k, s in parameter_specs(config).items() if k.startswith(TRUNK_PREFIXES)}
+    prefixes = TRUNK_PREFIXES + (("conditioning.",) if same_condition(saved, config) else ())
+    specs = {k: s for k, s in parameter_specs(config).items() if k.startswith(prefixes)}
     return split_state_dict({k: full[k] for k in specs}, specs, tp)[rank]
 
 

@@ -147,13 +147,15 @@ def init_trunk(model, cfg: TrainConfig, config, layout) -> None:
     shard = trunk_shard(cfg.init_trunk, config, layout, mpu.get_tensor_model_parallel_world_size(),
                         mpu.get_tensor_model_parallel_rank())
     from megatron_t2i.model.pipeline import gpt_key
-    copied = 0
+    copied = []
     for key, tensor in model.state_dict().items():
         name = key if cfg.pipeline_model_parallel_size == 1 else gpt_key(key, config)
         if name in shard:
             tensor.copy_(shard[name])
-            copied += 1
-    logger.info("trunk initialised from %s (%d tensors on this rank)", cfg.init_trunk, copied)
+            copied.append(name)
+    condition = any(name.startswith("conditioning.") for name in copied)
+    logger.info("trunk initialised from %s (%d tensors on this rank%s)", cfg.init_trunk,
+                len(copied), ", the condition projector too" if condition else "")
 
 
 def resume_dir(cfg: TrainConfig) -> str | None:

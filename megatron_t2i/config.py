@@ -58,6 +58,9 @@ class ModelConfig:
     mlp_conv: bool = False
     # in/outpainting (model/diffusion.py): each patch also reads its known latent and a 0/1 mask
     inpaint_channel: bool = False
+    # a model moved to another image grid (training/regrid.py): the grid side its cells' fixed
+    # sin-cos positions were learnt on, read at that scale on the new grid (0: its own grid)
+    grid_base: int = 0
 
     def __post_init__(self):
         for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",

@@ -4,6 +4,7 @@
     python tools/convert_checkpoint.py export-fp32 SRC OUT             fp32 masters of ZeRO 1/2
     python tools/convert_checkpoint.py import-cogview SRC OUT --tp 1   a CogView release -> ours
     python tools/convert_checkpoint.py export-cogview SRC OUT --mp 1   ours -> CogView's layout
+    python tools/convert_checkpoint.py regrid SRC OUT --image-grid 12  another image grid
     python tools/convert_checkpoint.py info DIR                        what a checkpoint holds
 
 SRC is a --save folder (its `latest` is read) or one iter_XXXXXXX folder. Every output is a
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_t2i.arguments import _Parser, _positive_int  # noqa: E402
 from megatron_t2i.tokenizers.layout import TokenLayout  # noqa: E402
 from megatron_t2i.training import convert  # noqa: E402
+from megatron_t2i.training.regrid import regrid  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -68,6 +70,14 @@ def build_parser() -> _Parser:
                                   "tracker 'release' (for fp32 masters of a ZeRO run, "
                                   "export-fp32 first)", ours)
     p.add_argument("--mp", type=_positive_int, default=1, help="model-parallel size to write")
+    p.add_argument("--tag", help="checkpoint folder name inside SRC (default: `latest`)")
+
+    p = command("regrid", "move a checkpoint to another image grid, to fine-tune at a higher "
+                          "output resolution: the position table's image rows interpolated "
+                          "(megatron_t2i/training/regrid.py)", ours)
+    p.add_argument("--image-grid", type=_positive_int, required=True, metavar="SIDE",
+                   help="codes per side of the new grid (preprocess the data at the matching "
+                        "IMAGE_SIZE: SIDE x the tokenizer's downsampling)")
     p.add_argument("--tag", help="checkpoint folder name inside SRC (default: `latest`)")
 
     p = command("info", "describe a checkpoint (ours or CogView's)",
@@ -119,6 +129,8 @@ def main(argv=None) -> int:
         if args.command == "reshard":
             written = convert.reshard(args.src, args.out, args.tp, args.tag,
                                       DTYPES.get(args.dtype))
+        elif args.command == "regrid":
+            written = regrid(args.src, args.out, args.image_grid, args.tag)
         elif args.command == "export-fp32":
             written = convert.export_fp32(args.src, args.out, args.tp, args.tag,
                                           args.trust_checkpoint)

@@ -162,11 +162,10 @@ def load_tokenizers(layout: TokenLayout, text_path: str | None, image_path: str 
             raise ValueError(f"--image-tokenizer {given}: a {image.kind} image tokenizer, the "
                              f"checkpoint was trained on the codes of a {trained_on} "
                              f"(tokenizers/{TOKENIZER_FILES['image']})")
-    if image.codebook_size != layout.num_image_codes or image.grid != layout.image_grid:
-        raise ValueError(f"--image-tokenizer {image_path}: {image.codebook_size} codes on a "
-                         f"{image.grid}x{image.grid} grid, the checkpoint's token layout has "
-                         f"{layout.num_image_codes} codes on {layout.image_grid}x{layout.image_grid}")
-    return text, image
+    if image.codebook_size != layout.num_image_codes:
+        raise ValueError(f"--image-tokenizer {image_path}: {image.codebook_size} codes, the "
+                         f"checkpoint's token layout has {layout.num_image_codes}")
+    return text, image.at_grid(layout.image_grid)  # a model moved to another grid: same networks
 
 
 @dataclass

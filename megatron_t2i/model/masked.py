@@ -81,6 +81,7 @@ class MaskDecoder(nn.Module):
                                     for i in range(config.decoder_layers))
         self.final_layernorm = LayerNorm(h, config.layernorm_epsilon, config.pb_relax,
                                          device=device, dtype=dtype)
+        self.grid_base = config.grid_base
 
     def forward(self, hidden, attention_mask=None, where=None, hidden_patches=None, grid=None):
         """hidden [B, S, h] (the trunk's output) -> [B, S, h]. where [B, S]: the latent
@@ -88,7 +89,8 @@ class MaskDecoder(nn.Module):
         token plus their cell's grid position; grid: the patches' positions (layer.GridConv)."""
         x = hidden
         if hidden_patches is not None:
-            cells = grid_positions(int(where[0].sum()), x.shape[-1]).to(x)    # [N, h]
+            cells = grid_positions(int(where[0].sum()), x.shape[-1],
+                                   self.grid_base).to(x)                           # [N, h]
             dense = x.new_zeros(x.shape)
             dense[where] = cells.repeat(len(x), 1)
             fill = self.mask_token.to(x.dtype) + dense

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -371,6 +371,16 @@ class ImageTokenizer:
     @property
     def device(self) -> torch.device:
         return self.model.quantize_t.embed.device
+
+    def at_grid(self, grid: int) -> "ImageTokenizer":
+        """The same networks on images of grid x downsample pixels: encoder and decoder are
+        convolutional, so a model moved to another grid (training/regrid.py) reads and writes its
+        codes through the tokenizer it was trained with."""
+        if grid == self.grid:
+            return self
+        out = ImageTokenizer(self.model, self.sha256, self.path)
+        out.config = replace(self.config, image_size=grid * self.config.downsample)
+        return out
 
     def to(self, device) -> "ImageTokenizer":
         self.model.to(device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -188,7 +189,10 @@ def prepare(cfg: TrainConfig) -> Trainer:
         check_pipeline_model(config)
     objective = build_objective(cfg.tasks, layout, cfg.txt_loss_scale,
                                 kl_weight=cfg.cvae_kl_weight, kl_warmup=cfg.cvae_kl_warmup,
-                                mask_loss_weight=cfg.mask_loss_weight)
+                                mask_loss_weight=cfg.mask_loss_weight,
+                                code_loss_weight=cfg.code_loss_weight,
+                                code_loss_temperature=cfg.code_loss_temperature,
+                                latent_table=latent_table)
     load_dir = resume_dir(cfg)
     if cfg.init_trunk and cfg.load:
         raise ValueError("--init-trunk and --load: a run starts from one checkpoint; --load "
@@ -196,6 +200,8 @@ def prepare(cfg: TrainConfig) -> Trainer:
     tag = ckpt.choose_checkpoint(load_dir, cfg.resume_fallback) if load_dir else None
     if load_dir:
         ckpt.check_compatible(load_dir, config, layout, tag, cfg.finetune)
+        # what only the checkpoint knows: the grid its cell positions were learnt on (regrid.py)
+        config = replace(config, grid_base=ckpt.read_checkpoint_info(load_dir, tag)[1].grid_base)
     mpu.model_parallel_seed(cfg.seed)
     ds_config = load_ds_config(cfg)
     model = build_model(cfg, config, objective, ds_config)

@@ -48,16 +48,6 @@ def _positive_int(text):
     return value
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
 def _float_list(text):
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -325,16 +315,6 @@ def add_training_args(parser):
     g.add_argument("--mask-loss-weight", type=float, default=0.1,
                    help="the weight of the hidden patches' reconstruction loss (MaskDiT's 0.1, "
                         "the default)")
-    g.add_argument("--code-loss-weight", type=float, default=0.0, metavar="W",
-                   help="a denoiser's loss adds W times the cross entropy of its x0 prediction "
-                        "classified among the codebook's latents, logits = -(mean squared "
-                        "distance) / --code-loss-temperature: every wrong code costs alike, "
-                        "where the squared error barely tells codes of similar latents apart "
-                        "(default: off)")
-    g.add_argument("--code-loss-temperature", type=_positive_float, default=0.05, metavar="T",
-                   help="see --code-loss-weight; codes closer than about T (per channel, "
-                        "in the scaled latent space) count as nearly alike (default: "
-                        "%(default)s)")
     g.add_argument("--unmask-finetune-iters", type=int, default=0, metavar="ITERS",
                    help="the last ITERS iterations of --train-iters train with every patch "
                         "visible (MaskDiT's unmasked fine-tune; default: %(default)s)")

@@ -122,41 +122,6 @@ def test_the_masked_loss_is_maskdits():
                                                          rel=1e-6)
 
 
-def test_the_code_loss_classifies_the_x0_prediction_among_the_codes_at_the_seen_patches():
-    """--code-loss-weight: + w x cross entropy of -(mean squared distance to each code) / T at
-    the visible patches (computed here by hand); w = 0 is the plain loss; a prediction equal to
-    x0 is right at every patch."""
-    model = masked_model()
-    plain = X0MeanSquaredError(LAYOUT, mask_loss_weight=0.3, latent_table=TABLE)
-    coded = X0MeanSquaredError(LAYOUT, mask_loss_weight=0.3, latent_table=TABLE,
-                               code_loss_weight=0.7, code_loss_temperature=0.2)
-    batch = coded.prepare(batch_of(0.5))
-    out = forward(model, batch)
-    base, _ = X0MeanSquaredError(LAYOUT, mask_loss_weight=0.3).loss(out, batch)
-    assert torch.equal(plain.loss(out, batch)[0], base)
-    total, sums = coded.loss(out, batch)
-    visible = batch["visible_patches"]
-    pred = out[batch["tokens"] == LAYOUT["[ENC]"]].view(3, N, D)
-    table = torch.from_numpy(TABLE)
-    codes = torch.tensor([[int(((table - v) ** 2).sum(1).argmin()) for v in row]
-                          for row in batch["x0"]])
-    logits = -((pred[..., None, :] - table) ** 2).mean(-1) / 0.2              # [3, N, 32]
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 32), codes.view(-1),
-                                           reduction="none").view(3, N)
-    torch.testing.assert_close(total, base + 0.7 * ce[visible].sum(), rtol=1e-5, atol=1e-4)
-    summary = coded.summary(sums)
-    right = (logits.argmax(-1) == codes)[visible].float().mean().item()
-    assert summary["code_accuracy"] == pytest.approx(right, abs=1e-6)
-    assert summary["code_loss"] == pytest.approx(ce[visible].mean().item(), rel=1e-4)
-    exact = batch["x0"].new_zeros(out.shape)
-    exact[batch["tokens"] == LAYOUT["[ENC]"]] = batch["x0"].reshape(-1, D)
-    assert coded.summary(coded.loss(exact, batch)[1])["code_accuracy"] == 1.0
-    total.backward()
-    assert model.head.proj.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="--code-loss-weight"):
-        X0MeanSquaredError(LAYOUT, code_loss_weight=0.1)
-
-
 def test_the_trunk_flops_count_the_visible_patches_only():
     from dataclasses import replace
     config = replace(denoiser_config(), decoder_layers=1)

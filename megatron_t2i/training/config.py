@@ -24,8 +24,6 @@ class TrainConfig:
     ema_decay: float = 0.0                          # EMA of the weights (0: none), e.g. 0.999
     mask_ratio: float = 0.0                         # MaskDiT: patches hidden from the trunk
     mask_loss_weight: float = 0.1                   # MaskDiT: the hidden patches' loss weight
-    code_loss_weight: float = 0.0                   # a denoiser's x0 classified among the codes
-    code_loss_temperature: float = 0.05             # ... with logits -distance / temperature
     unmask_finetune_iters: int = 0                  # the last iterations train unmasked
     init_trunk: str | None = None                   # start the trunk from this checkpoint's
     inpaint_masks: float = 0.0                      # in/outpainting: share of samples given

@@ -94,30 +94,16 @@ class X0MeanSquaredError:
     Masked training (MaskDiT, model/masked.py; batches with visible_patches): the x0 error at
     the patches the trunk read, plus mask_loss_weight times the error of the prediction at each
     hidden patch against its noisy input x_t, the patch the model did not see (MaskDiT's MAE
-    term). Normalised by the visible patches, so with every patch visible it is the plain loss.
+    term). Normalised by the visible patches, so with every patch visible it is the plain loss."""
 
-    With latent_table (the scaled codebook [K, d] the x0 are rows of) it also reports how often
-    the prediction's nearest code is the true one, and code_loss_weight > 0 adds that times the
-    cross entropy of the prediction classified among the codes (logits: minus the per-channel
-    squared distance over code_loss_temperature) at the visible patches: the squared error
-    barely tells apart codes of nearby latents, such as a small shape's kinds, which the
-    classification weighs like any other mistake."""
-
-    label_keys = ("tokens", "targets", "noise_level", "weights", "x0")
-    # [x0 loss sum, patches, the same at sigma < 0.5, patches there, hidden-patch loss sum, count,
-    #  code cross-entropy sum, patches whose nearest code is right]
-    metric_size = 8
+    label_keys = ("tokens", "targets", "noise_level", "weights")
+    # [x0 loss sum, patches, the same at sigma < 0.5, patches there, hidden-patch loss sum, count]
+    metric_size = 6
 
     def __init__(self, layout, txt_loss_scale: float = 1.0, mask_loss_weight: float = 0.1,
-                 code_loss_weight: float = 0.0, code_loss_temperature: float = 0.05,
-                 latent_table=None, **unused):
+                 **unused):
         self.latent_token = layout["[ENC]"]
         self.mask_loss_weight = mask_loss_weight
-        if code_loss_weight and latent_table is None:
-            raise ValueError("--code-loss-weight: the codes are a denoiser's (--tasks diffusion "
-                             "or clip-diffusion)")
-        self.code_loss_weight, self.temperature = code_loss_weight, code_loss_temperature
-        self.table = None if latent_table is None else torch.as_tensor(latent_table).float()
 
     def at_iteration(self, iteration: int) -> None:
         pass
@@ -149,32 +135,7 @@ class X0MeanSquaredError:
                                 low.sum(), (per_patch * (1 - seen)).sum(),
                                 (1 - seen).sum()]).double()
         weights = batch["weights"] if weights is None else weights
-        loss = (per_patch * weights).sum()
-        if self.table is not None:
-            code_ce, right = self.code_terms(pred, batch["x0"])                # [B, N] each
-            if self.code_loss_weight:
-                loss = loss + self.code_loss_weight * (code_ce * seen).sum()
-            with torch.no_grad():
-                sums = torch.cat([sums, torch.stack([(code_ce * seen).sum(),
-                                                     (right * seen).sum()]).double()])
-        return loss, torch.cat([sums, sums.new_zeros(self.metric_size - len(sums))])
-
-    def code_terms(self, pred, x0):
-        """pred, x0 [B, N, d] -> (cross entropy of pred classified among the codes, 1 where its
-        nearest code is x0's) [B, N]. x0 are codebook rows: their code is the one at distance 0."""
-        table = self.table.to(pred.device)                                      # [K, d]
-        d = table.shape[1]
-
-        def distance(x):                      # [B N, K] mean squared distance per channel
-            x = x.reshape(-1, d).float()
-            return (x.pow(2).sum(1, keepdim=True) - 2 * x @ table.t()
-                    + table.pow(2).sum(1)[None]).clamp_min(0) / d
-        with torch.no_grad():
-            codes = distance(x0).argmin(1)                                      # [B N]
-        dist = distance(pred)
-        ce = torch.nn.functional.cross_entropy(-dist / self.temperature, codes, reduction="none")
-        right = (dist.argmin(1) == codes).to(ce.dtype)
-        return ce.view(pred.shape[:2]), right.view(pred.shape[:2])
+        return (per_patch * weights).sum(), sums
 
     @staticmethod
     def summary(sums: torch.Tensor) -> dict[str, float]:
@@ -186,9 +147,6 @@ class X0MeanSquaredError:
             out["x0_loss_high_noise"] = (s[0] - s[2]) / (s[1] - s[3])
         if s[5]:
             out["hidden_patch_loss"] = s[4] / s[5]
-        if s[7] or s[6]:  # with a codebook
-            out["code_loss"] = s[6] / max(s[1], 1)
-            out["code_accuracy"] = s[7] / max(s[1], 1)
         return out
 
 

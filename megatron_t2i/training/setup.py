@@ -189,10 +189,7 @@ def prepare(cfg: TrainConfig) -> Trainer:
         check_pipeline_model(config)
     objective = build_objective(cfg.tasks, layout, cfg.txt_loss_scale,
                                 kl_weight=cfg.cvae_kl_weight, kl_warmup=cfg.cvae_kl_warmup,
-                                mask_loss_weight=cfg.mask_loss_weight,
-                                code_loss_weight=cfg.code_loss_weight,
-                                code_loss_temperature=cfg.code_loss_temperature,
-                                latent_table=latent_table)
+                                mask_loss_weight=cfg.mask_loss_weight)
     load_dir = resume_dir(cfg)
     if cfg.init_trunk and cfg.load:
         raise ValueError("--init-trunk and --load: a run starts from one checkpoint; --load "

@@ -20,7 +20,8 @@
 # METHOD=fast-language-free: both savings together: a denoiser trained on the pictures alone,
 # conditioned on their CLIP image embeddings (LAFITE's noise xi), with MaskDiT's masked patches
 # (half of them hidden from the trunk, a one-layer mask decoder, the last 10 % unmasked), prompted
-# with the CLIP text embedding of the held-out captions.
+# with the CLIP text embedding of the held-out captions; its trunk and condition projector start
+# from a short language-free autoregressive run (clip2image: pictures alone, too).
 # It prints the figures and where everything is. A stage whose output exists is skipped, so an
 # interrupted quickstart resumes where it stopped (training from its newest checkpoint).
 set -euo pipefail
@@ -49,8 +50,9 @@ Environment variables (defaults in brackets); the data and training defaults are
   CLIP_NOISE       clip-gen, fast-language-free: LAFITE's noise xi on the CLIP image embedding
                    in training [0.2]
   MASK_RATIO       fast-language-free: the share of latent patches hidden from the trunk [0.5]
-  TRUNK_ITERS      diffusion: iterations of the autoregressive run its trunk starts from, 0 for
-                   none (a denoiser from scratch) [2000; its checkpoints: $SAVE-trunk]
+  TRUNK_ITERS      diffusion, fast-language-free: iterations of the autoregressive run
+                   (text2image; clip2image for fast-language-free) the denoiser's trunk starts
+                   from, 0 for none (a denoiser from scratch) [2000; its checkpoints: $SAVE-trunk]
   CVAE             lformer: the CVAE latent's dimension, 0 for none [0]; its checkpoints and
                    samples go to ./checkpoints/lformer-cvae and ./samples/lformer-cvae
 EOF
@@ -62,6 +64,7 @@ fi
 METHOD=${METHOD:-caption}
 TRAIN_FLAGS=()  # extra pretrain.py flags of a method
 CLIP=""         # the CLIP a method trains first
+TRUNK_TASK=""   # the autoregressive run a denoiser's trunk starts from
 export DATA_DIR=${DATA_DIR:-$ROOT/data}
 # the quickstart samples with its own CFG_SCALE, so training need not choose one
 export CHOOSE_GUIDANCE=${CHOOSE_GUIDANCE:-0}
@@ -95,23 +98,27 @@ case "$METHOD" in
     export TASKS=diffusion:1 LR=${LR:-1e-3} TRAIN_ITERS=${TRAIN_ITERS:-1500}
     export MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-16}
     TRAIN_FLAGS=(--ema-decay 0.999)
-    TRUNK_ITERS=${TRUNK_ITERS:-2000} TRUNK=$SAVE-trunk
-    ((TRUNK_ITERS > 0)) && TRAIN_FLAGS+=(--init-trunk "$TRUNK")
-    STAGES=$((TRUNK_ITERS > 0 ? 7 : 6)) ;;
+    TRUNK_TASK=text2image TRUNK_FLAGS=() TRUNK_WHAT="text->image" ;;
   fast-language-free)
     export SAVE=${SAVE:-$ROOT/checkpoints/fast-language-free}
     OUTPUT_PATH=${OUTPUT_PATH:-$ROOT/samples/fast-language-free}
     LMDB=$DATA_DIR/tokens-clip.lmdb
     CLIP=$DATA_DIR/clip.pt
-    export TASKS=clip-diffusion:1 LR=${LR:-1e-3} TRAIN_ITERS=${TRAIN_ITERS:-3000}
+    export TASKS=clip-diffusion:1 LR=${LR:-1e-3} TRAIN_ITERS=${TRAIN_ITERS:-2000}
     export MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-16}
     TRAIN_FLAGS=(--ema-decay 0.999 --clip-noise "${CLIP_NOISE:-0.2}" --decoder-layers 1
                  --mask-ratio "${MASK_RATIO:-0.5}" --unmask-finetune-iters $((TRAIN_ITERS / 10)))
-    STAGES=6 ;;
+    TRUNK_TASK=clip2image TRUNK_FLAGS=(--clip-noise "${CLIP_NOISE:-0.2}")
+    TRUNK_WHAT="CLIP embedding->image on the pictures alone" ;;
   *) echo "quickstart.sh: METHOD must be caption, clip-gen, lformer, diffusion or" \
           "fast-language-free, got $METHOD" >&2
      exit 2 ;;
 esac
+if [[ -n "$TRUNK_TASK" ]]; then
+  TRUNK_ITERS=${TRUNK_ITERS:-2000} TRUNK=$SAVE-trunk
+  ((TRUNK_ITERS > 0)) && TRAIN_FLAGS+=(--init-trunk "$TRUNK")
+  STAGES=$((TRUNK_ITERS > 0 ? 7 : 6))
+fi
 NUM_PROMPTS=${NUM_PROMPTS:-64}
 SAMPLES=${SAMPLES:-16}
 RERANK_TOP=${RERANK_TOP:-1}
@@ -172,14 +179,14 @@ if meta["iteration"] >= int(sys.argv[2] or meta["train_iters"]):
 EOF
 }
 train_s=""  # wall seconds of this run's training stages (empty when skipped)
-if [[ "$METHOD" == diffusion ]] && ((TRUNK_ITERS > 0)); then
+if [[ -n "$TRUNK_TASK" ]] && ((TRUNK_ITERS > 0)); then
   if [[ -n "$(trained "$TRUNK" "$TRUNK_ITERS")" ]]; then
     stage "trunk: $TRUNK is trained, skipped"
   else
-    stage "trunk: demo model, autoregressive text->image on the same data -> $TRUNK"
+    stage "trunk: demo model, autoregressive $TRUNK_WHAT on the same data -> $TRUNK"
     t0=$(date +%s)
-    DATA_PATH=$LMDB SAVE=$TRUNK TASKS=text2image:1 TRAIN_ITERS=$TRUNK_ITERS MICRO_BATCH_SIZE=8 \
-      LR=2e-3 "$ROOT/scripts/pretrain_single_node.sh"
+    DATA_PATH=$LMDB SAVE=$TRUNK TASKS=$TRUNK_TASK:1 TRAIN_ITERS=$TRUNK_ITERS MICRO_BATCH_SIZE=8 \
+      LR=2e-3 "$ROOT/scripts/pretrain_single_node.sh" ${TRUNK_FLAGS[@]+"${TRUNK_FLAGS[@]}"}
     train_s=$(( $(date +%s) - t0 ))
   fi
 fi

@@ -155,10 +155,14 @@ def test_the_diffusion_quickstart_trains_a_denoiser_and_reranks_by_clip(tmp_path
 
 
 def test_the_fast_language_free_quickstart_trains_a_masked_denoiser_on_pictures_alone(tmp_path):
-    first = run({**tiny_recipe("fast-language-free", tmp_path), "TRAIN_ITERS": "10"})
+    first = run({**tiny_recipe("fast-language-free", tmp_path), "TRAIN_ITERS": "10",
+                 "TRUNK_ITERS": "2"})
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    names = [s.split()[2] for s in stage_lines(first.stdout)]
-    assert names == [f"{i}/6" for i in range(1, 7)] + ["done"], names
+    stages = stage_lines(first.stdout)
+    assert [s.split()[2] for s in stages] == [f"{i}/7" for i in range(1, 8)] + ["done"], stages
+    assert "trunk: demo model, autoregressive CLIP embedding->image" in stages[3]
+    assert f"trunk initialised from {tmp_path / 'ckpt'}-trunk" in first.stdout
+    assert "the condition projector too" in first.stdout  # the language-free trunk's slots
     report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
     assert report["source"]["decoding"] == "diffusion"
     assert report["source"]["condition"].startswith("CLIP text embedding")

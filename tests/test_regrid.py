@@ -2,7 +2,9 @@
 position table's image rows resampled where each new cell's centre lies on the old grid, the
 denoiser's sin-cos cells read at the old scale, the rest copied; the moved checkpoint fine-tunes
 on data at the new grid and samples images of the new size through the same tokenizer."""
+import filecmp
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +64,8 @@ def test_a_denoiser_moved_to_a_larger_grid_fine_tunes_and_samples_there(tmp_path
     small = str(tmp_path / "small")
     run(BASE + ["--data-path", data, "--train-iters", "2", "--tasks", "diffusion",
                 "--save", small], nproc=1)
+    os.makedirs(os.path.join(small, "tokenizers"), exist_ok=True)  # as pretrain.py keeps them
+    shutil.copy(text, os.path.join(small, "tokenizers", "text.model"))
     moved = str(tmp_path / "moved")
     convert_tool = [sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py")]
     out = subprocess.run(convert_tool + ["regrid", small, moved, "--image-grid", "12"],
@@ -70,6 +74,7 @@ def test_a_denoiser_moved_to_a_larger_grid_fine_tunes_and_samples_there(tmp_path
     before, config, _, _ = convert.load_full_state_dict(small)
     after, moved_config, moved_layout, _ = convert.load_full_state_dict(moved)
     assert moved_layout.image_grid == 12 and moved_config.grid_base == 8
+    assert filecmp.cmp(os.path.join(moved, "tokenizers", "text.model"), text, shallow=False)
     assert moved_config.max_position_embeddings == config.max_position_embeddings + 144 - 64
     for key, value in before.items():
         if key != "transformer.position_embeddings.weight":

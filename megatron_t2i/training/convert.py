@@ -37,14 +37,14 @@ import torch
 
 from megatron_t2i import mpu
 from megatron_t2i.config import ModelConfig
-from megatron_t2i.io_utils import replace_folder, write_text_atomic
+from megatron_t2i.io_utils import replace_folder, write_bytes_atomic, write_text_atomic
 from megatron_t2i.progress import progress_bar
 from megatron_t2i.safe_load import check_state_dict, deepspeed_safe_globals, load_torch_file
 from megatron_t2i.tokenizers.layout import LayoutMismatchError, TokenLayout
 from megatron_t2i.training import manifest
 from megatron_t2i.training.ema import EMA_KEY, module_weights
-from megatron_t2i.training.checkpoint import (LATEST, CheckpointError, publish_checkpoint,
-                                              read_checkpoint_info, tag_for)
+from megatron_t2i.training.checkpoint import (LATEST, TOKENIZER_FILES, CheckpointError,
+                                              publish_checkpoint, read_checkpoint_info, tag_for)
 
 WORD_EMBEDDINGS = "word_embeddings.weight"
 LAYER_PREFIX = "transformer.layers.{}."
@@ -412,12 +412,26 @@ def save_model_checkpoint(out_dir: str, state_dict: dict, config: ModelConfig,
         "weights_only": True})
 
 
+def copy_tokenizers(src_dir: str, out_dir: str, tag: str | None = None) -> None:
+    """The tokenizers stored beside src_dir's checkpoints ({save}/tokenizers/), beside out_dir's
+    too, so a converted checkpoint generates as its source does (none kept there: nothing)."""
+    folder = os.path.join(_locate(src_dir, tag)[0], "tokenizers")
+    for name in TOKENIZER_FILES.values():
+        source, target = os.path.join(folder, name), os.path.join(out_dir, "tokenizers", name)
+        if os.path.isfile(source) and not os.path.isfile(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(source, "rb") as f:
+                write_bytes_atomic(target, f.read())
+
+
 def reshard(src_dir: str, out_dir: str, tp: int, tag: str | None = None,
             dtype: torch.dtype | None = None) -> str:
     """A checkpoint at another tensor-parallel size (dtype None: as stored)."""
     full, config, layout, meta = load_full_state_dict(src_dir, tag)
     dtype = dtype or getattr(torch, meta["weights_dtype"])
-    return save_model_checkpoint(out_dir, full, config, layout, tp, meta["iteration"], dtype)
+    written = save_model_checkpoint(out_dir, full, config, layout, tp, meta["iteration"], dtype)
+    copy_tokenizers(src_dir, out_dir, tag)
+    return written
 
 
 def export_fp32(src_dir: str, out_dir: str, tp: int = 1, tag: str | None = None,
@@ -425,8 +439,10 @@ def export_fp32(src_dir: str, out_dir: str, tp: int = 1, tag: str | None = None,
     """The fp32 master weights of a ZeRO 1/2 checkpoint, as an fp32 weights-only checkpoint."""
     full = merge_zero_to_fp32(src_dir, tag, trust)
     _, config, layout, meta = read_info(src_dir, tag)
-    return save_model_checkpoint(out_dir, full, config, layout, tp, meta["iteration"],
-                                 torch.float32)
+    written = save_model_checkpoint(out_dir, full, config, layout, tp, meta["iteration"],
+                                    torch.float32)
+    copy_tokenizers(src_dir, out_dir, tag)
+    return written
 
 
 # ----------------------------------------------------------------------------------------------

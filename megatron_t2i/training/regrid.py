@@ -10,7 +10,8 @@ is an old one exactly); rows before them are kept, rows after them move by the c
 length. A denoiser's fixed sin-cos cell positions are read at the old grid's scale
 (ModelConfig.grid_base), so each cell keeps its place in the picture. Everything else (the
 trunk's layers, a denoiser's patch projection and head, the vocabulary) is independent of the
-grid and is copied.
+grid and is copied, as are the tokenizers stored beside it: the convolutional image tokenizer
+reads and writes the new grid's images (ImageTokenizer.at_grid).
 
     python tools/convert_checkpoint.py regrid SRC OUT --image-grid 12
     IMAGE_SIZE=48 OUTPUT=data/tokens-48.lmdb ./scripts/preprocess.sh   # the data at that grid
@@ -23,8 +24,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from megatron_t2i.training.convert import (CheckpointError, load_full_state_dict,
-                                           save_model_checkpoint)
+from megatron_t2i.training.convert import (CheckpointError, copy_tokenizers,
+                                           load_full_state_dict, save_model_checkpoint)
 
 POSITIONS = "transformer.position_embeddings.weight"
 
@@ -66,5 +67,7 @@ def regrid(src_dir: str, out_dir: str, side: int, tag: str | None = None) -> str
     new_config = replace(config, max_position_embeddings=config.max_position_embeddings + grown,
                          grid_base=config.grid_base or layout.image_grid)
     dtype = getattr(torch, meta["weights_dtype"])
-    return save_model_checkpoint(out_dir, full, new_config, new_layout,
-                                 meta["tensor_model_parallel_size"], meta["iteration"], dtype)
+    written = save_model_checkpoint(out_dir, full, new_config, new_layout,
+                                    meta["tensor_model_parallel_size"], meta["iteration"], dtype)
+    copy_tokenizers(src_dir, out_dir, tag)  # used at the new grid (ImageTokenizer.at_grid)
+    return written

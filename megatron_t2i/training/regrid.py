@@ -14,8 +14,8 @@ grid and is copied, as are the tokenizers stored beside it: the convolutional im
 reads and writes the new grid's images (ImageTokenizer.at_grid).
 
     python tools/convert_checkpoint.py regrid SRC OUT --image-grid 12
-    IMAGE_SIZE=48 OUTPUT=data/tokens-48.lmdb ./scripts/preprocess.sh   # the data at that grid
-    pretrain.py --load OUT --finetune --data-path data/tokens-48.lmdb ...
+    IMAGE_SIZE=48 DATA_DIR=data/48px ./scripts/preprocess.sh ...   # its data (see the README)
+    pretrain.py --load OUT --finetune --data-path data/48px/tokens.lmdb ...
 """
 from __future__ import annotations
 

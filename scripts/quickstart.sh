@@ -109,7 +109,7 @@ case "$METHOD" in
     TRAIN_FLAGS=(--ema-decay 0.999 --clip-noise "${CLIP_NOISE:-0.2}" --decoder-layers 1
                  --mask-ratio "${MASK_RATIO:-0.5}" --unmask-finetune-iters $((TRAIN_ITERS / 10)))
     TRUNK_TASK=clip2image TRUNK_FLAGS=(--clip-noise "${CLIP_NOISE:-0.2}")
-    TRUNK_WHAT="CLIP embedding->image on the pictures alone" ;;
+    TRUNK_WHAT="CLIP embedding->image (the pictures alone)" ;;
   *) echo "quickstart.sh: METHOD must be caption, clip-gen, lformer, diffusion or" \
           "fast-language-free, got $METHOD" >&2
      exit 2 ;;

@@ -116,6 +116,8 @@ case "$METHOD" in
 esac
 if [[ -n "$TRUNK_TASK" ]]; then
   TRUNK_ITERS=${TRUNK_ITERS:-2000} TRUNK=$SAVE-trunk
+  [[ "$TRUNK_ITERS" =~ ^[0-9]+$ ]] || { echo "quickstart.sh: TRUNK_ITERS must be a whole number" \
+                                             "of iterations, got '$TRUNK_ITERS'" >&2; exit 2; }
   ((TRUNK_ITERS > 0)) && TRAIN_FLAGS+=(--init-trunk "$TRUNK")
   STAGES=$((TRUNK_ITERS > 0 ? 7 : 6))
 fi

@@ -34,6 +34,15 @@ def test_every_script_is_executable():
         [p.name for p in scripts if not os.access(p, os.X_OK)]
 
 
+def test_a_bad_method_or_trunk_length_is_one_line_before_any_work(tmp_path):
+    for env, message in (({"METHOD": "gan"}, "METHOD must be caption, clip-gen"),
+                         ({"METHOD": "diffusion", "TRUNK_ITERS": "2k"},
+                          "TRUNK_ITERS must be a whole number of iterations, got '2k'")):
+        r = run({**env, "DATA_DIR": str(tmp_path / "data")})
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "data").exists()
+
+
 def stage_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("==== quickstart ")]
 

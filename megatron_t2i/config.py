@@ -105,6 +105,9 @@ class ModelConfig:
         if self.mlp_conv and not self.latent_channels:
             raise ValueError("model config: mlp_conv (--mlp-conv) convolves a denoiser's latent "
                              "grid; use it with --tasks diffusion or clip-diffusion")
+        if self.grid_base < 0:
+            raise ValueError(f"model config: grid_base {self.grid_base} must be >= 0 (the grid "
+                             f"side a regridded model learnt on; 0: its own)")
 
     @property
     def head_dim(self) -> int:

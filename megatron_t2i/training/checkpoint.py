@@ -253,9 +253,10 @@ def read_checkpoint_info(load_dir: str, tag: str | None = None):
 
 
 def check_compatible(load_dir: str, config: ModelConfig, layout: TokenLayout, tag=None,
-                     finetune: bool = False) -> str:
+                     finetune: bool = False) -> tuple[str, ModelConfig, dict]:
     """Refuse a checkpoint of another vocabulary, layout or model shape with one clear line. A
-    fine-tune may add a denoiser's inpainting channel (zero-initialised weights of its own)."""
+    fine-tune may add a denoiser's inpainting channel (zero-initialised weights of its own).
+    Returns the checkpoint's (tag, model config, meta)."""
     tag, saved_config, saved_layout, meta = read_checkpoint_info(load_dir, tag)
     where = os.path.join(load_dir, tag)
     tp = mpu.get_tensor_model_parallel_world_size()
@@ -278,7 +279,7 @@ def check_compatible(load_dir: str, config: ModelConfig, layout: TokenLayout, ta
                 if field == "inpaint_channel" else ""
             raise CheckpointError(f"{where}: model {field} is {theirs}, this run's is "
                                   f"{ours}{hint}")
-    return tag
+    return tag, saved_config, meta
 
 
 def load_checkpoint(engine, load_dir: str, config: ModelConfig, layout: TokenLayout,
@@ -287,8 +288,7 @@ def load_checkpoint(engine, load_dir: str, config: ModelConfig, layout: TokenLay
     (default: latest; verify it first with choose_checkpoint). Every file DeepSpeed reads goes
     through the safe loader (trust=True: full unpickling, --trust-checkpoint). Returns the client
     state ({} for finetune). On every rank (collective)."""
-    tag = check_compatible(load_dir, config, layout, tag, finetune)
-    _, saved_config, _, meta = read_checkpoint_info(load_dir, tag)
+    tag, saved_config, meta = check_compatible(load_dir, config, layout, tag, finetune)
     # the only weights a fine-tune may add: the inpainting channel's (zero-initialised)
     strict = not (config.inpaint_channel and not saved_config.inpaint_channel)
     if not finetune and meta.get("weights_only"):

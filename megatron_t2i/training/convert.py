@@ -47,6 +47,7 @@ from megatron_t2i.training.checkpoint import (LATEST, TOKENIZER_FILES, Checkpoin
                                               publish_checkpoint, read_checkpoint_info, tag_for)
 
 WORD_EMBEDDINGS = "word_embeddings.weight"
+POSITION_EMBEDDINGS = "transformer.position_embeddings.weight"
 LAYER_PREFIX = "transformer.layers.{}."
 COGVIEW_TRACKER = "latest_checkpointed_iteration.txt"
 COGVIEW_RELEASE = "release"
@@ -493,8 +494,7 @@ def cogview_config(shard: dict, mp: int, source: str,
         return ModelConfig(
             num_layers=max(layers, default=-1) + 1, hidden_size=hidden, num_attention_heads=heads,
             vocab_size=rows * mp, num_tokens=min(rows * mp, TokenLayout.cogview().vocab_size),
-            max_position_embeddings=shape(
-                "transformer.position_embeddings.weight")[0],
+            max_position_embeddings=shape(POSITION_EMBEDDINGS)[0],
             ffn_hidden_size=shape("transformer.layers.0.mlp.dense_h_to_4h.weight")[0] * mp,
             sandwich_ln="transformer.layers.0.third_layernorm.weight" in shard)
     except ValueError as e:

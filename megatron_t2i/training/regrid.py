@@ -24,10 +24,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from megatron_t2i.training.convert import (CheckpointError, copy_tokenizers,
+from megatron_t2i.training.convert import (POSITION_EMBEDDINGS, CheckpointError, copy_tokenizers,
                                            load_full_state_dict, save_model_checkpoint)
-
-POSITIONS = "transformer.position_embeddings.weight"
 
 
 def image_rows(layout) -> int:
@@ -63,7 +61,8 @@ def regrid(src_dir: str, out_dir: str, side: int, tag: str | None = None) -> str
             f"raster order (the layout preprocess writes by default)")
     new_layout = replace(layout, image_grid=side)
     grown = side * side - layout.image_grid ** 2
-    full = dict(full, **{POSITIONS: regrid_positions(full[POSITIONS], layout, side)})
+    full = dict(full, **{POSITION_EMBEDDINGS: regrid_positions(full[POSITION_EMBEDDINGS],
+                                                               layout, side)})
     new_config = replace(config, max_position_embeddings=config.max_position_embeddings + grown,
                          grid_base=config.grid_base or layout.image_grid)
     dtype = getattr(torch, meta["weights_dtype"])

@@ -196,9 +196,9 @@ def prepare(cfg: TrainConfig) -> Trainer:
                          "(with --finetune) takes a whole model, --init-trunk only its trunk")
     tag = ckpt.choose_checkpoint(load_dir, cfg.resume_fallback) if load_dir else None
     if load_dir:
-        ckpt.check_compatible(load_dir, config, layout, tag, cfg.finetune)
+        saved = ckpt.check_compatible(load_dir, config, layout, tag, cfg.finetune)[1]
         # what only the checkpoint knows: the grid its cell positions were learnt on (regrid.py)
-        config = replace(config, grid_base=ckpt.read_checkpoint_info(load_dir, tag)[1].grid_base)
+        config = replace(config, grid_base=saved.grid_base)
     mpu.model_parallel_seed(cfg.seed)
     ds_config = load_ds_config(cfg)
     model = build_model(cfg, config, objective, ds_config)

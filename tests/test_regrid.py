@@ -105,3 +105,16 @@ def test_a_denoiser_moved_to_a_larger_grid_fine_tunes_and_samples_there(tmp_path
     bad = subprocess.run(convert_tool + ["regrid", small, str(tmp_path / "b"), "--image-grid",
                                          "1"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--image-grid 1: expected at least 2" in bad.stderr
+
+
+def test_an_interrupted_conversion_is_one_line(monkeypatch, capsys, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import convert_checkpoint
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(convert_checkpoint, "regrid", interrupted)
+    assert convert_checkpoint.main(["regrid", str(tmp_path), str(tmp_path / "out"),
+                                    "--image-grid", "12"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "regrid: interrupted" in err[0]

@@ -142,6 +142,11 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"convert_checkpoint.py {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written to a .partial folder, renamed when complete
+        print(f"convert_checkpoint.py {args.command}: interrupted; a checkpoint is renamed into "
+              f"place only when complete, so no partial one is left: run it again",
+              file=sys.stderr)
+        return 130
     if args.command == "export-cogview":
         print(f"wrote {describe_folder(written)}, tracker "
               f"{os.path.join(args.out, convert.COGVIEW_TRACKER)} -> {convert.COGVIEW_RELEASE}")

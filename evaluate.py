@@ -142,7 +142,7 @@ def evaluate_checkpoint(args, reader=None) -> dict:
     from megatron_t2i.evaluation.clip_metrics import clip_figures
     from megatron_t2i.evaluation.fid import ClipFeatures, ReaderFeatures, fid_kid
     from megatron_t2i.generation.scoring import (caption_log_likelihood, image_log_likelihood,
-                                                 rerank, rerank_kind)
+                                                 reads_captions, rerank, rerank_kind)
     from megatron_t2i.generation.tasks.text2image import text2image
 
     k = args.samples_per_prompt
@@ -190,7 +190,8 @@ def evaluate_checkpoint(args, reader=None) -> dict:
         examples, tokenizer.encode_images(tokenizer.normalize(truth)),
         lambda text: ctx.text_tokenizer.encode(text, ctx.layout.max_text_tokens),
         lambda codes, texts: image_log_likelihood(ctx.model, ctx.layout, codes, texts, batch),
-        lambda codes, texts: caption_log_likelihood(ctx.model, ctx.layout, codes, texts, batch))
+        (lambda codes, texts: caption_log_likelihood(ctx.model, ctx.layout, codes, texts, batch))
+        if reads_captions(ctx) else None)
     captions = [p["caption"] for p in prompts for _ in range(k)]
     clip = None
     if ctx.clip is not None:

@@ -256,6 +256,9 @@ def test_swap_test_tells_binding_by_order_from_binding_by_content():
     kinds = swap_test(examples, codes, lambda t: t, by_order, by_content)["kind"]
     assert kinds["pairs"] == result["pairs"]
     assert kinds["text->image"] == {"named in reading order": 0.0, "named in reverse": 0.0}
+    # a model with no caption direction: the other direction alone
+    one_way = swap_test(examples, codes, lambda t: t, by_order, None)["colour"]
+    assert one_way["text->image"] == result["text->image"] and "image->text" not in one_way
 
 
 # ---- a toy checkpoint, its tokenizers and a token data set of the synthetic images -------------
@@ -401,6 +404,32 @@ def test_evaluate_rerank_orders_the_same_samples_and_scores_the_best(tmp_path, c
     assert evaluate.main(argv + ["--rerank-top", "4", "--output-path", str(tmp_path / "x")],
                          reader=reader) == 2
     assert "--rerank-top 4 exceeds --samples-per-prompt 3" in capsys.readouterr().err
+
+
+def test_a_text_to_image_only_model_is_evaluated_without_its_missing_caption_direction(
+        tmp_path, capsys, toy, toy_tokenizers, reader):
+    """A model whose position table holds text->image only (pretrain.py --tasks text2image):
+    the swap test scores log p(picture | caption) alone, and reranking by the caption direction
+    it lacks is one line (it used to fail deep in scoring on the missing positions)."""
+    from generation_toy import tiny_config
+    from megatron_t2i.tasks import max_positions
+    layout = toy["layout"]
+    config = dataclasses.replace(tiny_config(layout),
+                                 max_position_embeddings=max_positions(layout, ["text2image"]))
+    assert config.max_position_embeddings < max_positions(layout, ["image2text"])
+    ckpt = make_checkpoint(str(tmp_path / "t2i"), toy_tokenizers, config=config)
+    argv = ["--load", ckpt, "--data-path", toy["tokens"], "--synthetic-dir", toy["synthetic"],
+            "--holdout-fraction", "0.25", "--seed", "3", "--num-prompts", "2",
+            "--samples-per-prompt", "2", "--device", "cpu"]
+    assert evaluate.main(argv + ["--output-path", str(tmp_path / "out")], reader=reader) == 0
+    binding = json.load(open(tmp_path / "out" / "report.json"))["binding"]
+    capsys.readouterr()
+    assert all("text->image" in r and "image->text" not in r
+               for r in binding.values() if sum(r["pairs"].values()))
+    assert evaluate.main(argv + ["--rerank-top", "1", "--rerank", "caption",
+                                 "--output-path", str(tmp_path / "x")], reader=reader) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--rerank caption: this model has no image->text" in err
 
 
 class MeanReader:

@@ -52,10 +52,11 @@ def named_in_reading_order(attributes: dict) -> bool:
 
 
 def swap_test(examples: list[dict], codes: torch.Tensor, encode: Callable[[str], list],
-              image_given_text: Scorer, text_given_image: Scorer) -> dict:
+              image_given_text: Scorer, text_given_image: Scorer | None) -> dict:
     """examples [{"caption", "attributes"}] with their pictures' codes [N, grid^2] ->
     {attribute: {"pairs": {order: n}, "text->image": {order: share of pairs where the true
-    caption wins}, "image->text": {...}}}. encode: caption -> text ids."""
+    caption wins}, "image->text": {...}}}. encode: caption -> text ids. text_given_image None:
+    a model with no image->text direction, whose results have text->image only."""
     out = {}
     for attribute in ATTRIBUTES:
         chosen = [(i, swapped_caption(e["caption"], e["attributes"], attribute))
@@ -73,6 +74,8 @@ def swap_test(examples: list[dict], codes: torch.Tensor, encode: Callable[[str],
         for order in orders:
             result["pairs"][order] += 1
         for direction, scorer in zip(DIRECTIONS, (image_given_text, text_given_image)):
+            if scorer is None:
+                continue
             wins = scorer(codes[index], true_ids) > scorer(codes[index], swapped_ids)   # [n]
             result[direction] = {
                 order: (sum(bool(w) for w, o in zip(wins, orders) if o == order)

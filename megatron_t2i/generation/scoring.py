@@ -132,14 +132,24 @@ def clip_scores(ctx, text: str, codes: torch.Tensor) -> torch.Tensor:
     return scores.float().cpu()
 
 
+def reads_captions(ctx) -> bool:
+    """Whether the model can score a caption given an image: an autoregressive model whose
+    position table holds the image->text template (a text->image-only run's does not)."""
+    from megatron_t2i.tasks import max_positions
+    return (not (ctx.config.condition_slots or ctx.config.latent_channels)
+            and ctx.config.max_position_embeddings >= max_positions(ctx.layout, ["image2text"]))
+
+
 def rerank_kind(ctx, by: str = "auto") -> str:
-    """What reranking scores by: a CLIP-conditioned model and a denoiser have no caption
-    direction, so auto is clip there and the caption likelihood elsewhere."""
-    no_captions = ctx.config.condition_slots or ctx.config.latent_channels
-    if by == "caption" and ctx.config.latent_channels:
-        raise ValueError("--rerank caption: a denoiser has no caption direction to score with; "
-                         "use --rerank clip (a CLIP stored with the checkpoint or --clip FILE.pt)")
-    return ("clip" if no_captions else "caption") if by == "auto" else by
+    """What reranking scores by: auto is the caption likelihood where the model has an
+    image->text direction (reads_captions), else clip (CLIP-conditioned models, denoisers,
+    text->image-only runs)."""
+    if by == "caption" and not reads_captions(ctx):
+        raise ValueError("--rerank caption: this model has no image->text direction to score "
+                         "captions with (a denoiser, a CLIP-conditioned model, or one trained "
+                         "without --tasks image2text); use --rerank clip (a CLIP stored with the "
+                         "checkpoint or --clip FILE.pt)")
+    return ("caption" if reads_captions(ctx) else "clip") if by == "auto" else by
 
 
 def ranked(ctx, text: str, codes: torch.Tensor, by: str = "auto"):

@@ -49,7 +49,6 @@ Environment variables (defaults in brackets); the data and training defaults are
                    diffusion and fast-language-free 2, TLD's class_guidance 3]
   CLIP_NOISE       clip-gen, fast-language-free: LAFITE's noise xi on the CLIP image embedding
                    in training [0.2]
-  CONDITION_SLOTS  clip-gen: embedding slots the CLIP image embedding is projected into [16]
   MASK_RATIO       fast-language-free: the share of latent patches hidden from the trunk [0.5]
   TRUNK_ITERS      diffusion, fast-language-free: iterations of the autoregressive run
                    (text2image; clip2image for fast-language-free) the denoiser's trunk starts
@@ -200,7 +199,7 @@ elif [[ "$METHOD" == clip-gen ]]; then
   stage "pretrain: demo model on the pictures alone, conditioned on their CLIP image embeddings -> $SAVE"
   t0=$(date +%s)
   DATA_PATH=$LMDB TASKS=clip2image:1 "$ROOT/scripts/pretrain_single_node.sh" \
-    --clip-noise "${CLIP_NOISE:-0.2}" --condition-slots "${CONDITION_SLOTS:-16}"
+    --clip-noise "${CLIP_NOISE:-0.2}"
   train_s=$(( ${train_s:-0} + $(date +%s) - t0 ))
 elif [[ "$METHOD" == fast-language-free ]]; then
   stage "pretrain: demo-size denoiser on the pictures alone (CLIP image embeddings), half its patches masked -> $SAVE"

@@ -108,7 +108,7 @@ def test_a_denoiser_moved_to_a_larger_grid_fine_tunes_and_samples_there(tmp_path
 
 
 def test_an_interrupted_conversion_is_one_line(monkeypatch, capsys, tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
     import convert_checkpoint
 
     def interrupted(*args):

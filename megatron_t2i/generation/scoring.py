@@ -144,12 +144,13 @@ def rerank_kind(ctx, by: str = "auto") -> str:
     """What reranking scores by: auto is the caption likelihood where the model has an
     image->text direction (reads_captions), else clip (CLIP-conditioned models, denoisers,
     text->image-only runs)."""
-    if by == "caption" and not reads_captions(ctx):
+    captions = reads_captions(ctx)
+    if by == "caption" and not captions:
         raise ValueError("--rerank caption: this model has no image->text direction to score "
                          "captions with (a denoiser, a CLIP-conditioned model, or one trained "
                          "without --tasks image2text); use --rerank clip (a CLIP stored with the "
                          "checkpoint or --clip FILE.pt)")
-    return ("caption" if reads_captions(ctx) else "clip") if by == "auto" else by
+    return ("caption" if captions else "clip") if by == "auto" else by
 
 
 def ranked(ctx, text: str, codes: torch.Tensor, by: str = "auto"):

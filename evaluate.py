@@ -306,7 +306,9 @@ def main(argv=None, reader=None) -> int:
     except (ValueError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # report files are written whole, after the work
+        print(f"{PROG}: interrupted before the report was finished (its files are each "
+              f"written whole); the same command starts again", file=sys.stderr, flush=True)
         return 130
     with open(paths["json"], encoding="utf-8") as f:
         report = json.load(f)

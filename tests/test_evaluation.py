@@ -461,6 +461,17 @@ def test_evaluate_rerank_puts_the_highest_caption_score_first(tmp_path, toy, mon
         assert [f["mean"] for f in r["found"]] == means[::-1]
 
 
+def test_an_interrupted_evaluation_is_one_line(tmp_path, capsys, monkeypatch, reader):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", interrupted)
+    assert evaluate.main(["--load", str(tmp_path), "--output-path", str(tmp_path / "out")],
+                         reader=reader) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted before the report was finished" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_invocations_are_one_line_errors(tmp_path, capsys, reader):
     assert evaluate.main(["--output-path", str(tmp_path)], reader=reader) == 2
     assert "give either --load CKPT" in capsys.readouterr().err

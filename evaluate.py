@@ -255,9 +255,9 @@ def evaluate_checkpoint(args, reader=None) -> dict:
 
 
 def latent_table(ctx):
-    """A denoiser's scaled codebook latents [K, d], as training read them (data/latents.py)."""
-    from megatron_t2i.data.latents import codebook
-    return codebook(ctx.image_tokenizer) * ctx.config.latent_scale
+    """A denoiser's latent of every code [K, d], as training read them (data/latents.py)."""
+    from megatron_t2i.data.latents import latent_table
+    return latent_table(ctx.image_tokenizer, ctx.config)
 
 
 def evaluate_images(args, reader=None) -> dict:

@@ -87,7 +87,9 @@ def test_a_denoiser_moved_to_a_larger_grid_fine_tunes_and_samples_there(tmp_path
     log = run(BASE + ["--data-path", data12, "--train-iters", "2", "--tasks", "diffusion",
                       "--load", moved, "--finetune", "--save", tuned], nproc=1)
     assert "fine-tuning from" in log.stdout
-    assert convert.read_info(tuned)[1].grid_base == 8      # kept through the fine-tune
+    tuned_config = convert.read_info(tuned)[1]
+    assert tuned_config.grid_base == 8                     # kept through the fine-tune, as is
+    assert tuned_config.latent_scale == config.latent_scale  # the latent space it learnt in
     source = tmp_path / "q.txt"
     source.write_text("a red circle\n", encoding="utf-8")
     assert generate_samples.main(["--load", tuned, "--input-source", str(source),

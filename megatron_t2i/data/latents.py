@@ -2,9 +2,10 @@
 
 A denoiser (model/diffusion.py) trains on the image tokenizer's latent space: each record's codes
 looked up in the VQ-VAE codebook give its latent grid [N, d], which the VQ-VAE decoder decodes, so
-no data set has to be preprocessed again and the latents are exactly those of its codes. The
-scale gives them unit root mean square over the data (latent diffusion's scale factor); it is saved in the
-model config, and sampling divides by it before snapping to the nearest codebook vector (EMACodebook.nearest).
+no data set has to be preprocessed again and the latents are exactly those of its codes. A scale
+gives them unit root mean square over the data (latent diffusion's scale factor); it is saved in
+the model config, and sampling divides by it before snapping to the nearest codebook vector
+(EMACodebook.nearest).
 """
 from __future__ import annotations
 
@@ -34,18 +35,26 @@ def codebook(tokenizer) -> np.ndarray:
     return tokenizer.model.quantize_t.embed.t().float().cpu().numpy().copy()
 
 
-def latent_scale(table: np.ndarray, dataset, indices, limit: int = 2000) -> float:
-    """1 / the root mean square of the latents of up to `limit` records of `indices` (over every
-    patch and channel): what gives the training latents the noise's scale."""
+def code_frequencies(dataset, indices, num_codes: int, limit: int = 2000) -> np.ndarray:
+    """How often each code occurs in up to `limit` records of `indices`, summing to 1: [K]."""
     picked = np.asarray(indices)[:limit]
     if not len(picked):
-        raise ValueError("no training records to measure the latents' scale on")
-    counts = np.zeros(len(table))
+        raise ValueError("no training records to measure the latents' statistics on")
+    counts = np.zeros(num_codes)
     for i in picked:
         np.add.at(counts, np.asarray(dataset[int(i)].image_codes, dtype=np.int64).reshape(-1), 1)
-    second_moment = float(counts / counts.sum() @ (table.astype(np.float64) ** 2).mean(1))
-    return float(1.0 / max(np.sqrt(second_moment), 1e-8))
+    return counts / counts.sum()
 
+
+def latent_scale(table: np.ndarray, freq: np.ndarray) -> float:
+    """1 / the root mean square of the latents over the data (every patch and channel; freq: how
+    often each code occurs): what gives the training latents the noise's scale."""
+    return float(1.0 / max(np.sqrt(freq @ (table.astype(np.float64) ** 2).mean(1)), 1e-8))
+
+
+def latent_table(tokenizer, config) -> np.ndarray:
+    """The denoiser's latent of every code, [K, d] float32: what training and evaluation read."""
+    return (codebook(tokenizer) * config.latent_scale).astype(np.float32)
 
 
 def random_known_mask(grid: int, rng: np.random.Generator) -> np.ndarray:

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from megatron_t2i import mpu
 from megatron_t2i import tasks as registry
 from megatron_t2i.config import model_config
+from megatron_t2i.data.latents import (code_frequencies, codebook, image_tokenizer_of, latent_scale,
+                                       latent_table as table_of)
 from megatron_t2i.data.loader import open_dataset, split_indices
 from megatron_t2i.device import resolve_device
 from megatron_t2i.training import checkpoint as ckpt
@@ -83,8 +85,9 @@ def latent_fields(cfg: TrainConfig, dataset, layout) -> dict:
 
 
 def denoiser_fields(cfg: TrainConfig, dataset, layout, train_idx) -> tuple[dict, object]:
-    """The ModelConfig fields of a denoising task (diffusion) and its latent table [K, d] (scaled,
-    see data/latents.py); ({}, None) when no task of the run denoises."""
+    """The ModelConfig fields of a denoising task (diffusion), with the latents' scale measured
+    on the training records (data/latents.py), and the image tokenizer whose codebook vectors are
+    its latents; ({}, None) when no task of the run denoises."""
     if not any(registry.get(n).latents for n in cfg.tasks):
         if cfg.inpaint_masks:
             raise ValueError("--inpaint-masks: in/outpainting is a denoiser's (--tasks diffusion "
@@ -97,13 +100,13 @@ def denoiser_fields(cfg: TrainConfig, dataset, layout, train_idx) -> tuple[dict,
     if not hasattr(dataset, "meta"):
         raise ValueError("--tasks diffusion: the data set records no image tokenizer (CogView "
                          ".bin, or several folders); train on one LMDB written by preprocess")
-    from megatron_t2i.data.latents import codebook, image_tokenizer_of, latent_scale
-    table = codebook(image_tokenizer_of(dataset.meta, f"--data-path {cfg.data_path[0]}"))
-    scale = latent_scale(table, dataset, train_idx)
-    return ({"head": "denoise", "latent_channels": int(table.shape[1]), "latent_scale": scale,
+    tokenizer = image_tokenizer_of(dataset.meta, f"--data-path {cfg.data_path[0]}")
+    table = codebook(tokenizer)
+    freq = code_frequencies(dataset, train_idx, len(table))
+    return ({"head": "denoise", "latent_channels": int(table.shape[1]),
+             "latent_scale": latent_scale(table, freq),
              "latent_token": layout["[ENC]"], "noise_token": layout["[BOI1]"],
-             "inpaint_channel": cfg.inpaint_masks > 0},
-            (table * scale).astype("float32"))
+             "inpaint_channel": cfg.inpaint_masks > 0}, tokenizer)
 
 
 def check_masking(cfg: TrainConfig, config) -> None:
@@ -178,7 +181,7 @@ def prepare(cfg: TrainConfig) -> Trainer:
     device = resolve_device()
     dataset, layout = open_dataset(list(cfg.data_path))
     train_idx, eval_idx = split_indices(len(dataset), cfg.holdout_fraction, cfg.seed)
-    denoiser, latent_table = denoiser_fields(cfg, dataset, layout, train_idx)
+    denoiser, image_tokenizer = denoiser_fields(cfg, dataset, layout, train_idx)
     config = model_config(cfg.model_size, layout, cfg.tensor_model_parallel_size, list(cfg.tasks),
                           **cfg.model_overrides, **condition_fields(cfg, dataset, layout),
                           **latent_fields(cfg, dataset, layout), **denoiser)
@@ -198,7 +201,10 @@ def prepare(cfg: TrainConfig) -> Trainer:
     if load_dir:
         saved = ckpt.check_compatible(load_dir, config, layout, tag, cfg.finetune)[1]
         # what only the checkpoint knows: the grid its cell positions were learnt on (regrid.py)
-        config = replace(config, grid_base=saved.grid_base)
+        # and the latent space its denoiser was trained in (kept when fine-tuning on other data)
+        config = replace(config, grid_base=saved.grid_base, **(
+            {"latent_scale": saved.latent_scale} if saved.latent_channels else {}))
+    latent_table = None if image_tokenizer is None else table_of(image_tokenizer, config)
     mpu.model_parallel_seed(cfg.seed)
     ds_config = load_ds_config(cfg)
     model = build_model(cfg, config, objective, ds_config)

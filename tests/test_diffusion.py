@@ -133,6 +133,13 @@ def test_guidance_scale_zero_is_the_conditional_model():
     torch.testing.assert_close(alone, guided[1:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("extra", [{}, {"inpaint_channel": True}, {"mlp_conv": True},
+                                   {"decoder_layers": 1}])
+def test_the_parameter_count_of_a_denoiser(extra):
+    config = dataclasses.replace(denoiser_config(), **extra)
+    assert config.num_parameters() == sum(p.numel() for p in GPT(config).parameters())
+
+
 def test_latent_scale_and_nearest_codes():
     table = np.random.default_rng(0).standard_normal((32, D)).astype("float32")
     # record c holds code c (c % 3 + 1) times: the scale weighs each code by how often it occurs

@@ -17,8 +17,7 @@ import generate_samples
 from generation_toy import make_checkpoint
 from megatron_t2i.data.latents import box_known_mask, random_known_mask
 from megatron_t2i.generation.config import GenerationConfig
-from megatron_t2i.generation.strategies.diffusion import (branch, codes_to_latents, denoise,
-                                                          keeping, make_sampler,
+from megatron_t2i.generation.strategies.diffusion import (branch, denoise, keeping, make_sampler,
                                                           sample_latent_codes)
 from megatron_t2i.model.gpt import GPT
 from megatron_t2i.tokenizers.vqvae import ImageTokenizer
@@ -115,7 +114,8 @@ def test_completion_keeps_the_given_codes_and_lands_on_their_latents(toy_tokeniz
     assert torch.equal(out[:, known], codes[known].expand(3, -1))
     assert not torch.equal(out[0, ~known], out[1, ~known])  # the rest is drawn, per sample
     # the sampler's path itself ends on the given latents (before any snapping to codes)
-    given = codes_to_latents(ctx, codes)
+    quantize = ctx.image_tokenizer.model.quantize_t
+    given = quantize.embed.t()[codes] * config.latent_scale
     extra = {"known_latents": given.expand(3, -1, -1), "known_mask": known.expand(3, -1)} \
         if channel else {}
     noise = torch.randn(3, n, config.latent_channels, generator=torch.Generator().manual_seed(2))

@@ -100,7 +100,7 @@ echo "== training $MODEL_SIZE on $NUM_GPUS_PER_WORKER $( ((gpus > 0)) && echo GP
      "(TP $MP_SIZE x PP $PP_SIZE, $backend)"
 case "$LAUNCHER" in
   torchrun)
-    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS_PER_WORKER" \
+    "$PY" -m megatron_t2i.cli.launch --standalone --nproc_per_node "$NUM_GPUS_PER_WORKER" \
       pretrain.py "${args[@]}" "$@" ;;
   deepspeed)
     deepspeed --num_nodes 1 --num_gpus "$NUM_GPUS_PER_WORKER" --master_port "$MASTER_PORT" \

@@ -15,7 +15,7 @@ import generate_samples
 from distributed import run_distributed
 from generation_toy import make_checkpoint
 from megatron_t2i.config import model_config
-from megatron_t2i.data.latents import code_frequencies, latent_scale
+from megatron_t2i.data.latents import latent_scale
 from megatron_t2i.data.loader import SequenceBuilder, collate
 from megatron_t2i.generation.strategies.diffusion import denoise, make_sampler, sequence_inputs
 from megatron_t2i.model.attention import block_causal_mask
@@ -144,7 +144,7 @@ def test_latent_scale_and_nearest_codes():
     table = np.random.default_rng(0).standard_normal((32, D)).astype("float32")
     # record c holds code c (c % 3 + 1) times: the scale weighs each code by how often it occurs
     records = [type("R", (), {"image_codes": np.full(c % 3 + 1, c)})() for c in range(32)]
-    scale = latent_scale(table, code_frequencies(records, range(32), 32))
+    scale = latent_scale(table, records, range(32))
     patches = np.concatenate([table[r.image_codes] for r in records]).astype(np.float64)
     assert scale == pytest.approx(1 / np.sqrt((patches ** 2).mean()), rel=1e-6)
     codes = torch.randint(0, 32, (10,))

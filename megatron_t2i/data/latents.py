@@ -35,21 +35,17 @@ def codebook(tokenizer) -> np.ndarray:
     return tokenizer.model.quantize_t.embed.t().float().cpu().numpy().copy()
 
 
-def code_frequencies(dataset, indices, num_codes: int, limit: int = 2000) -> np.ndarray:
-    """How often each code occurs in up to `limit` records of `indices`, summing to 1: [K]."""
+def latent_scale(table: np.ndarray, dataset, indices, limit: int = 2000) -> float:
+    """1 / the root mean square of the latents of up to `limit` records of `indices` (over every
+    patch and channel): what gives the training latents the noise's scale."""
     picked = np.asarray(indices)[:limit]
     if not len(picked):
-        raise ValueError("no training records to measure the latents' statistics on")
-    counts = np.zeros(num_codes)
+        raise ValueError("no training records to measure the latents' scale on")
+    counts = np.zeros(len(table))
     for i in picked:
         np.add.at(counts, np.asarray(dataset[int(i)].image_codes, dtype=np.int64).reshape(-1), 1)
-    return counts / counts.sum()
-
-
-def latent_scale(table: np.ndarray, freq: np.ndarray) -> float:
-    """1 / the root mean square of the latents over the data (every patch and channel; freq: how
-    often each code occurs): what gives the training latents the noise's scale."""
-    return float(1.0 / max(np.sqrt(freq @ (table.astype(np.float64) ** 2).mean(1)), 1e-8))
+    second_moment = float(counts / counts.sum() @ (table.astype(np.float64) ** 2).mean(1))
+    return float(1.0 / max(np.sqrt(second_moment), 1e-8))
 
 
 def latent_table(tokenizer, config) -> np.ndarray:

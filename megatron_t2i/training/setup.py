@@ -15,8 +15,8 @@ import torch.distributed as dist
 from megatron_t2i import mpu
 from megatron_t2i import tasks as registry
 from megatron_t2i.config import model_config
-from megatron_t2i.data.latents import (code_frequencies, codebook, image_tokenizer_of, latent_scale,
-                                       latent_table as table_of)
+from megatron_t2i.data.latents import codebook, image_tokenizer_of, latent_scale
+from megatron_t2i.data.latents import latent_table as table_of
 from megatron_t2i.data.loader import open_dataset, split_indices
 from megatron_t2i.device import resolve_device
 from megatron_t2i.training import checkpoint as ckpt
@@ -102,9 +102,8 @@ def denoiser_fields(cfg: TrainConfig, dataset, layout, train_idx) -> tuple[dict,
                          ".bin, or several folders); train on one LMDB written by preprocess")
     tokenizer = image_tokenizer_of(dataset.meta, f"--data-path {cfg.data_path[0]}")
     table = codebook(tokenizer)
-    freq = code_frequencies(dataset, train_idx, len(table))
     return ({"head": "denoise", "latent_channels": int(table.shape[1]),
-             "latent_scale": latent_scale(table, freq),
+             "latent_scale": latent_scale(table, dataset, train_idx),
              "latent_token": layout["[ENC]"], "noise_token": layout["[BOI1]"],
              "inpaint_channel": cfg.inpaint_masks > 0}, tokenizer)
 

@@ -24,7 +24,7 @@ def test_a_failed_rank_is_one_line_with_its_exit_code(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
     assert "entry.py: error: a bad flag" in err
-    assert "entry.py failed on rank 1 (exit code 1); its own message is above" in err
+    assert "entry.py failed on rank 1 (exit code 1; its own message is above)" in err
     assert "Traceback" not in err
 
 

@@ -24,9 +24,9 @@ def main(argv=None) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
-        how = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
-        print(f"launch: {e.name} failed on rank {rank} ({how}); its own message is above",
-              file=sys.stderr)
+        how = (f"exit code {code}; its own message is above" if code >= 0 else
+               f"killed by signal {-code}, e.g. out of memory or from outside; it said nothing")
+        print(f"launch: {e.name} failed on rank {rank} ({how})", file=sys.stderr)
         return code if code > 0 else 128 - code if code < 0 else 1
     except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: the ranks were told too
         print(f"launch: stopped by signal {int(e.sigval)}; what the ranks did with it is above",
